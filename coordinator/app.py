@@ -1,0 +1,251 @@
+"""The coordinator process: wires store, data, round engine, gRPC, HTTP and the DHT bootstrap node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hivemind
+import torch
+from transformers import GPTJConfig
+
+from proto import PACKAGE_VERSION
+from proto import hometrain_pb2 as pb
+from proto import hometrain_pb2_grpc as pb_grpc
+from proto.run_config import CoordinatorConfig
+
+from .assignment import stage_layer_ranges
+from .checkpoint import (
+    checkpoint_dir_name,
+    load_signing_key,
+    public_key_hex,
+    remove_incomplete,
+    split_state_dict,
+    write_checkpoint,
+)
+from .corpus import builtin_documents
+from .data import CausalWindows
+from .http_server import StatusHTTPServer
+from .membership import Membership
+from .metrics import WIRE_KINDS, CoordinatorMetrics
+from .model_presets import initial_state, preset_config, pretrained_state
+from .rounds import RoundEngine
+from .service import CoordinatorService
+from .store import RoundRecord, Store
+from .tokenizer import END_OF_TEXT, load_or_train
+
+log = logging.getLogger(__name__)
+
+GRPC_MAX_MESSAGE = 64 << 20
+
+
+class CoordinatorApp:
+    """One training run's coordinator. ``await start()``, ``await serve_until_done()``, ``await shutdown()``."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.checkpoint_root = self.state_dir / "checkpoints"
+        self.metrics = CoordinatorMetrics()
+        self.stop_requested = asyncio.Event()
+        self._last_tokens_per_second: float | None = None
+
+    # ------------------------------------------------------------ set-up
+
+    def _prepare_run(self) -> None:
+        """Run id, tokenizer, model config, data and the round-0 checkpoint: created once, reused on restart."""
+        cfg = self.config
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state_dir / "coordinator.sqlite")
+        self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex[:12]
+        self.store.set_meta("run_id", self.run_id)
+        self.signing_key = load_signing_key(self.state_dir / "signing_key.pem")
+        documents = builtin_documents()
+        self.tokenizer_dir = self.state_dir / "tokenizer"
+        self.tokenizer = load_or_train(self.tokenizer_dir, documents, cfg.vocab_size)
+        eos = self.tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+        saved = self.store.get_meta("model_config")
+        initial: dict[str, torch.Tensor] | None = None
+        if saved:
+            self.model_config = GPTJConfig.from_dict(json.loads(saved))
+        elif cfg.init_from:
+            self.model_config, initial = pretrained_state(Path(cfg.init_from))
+        else:
+            self.model_config = preset_config(cfg.model, len(self.tokenizer), eos, cfg.seq_len)
+        if self.model_config.n_positions < cfg.seq_len:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {self.model_config.n_positions} positions")
+        self.store.set_meta("model_config", self.model_config.to_json_string())
+        self.layer_ranges = stage_layer_ranges(self.model_config.n_layer, cfg.stages)
+        token_lists = self.tokenizer(documents)["input_ids"]
+        self.data = CausalWindows(token_lists, eos, cfg.seq_len, cfg.seed)
+        log.info("built-in corpus: %d documents, %d samples of %d tokens", len(documents), len(self.data), cfg.seq_len)
+        for leftover in remove_incomplete(self.checkpoint_root):
+            log.warning("removed an interrupted checkpoint write: %s", leftover)
+        if not self.store.checkpoints():
+            if initial is None:
+                initial = initial_state(self.model_config, cfg.seed)
+            stages = split_state_dict(initial, self.layer_ranges, self.model_config.n_layer)
+            self._publish(0, 0, None, stages)
+
+    def _publish(self, round: int, tokens: int, loss: float | None, stage_tensors: list[dict[str, torch.Tensor]]) -> None:
+        info = write_checkpoint(
+            self.checkpoint_root, run_id=self.run_id, round=round, tokens=tokens, loss=loss, config=self.model_config,
+            stage_tensors=stage_tensors, tokenizer_dir=self.tokenizer_dir, signing_key=self.signing_key,
+        )
+        self.store.record_checkpoint(round, str(info.path), tokens, loss, info.total_bytes, info.seconds)
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_seconds.set(info.seconds)
+        self.metrics.checkpoint_bytes.set(info.total_bytes)
+        log.info("published checkpoint of round %d: %s (%.1f MiB, %.2fs)", round, info.path, info.total_bytes / 2**20, info.seconds)
+
+    def checkpoint_url(self, round: int) -> str:
+        return f"http://{self.config.public_host}:{self.http.port}/checkpoints/{checkpoint_dir_name(round)}/"
+
+    async def start(self) -> None:
+        cfg = self.config
+        await asyncio.get_running_loop().run_in_executor(None, self._prepare_run)
+        self.membership = Membership(cfg.stages, cfg.heartbeat_timeout)
+        self.engine = RoundEngine(cfg, self.store, self.data, self.membership, self._publish)
+        self.engine.on_round_recorded.append(self._on_round)
+        self.engine.on_sample_dropped.append(self.metrics.samples_dropped.inc)
+        self.loop = asyncio.get_running_loop()
+
+        self.dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], await_ready=True)
+        maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        log.info("DHT bootstrap node: %s", " ".join(maddrs))
+
+        self.http = StatusHTTPServer(cfg.host, cfg.http_port, self._status_threadsafe, self._rounds_json, self._render_metrics, self.checkpoint_root)
+        self.http.start()
+
+        latest = self.store.checkpoints()[-1]
+        self.join_template = pb.JoinReply(
+            num_stages=cfg.stages, run_id=self.run_id, initial_peers=maddrs,
+            model_config_json=self.model_config.to_json_string(), train_config_json=cfg.train_config().to_json(),
+            checkpoint_url=self.checkpoint_url(latest["round"]), checkpoint_round=latest["round"],
+            heartbeat_interval=cfg.heartbeat_interval, checkpoint_public_key=public_key_hex(self.signing_key),
+        )
+        self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
+        options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
+        self.grpc_server = grpc.aio.server(options=options)
+        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
+        self.grpc_port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC: is another coordinator running? pick --port")
+        await self.grpc_server.start()
+        log.info("run %s: round %d, %d stages %s, hometrain %s", self.run_id, self.engine.round, cfg.stages, self.layer_ranges, PACKAGE_VERSION)
+        log.info("control plane on %s:%d; status page http://%s:%d/", cfg.public_host, self.grpc_port, cfg.public_host, self.http.port)
+
+    # ------------------------------------------------------------ running
+
+    def _on_round(self, record: RoundRecord) -> None:
+        self.metrics.rounds.inc()
+        self.metrics.round.set(record.round)
+        self.metrics.round_duration.observe(record.duration)
+        self.metrics.tokens.inc(record.tokens)
+        if record.loss is not None:
+            self.metrics.loss.set(record.loss)
+        if record.duration > 0:
+            self._last_tokens_per_second = record.tokens / record.duration
+            self.metrics.tokens_per_second.set(self._last_tokens_per_second)
+        latest = self.store.checkpoints()[-1]
+        self.join_template.checkpoint_url = self.checkpoint_url(latest["round"])
+        self.join_template.checkpoint_round = latest["round"]
+
+    async def serve_until_done(self) -> None:
+        """Tick the round engine until --rounds are done or a stop is requested."""
+        while not self.stop_requested.is_set():
+            await self.engine.tick()
+            if self.engine.phase == pb.STOPPED:
+                break
+            try:
+                await asyncio.wait_for(self.stop_requested.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
+        await self.engine.stop()
+        # Let long-polling peers see STOPPED so they leave by themselves.
+        deadline = time.monotonic() + 3 * self.config.heartbeat_interval
+        while self.membership.live() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+
+    async def shutdown(self) -> None:
+        await self.grpc_server.stop(grace=1.0)
+        self.http.stop()
+        self.dht.shutdown()
+        self.store.close()
+
+    # ------------------------------------------------------------ reporting
+
+    def _render_metrics(self) -> bytes:
+        snapshot = asyncio.run_coroutine_threadsafe(self._refresh_gauges(), self.loop)
+        snapshot.result(timeout=5)
+        return self.metrics.render()
+
+    async def _refresh_gauges(self) -> None:
+        self.metrics.peers.clear()
+        for (stage, state), n in self.membership.counts().items():
+            self.metrics.peers.labels(str(stage), state).set(n)
+        for kind, value in self._wire_totals().items():
+            self.metrics.wire_bytes.labels(kind, "sent").set(value["bytes"])
+            self.metrics.wire_uncompressed_bytes.labels(kind, "sent").set(value["uncompressed_bytes"])
+
+    def _wire_totals(self) -> dict[str, dict[str, int]]:
+        totals = {kind: {"bytes": 0, "uncompressed_bytes": 0} for kind in WIRE_KINDS}
+        for p in self.membership.peers.values():
+            for kind, n in p.bytes_sent.items():
+                totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})["bytes"] += n
+            for kind, n in p.uncompressed_sent.items():
+                totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})["uncompressed_bytes"] += n
+        return totals
+
+    def _status_threadsafe(self) -> dict[str, Any]:
+        return asyncio.run_coroutine_threadsafe(self._status(), self.loop).result(timeout=5)
+
+    async def _status(self) -> dict[str, Any]:
+        totals = self.store.totals()
+        last = self.store.rounds(limit=1)
+        stages = []
+        for k, (a, b) in enumerate(self.layer_ranges):
+            live = [p for p in self.membership.live() if p.stage == k]
+            online = self.membership.online(k)
+            stages.append({"index": k, "layers": [a, b], "replicas": len(live), "online": len(online), "throughput": sum(p.throughput for p in online)})
+        checkpoints = [
+            {**c, "path": str(Path(c["path"]).resolve()), "url": self.checkpoint_url(c["round"])} for c in self.store.checkpoints()
+        ]
+        cfg = self.model_config
+        return {
+            "run": self.run_id,
+            "version": PACKAGE_VERSION,
+            "model": {"preset": self.config.init_from or self.config.model, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size},
+            "round": last[0].round if last else 0,
+            "current_round": self.engine.round,
+            "phase": pb.RoundPhase.Name(self.engine.phase).lower(),
+            "reason": self.engine.waiting_reason,
+            "loss": last[0].loss if last else None,
+            "tokens": totals["tokens"],
+            "samples": totals["samples"],
+            "samples_dropped": totals["dropped"],
+            "tokens_per_second": self._last_tokens_per_second,
+            "peers": [p.as_json() for p in self.membership.peers.values()],
+            "stages": stages,
+            "checkpoints": checkpoints,
+            "wire": self._wire_totals(),
+            "progress": self.engine.progress(),
+            "train": json.loads(self.config.train_config().to_json()),
+            "now": time.time(),
+        }
+
+    def _rounds_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "round": r.round, "loss": r.loss, "tokens": r.tokens, "samples": r.samples, "dropped": r.dropped,
+                "duration": r.duration, "tokens_per_second": r.tokens / r.duration if r.duration > 0 else None,
+                "participants": r.participants, "checksums": r.checksums,
+            }
+            for r in self.store.rounds()
+        ]

@@ -1,0 +1,115 @@
+"""Who is in the run: peers, their stage, state, liveness and reported statistics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from proto import hometrain_pb2 as pb
+
+from .assignment import Replica, choose_stage
+
+
+@dataclass
+class PeerRecord:
+    """The coordinator's view of one peer."""
+
+    peer_id: str
+    name: str
+    device: str
+    dht_peer_id: str             # empty until the first heartbeat after the peer's DHT started
+    stage: int
+    state: int = pb.JOINING
+    joined: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    next_round: int = 0          # round its weights are ready to accumulate (0: still loading)
+    throughput: float = 0.0
+    loads: int = 0               # weight loads the peer has completed
+    reload_below: int = 0        # the peer must reload until it reports more loads than this
+    microbatches_done: int = 0
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    bytes_received: dict[str, int] = field(default_factory=dict)
+    uncompressed_sent: dict[str, int] = field(default_factory=dict)
+    uncompressed_received: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (pb.JOINING, pb.ONLINE)
+
+    def as_json(self) -> dict:
+        return {
+            "id": self.peer_id,
+            "name": self.name,
+            "stage": self.stage,
+            "device": self.device,
+            "state": pb.PeerState.Name(self.state).lower(),
+            "last_seen": self.last_seen,
+            "joined": self.joined,
+            "next_round": self.next_round,
+            "throughput": self.throughput,
+            "microbatches": self.microbatches_done,
+            "bytes_sent": dict(self.bytes_sent),
+            "bytes_received": dict(self.bytes_received),
+        }
+
+
+class Membership:
+    """The peer table. Mutated only on the coordinator's event loop."""
+
+    def __init__(self, num_stages: int, heartbeat_timeout: float) -> None:
+        self.num_stages = num_stages
+        self.heartbeat_timeout = heartbeat_timeout
+        self.peers: dict[str, PeerRecord] = {}
+
+    def add(self, name: str, device: str, throughput: float, requested_stage: int) -> PeerRecord:
+        replicas = [Replica(p.stage, p.throughput) for p in self.live()]
+        stage = choose_stage(replicas, self.num_stages, requested_stage)
+        record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, throughput=throughput)
+        self.peers[record.peer_id] = record
+        return record
+
+    def get(self, peer_id: str) -> PeerRecord | None:
+        record = self.peers.get(peer_id)
+        return record if record is not None and record.alive else None
+
+    def live(self) -> list[PeerRecord]:
+        return [p for p in self.peers.values() if p.alive]
+
+    def online(self, stage: int | None = None) -> list[PeerRecord]:
+        return [p for p in self.peers.values() if p.state == pb.ONLINE and (stage is None or p.stage == stage)]
+
+    def expire(self, now: float) -> list[PeerRecord]:
+        """Mark peers silent for longer than the heartbeat timeout as gone; return them."""
+        gone = [p for p in self.live() if now - p.last_seen > self.heartbeat_timeout]
+        for p in gone:
+            p.state = pb.GONE
+        return gone
+
+    def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str) -> None:
+        record.last_seen = time.time()
+        record.dht_peer_id = dht_peer_id or record.dht_peer_id
+        record.loads = stats.loads
+        if record.state == pb.JOINING and record.dht_peer_id and stats.next_round > 0 and stats.loads > record.reload_below:
+            record.state = pb.ONLINE
+            record.next_round = stats.next_round
+        record.throughput = stats.throughput or record.throughput
+        record.microbatches_done = stats.microbatches_done
+        record.bytes_sent = dict(stats.bytes_sent)
+        record.bytes_received = dict(stats.bytes_received)
+        record.uncompressed_sent = dict(stats.uncompressed_bytes_sent)
+        record.uncompressed_received = dict(stats.uncompressed_bytes_received)
+
+    def require_reload(self, record: PeerRecord) -> None:
+        """The peer's weights are wrong: it goes back to JOINING until it has loaded them again."""
+        record.state = pb.JOINING
+        record.next_round = 0
+        record.reload_below = record.loads
+
+    def counts(self) -> dict[tuple[int, str], int]:
+        """Peers per (stage, state name) for metrics."""
+        out: dict[tuple[int, str], int] = {}
+        for p in self.peers.values():
+            key = (p.stage, pb.PeerState.Name(p.state).lower())
+            out[key] = out.get(key, 0) + 1
+        return out

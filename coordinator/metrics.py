@@ -1,0 +1,43 @@
+"""Prometheus metrics of the coordinator (one registry, ``hometrain_`` prefix, base units)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from proto import PACKAGE_VERSION, PROTOCOL_VERSION
+
+WIRE_KINDS = ("activations", "gradients", "sync", "state", "control")
+
+
+class CoordinatorMetrics:
+    """Everything the coordinator exports on /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Info("hometrain_build", "Build of this process.", registry=r).info(
+            {"version": PACKAGE_VERSION, "protocol": str(PROTOCOL_VERSION), "role": "coordinator"}
+        )
+        self.rounds = Counter("hometrain_rounds", "Rounds completed.", registry=r)
+        self.round_duration = Histogram(
+            "hometrain_round_duration_seconds", "Wall time of a round, open to step.", registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+        )
+        self.round = Gauge("hometrain_round", "Number of the last completed round.", registry=r)
+        self.loss = Gauge("hometrain_loss", "Mean token loss of the last completed round.", registry=r)
+        self.tokens = Counter("hometrain_tokens", "Loss tokens trained.", registry=r)
+        self.tokens_per_second = Gauge("hometrain_tokens_per_second", "Tokens per second of the last round.", registry=r)
+        self.samples_dropped = Counter("hometrain_samples_dropped", "Samples handed out but not trained (failed hop, late, peer gone).", registry=r)
+        self.peers = Gauge("hometrain_peers", "Peers by stage and state.", ["stage", "state"], registry=r)
+        self.wire_bytes = Gauge("hometrain_wire_bytes", "Bytes on the wire reported by live peers, by kind and direction.", ["kind", "direction"], registry=r)
+        self.wire_uncompressed_bytes = Gauge(
+            "hometrain_wire_uncompressed_bytes", "What the same traffic would cost uncompressed (fp32), by kind and direction.", ["kind", "direction"], registry=r
+        )
+        self.checkpoint_seconds = Gauge("hometrain_checkpoint_publish_seconds", "Time to write the last checkpoint.", registry=r)
+        self.checkpoint_bytes = Gauge("hometrain_checkpoint_bytes", "Size of the last checkpoint.", registry=r)
+        self.checkpoints = Counter("hometrain_checkpoints", "Checkpoints published.", registry=r)
+        self.rpc_errors = Counter("hometrain_rpc_errors", "Control-plane requests refused or failed, by kind.", ["kind"], registry=r)
+        self.control_bytes = Counter("hometrain_control_bytes", "Control-plane message bytes, by direction.", ["direction"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

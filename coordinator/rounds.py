@@ -1,0 +1,333 @@
+"""The round state machine: WAITING -> OPEN -> SYNC -> (PUBLISH) -> next round.
+
+One round is one optimizer step of the global batch. The engine hands microbatches to
+stage-0 peers, counts what the pipeline finished or dropped, closes the round when the
+target is reached or its deadline passes, tells each stage's replicas who averages with whom
+and by how many tokens to divide, collects their post-step checksums, records the round in
+the store and, every ``checkpoint_every`` rounds, gathers every stage's tensors into a
+published checkpoint. All mutation happens on one asyncio loop; peers long-poll for changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from proto import codec
+from proto import hometrain_pb2 as pb
+from proto.manifest import sha256_bytes
+from proto.run_config import CoordinatorConfig
+
+from .data import CausalWindows
+from .membership import Membership, PeerRecord
+from .store import RoundRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenRound:
+    """Book-keeping of the round in progress."""
+
+    number: int
+    started: float
+    target: int                                          # microbatches to train
+    next_index: int = 0                                  # next microbatch to hand out
+    in_flight: dict[int, str] = field(default_factory=dict)  # index -> stage-0 peer id
+    done: int = 0
+    dropped: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+    samples: int = 0
+    closed_at: float | None = None
+    groups: dict[int, list[str]] = field(default_factory=dict)  # stage -> DHT ids averaging together
+    members: dict[str, int] = field(default_factory=dict)       # coordinator peer id -> stage
+    step_reports: dict[str, pb.StepReport] = field(default_factory=dict)
+    uploaders: dict[int, str] = field(default_factory=dict)     # stage -> peer id asked to upload
+    uploads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    publish_started: float | None = None
+
+
+class RoundEngine:
+    """Owns the round lifecycle; the gRPC service and the HTTP page call into it."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: Store,
+        data: CausalWindows,
+        membership: Membership,
+        publish: Callable[[int, int, float | None, list[dict[str, torch.Tensor]]], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.data = data
+        self.membership = membership
+        self._publish = publish
+        self.phase = pb.WAITING
+        self.round = store.last_round() + 1
+        self.current: OpenRound | None = None
+        self.changed = asyncio.Condition()
+        self.waiting_reason = "starting"
+        self.on_round_recorded: list[Callable[[RoundRecord], None]] = []
+        self.on_sample_dropped: list[Callable[[int], None]] = []
+
+    # ------------------------------------------------------------ state changes
+
+    async def _set_phase(self, phase: int) -> None:
+        self.phase = phase
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def tick(self) -> None:
+        """Advance the state machine; called a few times a second and after every report."""
+        now = time.time()
+        for gone in self.membership.expire(now):
+            log.warning("peer %s (stage %d) missed its heartbeats for %.0fs: marked gone", gone.peer_id, gone.stage, self.config.heartbeat_timeout)
+            self.drop_in_flight_of(gone.peer_id)
+        if self.phase == pb.STOPPED:
+            return
+        if self.phase == pb.WAITING:
+            await self._maybe_open(now)
+        elif self.phase == pb.OPEN:
+            await self._maybe_close(now)
+        elif self.phase == pb.SYNC:
+            await self._maybe_finish_sync(now)
+        elif self.phase == pb.PUBLISH:
+            await self._maybe_finish_publish(now)
+
+    def _ready_replicas(self, stage: int) -> list[PeerRecord]:
+        return [p for p in self.membership.online(stage) if p.next_round == self.round]
+
+    async def _maybe_open(self, now: float) -> None:
+        if self.config.rounds and self.round > self.config.rounds:
+            self.waiting_reason = f"finished: {self.config.rounds} rounds trained"
+            await self._set_phase(pb.STOPPED)
+            return
+        missing = [k for k in range(self.membership.num_stages) if len(self._ready_replicas(k)) < self.config.min_replicas]
+        if missing:
+            self.waiting_reason = f"waiting for peers on stage(s) {missing}"
+            return
+        self.waiting_reason = ""
+        self.current = OpenRound(self.round, now, self.config.microbatches_per_round)
+        log.info("round %d open: %d microbatches of %d samples", self.round, self.current.target, self.config.micro_batch_size)
+        await self._set_phase(pb.OPEN)
+
+    async def _maybe_close(self, now: float) -> None:
+        cur = self.current
+        assert cur is not None
+        finished = cur.done + cur.dropped >= cur.target
+        late = now - cur.started > self.config.round_timeout
+        if not (finished or late):
+            return
+        if late and not finished:
+            missing = cur.target - cur.done - cur.dropped
+            log.warning("round %d deadline (%.0fs) passed with %d microbatches unfinished: dropped", cur.number, self.config.round_timeout, missing)
+            cur.dropped += missing
+            for _ in range(missing):
+                self._notify_dropped(1)
+            cur.in_flight.clear()
+        cur.closed_at = now
+        for stage in range(self.membership.num_stages):
+            group = self._ready_replicas(stage)
+            cur.groups[stage] = sorted(p.dht_peer_id for p in group)
+            cur.members.update({p.peer_id: stage for p in group})
+        await self._set_phase(pb.SYNC)
+
+    async def _maybe_finish_sync(self, now: float) -> None:
+        cur = self.current
+        assert cur is not None and cur.closed_at is not None
+        alive_members = [pid for pid in cur.members if self.membership.get(pid) is not None]
+        waiting = [pid for pid in alive_members if pid not in cur.step_reports]
+        if waiting and now - cur.closed_at < self.config.sync_timeout + 2 * self.config.heartbeat_interval + 5:
+            return
+        checksums: dict[str, list[str]] = {}
+        for pid, report in sorted(cur.step_reports.items()):
+            checksums.setdefault(str(cur.members[pid]), []).append(report.checksum)
+        for pid, report in cur.step_reports.items():
+            record = self.membership.get(pid)
+            if record is None:
+                continue
+            majority = Counter(checksums[str(cur.members[pid])]).most_common(1)[0][0]
+            if report.synced and report.checksum == majority:
+                record.next_round = cur.number + 1
+            else:
+                log.warning("peer %s of stage %d diverged in round %d (%s): it reloads its weights", pid, record.stage, cur.number, report.error or "checksum differs")
+                self.membership.require_reload(record)
+        loss = cur.loss_sum / cur.tokens if cur.tokens else None
+        totals = self._byte_totals()
+        record = RoundRecord(
+            round=cur.number, loss=loss, tokens=cur.tokens, samples=cur.samples, dropped=cur.dropped * self.config.micro_batch_size,
+            started=cur.started, ended=now, participants=sorted(cur.members), checksums=checksums, bytes=totals,
+        )
+        self.store.record_round(record)
+        for callback in self.on_round_recorded:
+            callback(record)
+        log.info("round %d done: loss %s, %d tokens, %d dropped, %.2fs", cur.number, f"{loss:.4f}" if loss is not None else "n/a", cur.tokens, cur.dropped, record.duration)
+        if cur.number % self.config.checkpoint_every == 0 and cur.tokens:
+            cur.uploaders = {stage: self._uploader(stage, cur) for stage in range(self.membership.num_stages)}
+            if all(cur.uploaders.values()):
+                cur.publish_started = now
+                await self._set_phase(pb.PUBLISH)
+                return
+            log.warning("round %d: no replica of some stage can upload; checkpoint skipped", cur.number)
+        await self._next_round()
+
+    def _uploader(self, stage: int, cur: OpenRound) -> str:
+        for pid, s in sorted(cur.members.items()):
+            record = self.membership.get(pid)
+            if s == stage and record is not None and record.next_round == cur.number + 1:
+                return pid
+        return ""
+
+    async def _maybe_finish_publish(self, now: float) -> None:
+        cur = self.current
+        assert cur is not None and cur.publish_started is not None
+        if len(cur.uploads) < len(cur.uploaders):
+            if now - cur.publish_started < self.config.round_timeout:
+                return
+            log.warning("round %d: checkpoint uploads incomplete after %.0fs; skipped", cur.number, self.config.round_timeout)
+        else:
+            stages = [cur.uploads[k] for k in range(self.membership.num_stages)]
+            loss = cur.loss_sum / cur.tokens if cur.tokens else None
+            tokens_total = self.store.totals()["tokens"]
+            await asyncio.get_running_loop().run_in_executor(None, self._publish, cur.number, tokens_total, loss, stages)
+        await self._next_round()
+
+    async def _next_round(self) -> None:
+        self.round += 1
+        self.current = None
+        await self._set_phase(pb.WAITING)
+        await self._maybe_open(time.time())
+
+    async def stop(self) -> None:
+        self.waiting_reason = "coordinator shutting down"
+        await self._set_phase(pb.STOPPED)
+
+    # ------------------------------------------------------------ peer calls
+
+    def drop_in_flight_of(self, peer_id: str) -> None:
+        cur = self.current
+        if cur is None or self.phase != pb.OPEN:
+            return
+        lost = [i for i, pid in cur.in_flight.items() if pid == peer_id]
+        for index in lost:
+            del cur.in_flight[index]
+            cur.dropped += 1
+            self._notify_dropped(1)
+        if lost:
+            log.warning("round %d: %d microbatches of peer %s dropped", cur.number, len(lost), peer_id)
+
+    def _notify_dropped(self, count: int) -> None:
+        for callback in self.on_sample_dropped:
+            callback(count * self.config.micro_batch_size)
+
+    def next_microbatch(self, peer: PeerRecord, round: int) -> pb.Microbatch:
+        cur = self.current
+        if self.phase != pb.OPEN or cur is None or round != cur.number or peer.stage != 0 or peer.next_round != cur.number:
+            return pb.Microbatch(available=False, round=self.round)
+        if cur.next_index >= cur.target:
+            return pb.Microbatch(available=False, round=cur.number)
+        index = cur.next_index
+        cur.next_index += 1
+        cur.in_flight[index] = peer.peer_id
+        mb = self.data.microbatch(cur.number, index, self.config.micro_batch_size, self.config.global_batch_size)
+        return pb.Microbatch(
+            available=True, round=cur.number, index=index, sample_ids=mb.sample_ids,
+            input_ids=codec.to_message(mb.input_ids), target_ids=codec.to_message(mb.target_ids),
+            loss_mask=codec.to_message(mb.loss_mask), prefix_lengths=codec.to_message(mb.prefix_lengths),
+        )
+
+    async def report_progress(self, peer: PeerRecord, report: pb.ProgressReport) -> bool:
+        cur = self.current
+        if self.phase != pb.OPEN or cur is None or report.round != cur.number or cur.in_flight.get(report.microbatch_index) != peer.peer_id:
+            return False  # late: the round closed (the sample was counted as dropped then)
+        del cur.in_flight[report.microbatch_index]
+        if report.ok:
+            cur.done += 1
+            cur.loss_sum += report.loss_sum
+            cur.tokens += report.tokens
+            cur.samples += self.config.micro_batch_size
+        else:
+            cur.dropped += 1
+            self._notify_dropped(1)
+            log.warning("round %d microbatch %d dropped by %s: %s", cur.number, report.microbatch_index, peer.peer_id, report.error)
+        await self.tick()
+        return True
+
+    async def report_step(self, peer: PeerRecord, report: pb.StepReport) -> None:
+        cur = self.current
+        if self.phase != pb.SYNC or cur is None or report.round != cur.number or peer.peer_id not in cur.members:
+            return
+        cur.step_reports[peer.peer_id] = report
+        await self.tick()
+
+    async def accept_upload(self, peer: PeerRecord, round: int, stage: int, sha256: str, payload: bytes) -> str:
+        """Store one stage's uploaded tensors; returns "" if accepted, else why not."""
+        cur = self.current
+        if self.phase != pb.PUBLISH or cur is None or round != cur.number or cur.uploaders.get(stage) != peer.peer_id:
+            return f"no upload of stage {stage} for round {round} was requested from this peer (now round {self.round})"
+        if sha256_bytes(payload) != sha256:
+            return "upload corrupted: sha256 does not match"
+        tensors = load_safetensors(payload)
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return f"tensor {name} holds NaN/Inf; checkpoint refused"
+        cur.uploads[stage] = tensors
+        await self.tick()
+        return ""
+
+    def round_state_for(self, peer: PeerRecord) -> pb.RoundState:
+        state = pb.RoundState(round=self.round, phase=self.phase, stage=peer.stage, message=self.waiting_reason)
+        cur = self.current
+        # An online replica whose weights are from another round would poison its group's average.
+        stale = peer.state == pb.ONLINE and self.phase == pb.OPEN and peer.next_round != self.round
+        if stale:
+            self.membership.require_reload(peer)
+        state.reload_state = peer.state == pb.JOINING and peer.loads > 0 and peer.loads <= peer.reload_below
+        if cur is not None and self.phase in (pb.SYNC, pb.PUBLISH):
+            state.in_sync_group = peer.peer_id in cur.members
+            state.sync_group.extend(cur.groups.get(peer.stage, []))
+            state.tokens_in_round = cur.tokens
+            state.upload_checkpoint = self.phase == pb.PUBLISH and cur.uploaders.get(peer.stage) == peer.peer_id and peer.stage not in cur.uploads
+        return state
+
+    async def wait_for_change(self, known_round: int, known_phase: int, timeout: float) -> None:
+        """Long poll: return when (round, phase) differs from what the caller knows, or on timeout."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: (self.round, self.phase) != (known_round, known_phase)), timeout
+                )
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------ reporting
+
+    def _byte_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for p in self.membership.peers.values():
+            for kind, n in p.bytes_sent.items():
+                totals[f"{kind}_sent"] = totals.get(f"{kind}_sent", 0) + n
+            for kind, n in p.uncompressed_sent.items():
+                totals[f"{kind}_uncompressed_sent"] = totals.get(f"{kind}_uncompressed_sent", 0) + n
+        return totals
+
+    def progress(self) -> dict:
+        cur = self.current
+        return {
+            "round": self.round,
+            "phase": pb.RoundPhase.Name(self.phase).lower(),
+            "reason": self.waiting_reason,
+            "microbatches_target": cur.target if cur else 0,
+            "microbatches_done": cur.done if cur else 0,
+            "microbatches_dropped": cur.dropped if cur else 0,
+            "in_flight": len(cur.in_flight) if cur else 0,
+        }

@@ -1,0 +1,143 @@
+"""The gRPC control plane: validates each request, then hands it to the round engine."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from proto import PACKAGE_VERSION, PROTOCOL_VERSION
+from proto import hometrain_pb2 as pb
+from proto import hometrain_pb2_grpc as pb_grpc
+
+from .membership import Membership, PeerRecord
+from .metrics import CoordinatorMetrics
+from .rounds import RoundEngine
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 64 << 30
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """Join / Heartbeat / Leave, round state, batch hand-out, progress, steps, checkpoint upload."""
+
+    def __init__(
+        self,
+        engine: RoundEngine,
+        membership: Membership,
+        metrics: CoordinatorMetrics,
+        join_reply: pb.JoinReply,
+        join_token: str,
+        layer_ranges: list[tuple[int, int]],
+    ) -> None:
+        self.engine = engine
+        self.layer_ranges = layer_ranges
+        self.membership = membership
+        self.metrics = metrics
+        self.join_template = join_reply
+        self.join_token = join_token
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
+        self.metrics.rpc_errors.labels(kind).inc()
+        log.warning("refused %s: %s", kind, message)
+        await context.abort(code, message)
+
+    async def _peer(self, peer_id: str, context: grpc.aio.ServicerContext) -> PeerRecord:
+        record = self.membership.get(peer_id)
+        if record is None:
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_peer",
+                               f"peer id {peer_id!r} is not (or no longer) a member of this run; join again")
+        assert record is not None
+        return record
+
+    def _count(self, request, reply) -> None:
+        self.metrics.control_bytes.labels("received").inc(request.ByteSize())
+        self.metrics.control_bytes.labels("sent").inc(reply.ByteSize())
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        if request.protocol_version != PROTOCOL_VERSION:
+            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
+                               f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
+                               f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
+        if self.join_token and request.join_token != self.join_token:
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "join_token",
+                               "this run requires a join token and the one given does not match: pass --join-token from the organiser")
+        if request.requested_stage >= self.membership.num_stages:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
+                               f"--stage {request.requested_stage} does not exist: this run has stages 0..{self.membership.num_stages - 1}")
+        record = self.membership.add(request.name, request.device, request.throughput, request.requested_stage)
+        reply = pb.JoinReply()
+        reply.CopyFrom(self.join_template)
+        reply.peer_id = record.peer_id
+        reply.stage = record.stage
+        reply.layer_start, reply.layer_end = self.layer_ranges[record.stage]
+        log.info("peer %s joined (%s, %s): stage %d", record.peer_id, request.name or "unnamed", request.device, record.stage)
+        self._count(request, reply)
+        return reply
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        record = self.membership.get(request.peer_id)
+        if record is None:
+            return pb.HeartbeatReply(known=False)
+        self.membership.update_stats(record, request.stats, request.dht_peer_id)
+        reply = pb.HeartbeatReply(known=True)
+        self._count(request, reply)
+        await self.engine.tick()
+        return reply
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        record = self.membership.get(request.peer_id)
+        if record is not None:
+            record.state = pb.LEFT
+            log.info("peer %s (stage %d) left", record.peer_id, record.stage)
+            self.engine.drop_in_flight_of(record.peer_id)
+            await self.engine.tick()
+        return pb.LeaveReply()
+
+    async def GetRoundState(self, request: pb.RoundStateRequest, context: grpc.aio.ServicerContext) -> pb.RoundState:
+        await self._peer(request.peer_id, context)
+        await self.engine.wait_for_change(request.known_round, request.known_phase, min(max(request.wait_seconds, 0.0), 30.0))
+        record = await self._peer(request.peer_id, context)
+        reply = self.engine.round_state_for(record)
+        self._count(request, reply)
+        return reply
+
+    async def GetMicrobatch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.Microbatch:
+        record = await self._peer(request.peer_id, context)
+        reply = self.engine.next_microbatch(record, request.round)
+        self._count(request, reply)
+        return reply
+
+    async def ReportProgress(self, request: pb.ProgressReport, context: grpc.aio.ServicerContext) -> pb.ProgressAck:
+        record = await self._peer(request.peer_id, context)
+        if request.ok and not (request.loss_sum == request.loss_sum and abs(request.loss_sum) != float("inf")):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request", f"loss_sum {request.loss_sum} is not finite")
+        accepted = await self.engine.report_progress(record, request)
+        return pb.ProgressAck(accepted=accepted)
+
+    async def ReportStep(self, request: pb.StepReport, context: grpc.aio.ServicerContext) -> pb.StepAck:
+        record = await self._peer(request.peer_id, context)
+        await self.engine.report_step(record, request)
+        return pb.StepAck()
+
+    async def UploadCheckpoint(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.UploadReply:
+        header = None
+        payload = bytearray()
+        async for chunk in request_iterator:
+            if header is None:
+                header = chunk
+                if chunk.total_bytes > MAX_UPLOAD_BYTES:
+                    await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "oversized", f"upload of {chunk.total_bytes} bytes exceeds {MAX_UPLOAD_BYTES}")
+            payload += chunk.data
+            if len(payload) > header.total_bytes:
+                await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "oversized", f"upload exceeds the {header.total_bytes} bytes announced")
+        if header is None:
+            return pb.UploadReply(accepted=False, message="empty upload")
+        self.metrics.control_bytes.labels("received").inc(len(payload))
+        record = await self._peer(header.peer_id, context)
+        problem = await self.engine.accept_upload(record, header.round, header.stage, header.sha256, bytes(payload))
+        if problem:
+            self.metrics.rpc_errors.labels("upload").inc()
+            log.warning("checkpoint upload from %s refused: %s", record.peer_id, problem)
+        return pb.UploadReply(accepted=not problem, message=problem)

@@ -1,0 +1,215 @@
+"""The coordinator's HTML status page: one self-contained page an organiser reads at a glance.
+
+Everything is rendered server-side (inline CSS, inline SVG plots, no JavaScript, no external
+assets) so the page works offline and on any browser; it reloads itself every 5 seconds.
+Inputs come from a live status snapshot and may be partial, so every field is read with a default
+and every string from the input goes through ``html.escape``.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1200px;
+color:#222;background:#fafafa;padding:0 1em}
+h1{font-size:1.4em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .5em;border-bottom:1px solid #ddd}
+.summary span{display:inline-block;margin:0 1.2em .4em 0}.summary b{color:#555;font-weight:600}
+.badge{padding:.15em .6em;border-radius:1em;color:#fff;background:#888;font-weight:600}
+.badge.open{background:#2a8f3c}.badge.sync{background:#2b6cb0}.badge.publish{background:#7b4bb7}
+.badge.waiting{background:#c77c00}.badge.stopped{background:#b03030}.reason{color:#a05a00}
+.stages{display:flex;flex-wrap:wrap;gap:.6em}
+.stage{border:1px solid #bbb;border-radius:6px;padding:.5em .8em;background:#fff;min-width:9em}
+.stage.warning{border-color:#c33;background:#fdecec}.stage .warn{color:#c33;font-weight:700}
+table{border-collapse:collapse;background:#fff;font-size:.9em}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}th{background:#f0f0f0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.plots{display:flex;flex-wrap:wrap;gap:1em}svg{background:#fff;border:1px solid #ddd}
+.muted{color:#888}
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _num(value, default=0.0) -> float:
+    try:
+        return float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def human_bytes(n) -> str:
+    n = _num(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _fmt(value, spec=",.0f", none="–") -> str:
+    return none if value is None else format(_num(value), spec)
+
+
+def _ago(now: float, then) -> str:
+    if then is None:
+        return "never"
+    s = max(0.0, now - _num(then))
+    if s < 120:
+        return f"{s:.0f}s ago"
+    return f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+def _tick(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def svg_line_plot(points: list[tuple[float, float]], width, height, title, y_label, svg_id="") -> str:
+    """An SVG line plot with axes, min/max tick labels, a polyline and one circle per point."""
+    ident = f' id="{_e(svg_id)}"' if svg_id else ""
+    left, right, top, bottom = 60, 15, 25, 35
+    pw, ph = width - left - right, height - top - bottom
+    out = [f'<svg{ident} xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
+           f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13" font-weight="600">{_e(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+           f'<text x="14" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
+           f'transform="rotate(-90 14 {top + ph / 2})">{_e(y_label)}</text>']
+    pts = [(_num(x), _num(y)) for x, y in points if x is not None and y is not None]
+    if len(pts) < 2:
+        out.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" '
+                   f'font-size="12" fill="#888">no data yet</text></svg>')
+        return "".join(out)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    xs_span, ys_span = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+
+    def sx(x):
+        return left + (x - x0) / xs_span * pw
+
+    def sy(y):
+        return top + ph - (y - y0) / ys_span * ph
+
+    coords = [(sx(x), sy(y)) for x, y in pts]
+    out += [f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{_tick(y1)}</text>',
+            f'<text x="{left - 4}" y="{top + ph}" font-size="10" text-anchor="end">{_tick(y0)}</text>',
+            f'<text x="{left}" y="{top + ph + 14}" font-size="10" text-anchor="start">{_tick(x0)}</text>',
+            f'<text x="{left + pw}" y="{top + ph + 14}" font-size="10" text-anchor="end">{_tick(x1)}</text>',
+            f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">round</text>',
+            '<polyline fill="none" stroke="#2b6cb0" stroke-width="1.5" points="'
+            + " ".join(f"{x:.1f},{y:.1f}" for x, y in coords) + '"/>']
+    r = 2.5 if len(coords) <= 100 else 1.2
+    out += [f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="#2b6cb0"/>' for x, y in coords]
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _table(table_id: str, headers: list[str], rows: list[list[str]], empty: str) -> str:
+    ident = f' id="{table_id}"' if table_id else ""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    if not rows:
+        return f'<table{ident}><tr>{head}</tr><tr><td colspan="{len(headers)}" class="muted">{empty}</td></tr></table>'
+    body = "".join("<tr>" + "".join(r) + "</tr>" for r in rows)
+    return f"<table{ident}><tr>{head}</tr>{body}</table>"
+
+
+def _td(value, num=False) -> str:
+    return f'<td class="num">{value}</td>' if num else f"<td>{value}</td>"
+
+
+def _d(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _sum(d) -> float:
+    return sum(_num(v) for v in d.values()) if isinstance(d, dict) else 0.0
+
+
+def render_page(status: dict, rounds: list[dict]) -> str:
+    """The full HTML page for one status snapshot and the per-round history (oldest first)."""
+    s = _d(status)
+    rounds = [r for r in (rounds or []) if isinstance(r, dict)]
+    now = _num(s.get("now"), time.time())
+    model = _d(s.get("model"))
+    phase = str(s.get("phase") or "unknown")
+    reason = s.get("reason") or ""
+
+    last_done = f"<span class='muted'>(last done {_e(s.get('round', '–'))})</span>"
+    summary = [("round", f"{_e(s.get('current_round', '–'))} {last_done}"),
+               ("loss", _fmt(s.get("loss"), ".4f")), ("tokens", _fmt(s.get("tokens", 0))),
+               ("tokens/s", _fmt(s.get("tokens_per_second"), ",.1f")),
+               ("samples dropped", _fmt(s.get("samples_dropped", 0)))]
+    prog = _d(s.get("progress"))
+    if prog:
+        done, target = _fmt(prog.get("microbatches_done", 0)), _fmt(prog.get("microbatches_target", 0))
+        dropped, flying = _fmt(prog.get("microbatches_dropped", 0)), _fmt(prog.get("in_flight", 0))
+        summary.append(("microbatches", f"{done}/{target} ({dropped} dropped, {flying} in flight)"))
+    model_line = (f"{_e(model.get('preset', '?'))} · {_e(model.get('n_layer', '?'))} layers · "
+                  f"d={_e(model.get('n_embd', '?'))} · {_fmt(model.get('parameters'))} parameters") if model else ""
+    header = (f"<h1>hometrain run {_e(s.get('run', '–'))} <span class='badge {_e(phase)}'>{_e(phase)}</span></h1>"
+              + (f"<p class='reason'>{_e(reason)}</p>" if reason else "")
+              + (f"<p class='muted'>{model_line}</p>" if model_line else "")
+              + "<div class='summary'>" + "".join(f"<span><b>{k}:</b> {v}</span>" for k, v in summary) + "</div>")
+
+    boxes = []
+    for st in [x for x in s.get("stages") or [] if isinstance(x, dict)]:
+        layers = st.get("layers") or ["?", "?"]
+        a, b = (list(layers) + ["?", "?"])[:2]
+        online, replicas = st.get("online", 0) or 0, st.get("replicas", 0) or 0
+        warn = online == 0
+        boxes.append(f"<div class='stage{' warning' if warn else ''}'><b>stage {_e(st.get('index', '?'))}</b><br>"
+                     f"layers {_e(a)}–{_e(b)}<br>{_e(online)}/{_e(replicas)} replicas online<br>"
+                     f"{_fmt(st.get('throughput'), ',.2f')} samples/s"
+                     + ("<br><span class='warn'>no replica</span>" if warn else "") + "</div>")
+    boxes_html = "".join(boxes) or "<span class='muted'>no stages</span>"
+    stage_map = f'<div id="stage-map" class="stages">{boxes_html}</div>'
+
+    peer_rows = [[_td(_e(p.get("id"))), _td(_e(p.get("name"))), _td(_e(p.get("stage", "–")), True),
+                  _td(_e(p.get("device"))), _td(_e(p.get("state"))),
+                  _td(_fmt(p.get("throughput"), ",.2f"), True), _td(_fmt(p.get("microbatches", 0)), True),
+                  _td(human_bytes(_sum(p.get("bytes_sent"))), True),
+                  _td(human_bytes(_sum(p.get("bytes_received"))), True), _td(_ago(now, p.get("last_seen")))]
+                 for p in s.get("peers") or [] if isinstance(p, dict)]
+    peers = _table("peers", ["id", "name", "stage", "device", "state", "samples/s", "microbatches",
+                             "bytes up", "bytes down", "last seen"], peer_rows, "no peers")
+
+    loss_pts = [(r.get("round"), r.get("loss")) for r in rounds]
+    tps_pts = [(r.get("round"), r.get("tokens_per_second")) for r in rounds]
+    plots = ("<div class='plots'>" + svg_line_plot(loss_pts, 520, 260, "loss per round", "loss", "loss-plot")
+             + svg_line_plot(tps_pts, 520, 260, "tokens/s per round", "tokens/s", "tps-plot") + "</div>")
+
+    wire_rows = []
+    for kind, w in sorted(_d(s.get("wire")).items(), key=lambda kv: str(kv[0])):
+        w = _d(w)
+        nbytes, raw = _num(w.get("bytes")), _num(w.get("uncompressed_bytes"))
+        wire_rows.append([_td(_e(kind)), _td(human_bytes(nbytes), True), _td(human_bytes(raw), True),
+                          _td(f"{raw / nbytes:.2f}×" if nbytes else "–", True)])
+    wire = _table("wire", ["kind", "bytes", "uncompressed", "ratio"], wire_rows, "no traffic yet")
+
+    hist_rows = [[_td(_e(r.get("round", "–")), True), _td(_fmt(r.get("loss"), ".4f"), True),
+                  _td(_fmt(r.get("tokens", 0)), True), _td(_fmt(r.get("samples", 0)), True),
+                  _td(_fmt(r.get("dropped", 0)), True), _td(_fmt(r.get("duration"), ",.1f") + " s", True),
+                  _td(_fmt(r.get("tokens_per_second"), ",.1f"), True)] for r in reversed(rounds[-20:])]
+    history = _table("rounds", ["round", "loss", "tokens", "samples", "dropped", "duration", "tokens/s"],
+                     hist_rows, "no rounds yet")
+
+    ck_rows = []
+    for c in [x for x in s.get("checkpoints") or [] if isinstance(x, dict)]:
+        url = str(c.get("url") or "")
+        links = (f"<a href='{_e(url + 'manifest.json')}'>manifest.json</a> · "
+                 f"<a href='{_e(url + 'config.json')}'>config.json</a>") if url else "–"
+        ck_rows.append([_td(_e(c.get("round", "–")), True), _td(_e(c.get("path"))),
+                        _td(_fmt(c.get("tokens", 0)), True), _td(_fmt(c.get("loss"), ".4f"), True),
+                        _td(human_bytes(c.get("bytes", 0)), True), _td(links)])
+    checkpoints = _table("checkpoints", ["round", "path", "tokens", "loss", "size", "files"], ck_rows,
+                         "no checkpoints yet")
+
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta http-equiv=\"refresh\" content=\"5\"><meta name='viewport' content='width=device-width'>"
+            f"<title>hometrain · {_e(s.get('run', 'status'))}</title><style>{CSS}</style></head><body>"
+            f"{header}<h2>Stages</h2>{stage_map}<h2>Peers</h2>{peers}<h2>Progress</h2>{plots}"
+            f"<h2>Wire bytes</h2>{wire}<h2>Last {min(20, len(rounds))} rounds</h2>{history}"
+            f"<h2>Checkpoints</h2>{checkpoints}</body></html>")

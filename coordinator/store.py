@@ -1,0 +1,136 @@
+"""The coordinator's persisted state: SQLite in WAL mode under --state-dir.
+
+Holds the run's identity, every completed round, the peers ever seen and the published
+checkpoints. A restarted coordinator reads the last completed round from here and resumes at
+the next one, so no round is numbered twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    loss REAL,
+    tokens INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    dropped INTEGER NOT NULL,
+    started REAL NOT NULL,
+    ended REAL NOT NULL,
+    participants TEXT NOT NULL,
+    checksums TEXT NOT NULL,
+    bytes TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peers (
+    peer_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    stage INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    state TEXT NOT NULL,
+    joined REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    round INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    loss REAL,
+    bytes INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A completed round as stored."""
+
+    round: int
+    loss: float | None
+    tokens: int
+    samples: int
+    dropped: int                 # samples dropped
+    started: float
+    ended: float
+    participants: list[str]
+    checksums: dict[str, list[str]] = field(default_factory=dict)  # stage -> checksums reported
+    bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return self.ended - self.started
+
+
+class Store:
+    """Thread-safe access to the run's SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def record_round(self, r: RoundRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (r.round, r.loss, r.tokens, r.samples, r.dropped, r.started, r.ended,
+                 json.dumps(r.participants), json.dumps(r.checksums), json.dumps(r.bytes)),
+            )
+
+    def rounds(self, limit: int | None = None) -> list[RoundRecord]:
+        query = "SELECT * FROM rounds ORDER BY round DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        with self._lock:
+            rows = self._db.execute(query).fetchall()
+        return [
+            RoundRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), json.loads(row[8]), json.loads(row[9]))
+            for row in reversed(rows)
+        ]
+
+    def last_round(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return int(row[0] or 0)
+
+    def totals(self) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(samples), 0), COALESCE(SUM(dropped), 0) FROM rounds").fetchone()
+        return {"rounds": row[0], "tokens": row[1], "samples": row[2], "dropped": row[3]}
+
+    def upsert_peer(self, peer_id: str, name: str, stage: int, device: str, state: str, joined: float, last_seen: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?, ?)", (peer_id, name, stage, device, state, joined, last_seen))
+
+    def record_checkpoint(self, round: int, path: str, tokens: int, loss: float | None, size: int, seconds: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", (round, path, tokens, loss, size, seconds, time.time()))
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT round, path, tokens, loss, bytes, seconds, created FROM checkpoints ORDER BY round").fetchall()
+        return [dict(zip(("round", "path", "tokens", "loss", "bytes", "seconds", "created"), row)) for row in rows]

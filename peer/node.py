@@ -1,0 +1,359 @@
+"""The volunteer's process: join, load the stage, announce it, train rounds, leave cleanly.
+
+Everything runs on one asyncio loop (gRPC client, hivemind P2P handlers, heartbeats); torch
+work runs on the stage's single compute thread so the loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import grpc
+import hivemind
+import torch
+from hivemind.p2p import PeerID
+from safetensors.torch import save as save_safetensors
+from transformers import GPTJConfig
+
+from proto import PROTOCOL_VERSION, codec
+from proto import hometrain_pb2 as pb
+from proto.manifest import sha256_bytes
+from proto.run_config import PeerConfig, TrainConfig
+
+from .control_client import ControlClient
+from .device import DeviceInfo
+from .metrics import PeerMetrics
+from .pipeline import Pipeline, Router, StageDirectory
+from .replica_sync import ReplicaSync, SyncError
+from .stage_runtime import StageRuntime
+from .transport import FrameTransport, WireCounters
+from .weights import fetch_checkpoint_tensors
+
+log = logging.getLogger(__name__)
+
+STATE_HANDLER = "hometrain.state"
+ANNOUNCE_EVERY = 10.0
+UPLOAD_CHUNK = 1 << 20
+
+
+class PeerNode:
+    """One peer of a run. ``await run()`` returns an exit code."""
+
+    def __init__(self, config: PeerConfig, device: DeviceInfo) -> None:
+        self.config = config
+        self.device = device
+        self.counters = WireCounters()
+        self.stopping = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.rounds_seen: dict[str, set[int]] = {"feed": set(), "sync": set(), "upload": set()}
+        self.current_round = 0
+        self.throughput = 0.0
+        self._last_samples = (time.monotonic(), 0)
+
+    # ------------------------------------------------------------ start
+
+    async def _join(self, requested_stage: int) -> pb.JoinReply:
+        request = pb.JoinRequest(
+            protocol_version=PROTOCOL_VERSION, join_token=self.config.join_token, name=self.config.name,
+            device=self.device.description, free_memory_bytes=self.device.free_memory_bytes,
+            throughput=self.throughput, requested_stage=requested_stage,
+        )
+        return await self.client.call("Join", request, retries=8)
+
+    async def run(self) -> int:
+        self.client = ControlClient(self.config.coordinator, self.counters)
+        try:
+            join = await self._join(self.config.stage)
+        except grpc.aio.AioRpcError as exc:
+            log.error("could not join the run at %s: %s", self.config.coordinator, exc.details() or exc.code().name)
+            await self.client.close()
+            return 1
+        self.peer_id, self.stage, self.run_id = join.peer_id, join.stage, join.run_id
+        self.public_key = join.checkpoint_public_key
+        self.checkpoint_url, self.checkpoint_round = join.checkpoint_url, join.checkpoint_round
+        self.heartbeat_interval = join.heartbeat_interval or 2.0
+        self.train = TrainConfig.from_json(join.train_config_json)
+        model_config = GPTJConfig.from_dict(json.loads(join.model_config_json))
+        how = "you asked for it with --stage" if self.config.stage >= 0 else "chosen by the coordinator; --stage N asks for another"
+        log.info("joined run %s as %s: stage %d of %d, blocks [%d, %d) (%s)", self.run_id, self.peer_id, self.stage, join.num_stages, join.layer_start, join.layer_end, how)
+
+        initial_peers = self.config.initial_peers.split() or list(join.initial_peers)
+        announce = [f"/ip4/{self.config.announce_host}/tcp/{self.config.p2p_port}"] if self.config.announce_host and self.config.p2p_port else None
+        self.dht = hivemind.DHT(
+            initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.p2p_port}"],
+            announce_maddrs=announce, await_ready=True,
+        )
+        self.dht_id = self.dht.peer_id.to_base58()
+        p2p = await self.dht.replicate_p2p()
+        self.runtime = StageRuntime(model_config, self.train, join.layer_start, join.layer_end, self.device.device)
+        self.transport = FrameTransport(p2p, self.counters)
+        self.directory = StageDirectory(self.dht, self.run_id)
+        self.router = Router(self.directory, rng=random.Random(self.dht_id))
+        self.pipeline = Pipeline(self.runtime, self.transport, self.router, self.run_id, self.stage, self.train.round_timeout)
+        self.sync = ReplicaSync(self.transport, self.run_id, self.dht_id)
+        await self.pipeline.start()
+        await self.sync.start()
+        await self.transport.serve(STATE_HANDLER, self._serve_state, receive_kind="control", send_kind="state")
+        self.metrics = PeerMetrics(self) if self.config.metrics_port else None
+        if self.metrics:
+            self.metrics.start(self.config.metrics_port)
+
+        try:
+            await self._load_weights()
+            await self._heartbeat()
+            await self._announce()
+            self._spawn(self._heartbeat_loop())
+            self._spawn(self._announce_loop())
+            round_loop = asyncio.ensure_future(self._round_loop())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({round_loop, stop}, return_when=asyncio.FIRST_COMPLETED)
+            exit_code = 0
+            if round_loop.done() and round_loop.exception() is not None:
+                log.error("training stopped: %s", round_loop.exception())
+                exit_code = 1
+            round_loop.cancel()
+            stop.cancel()
+            return exit_code
+        finally:
+            await self._leave()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception(), exc_info=task.exception())
+
+    # ------------------------------------------------------------ weights
+
+    async def _load_weights(self) -> None:
+        """Current weights from a live replica of the stage, else from the latest checkpoint."""
+        replicas = await self.directory.replicas(self.stage, max_age=0)
+        others = [p for p in replicas if p != self.dht_id]
+        random.shuffle(others)
+        for replica in others:
+            try:
+                header, tensors = await self.transport.call(
+                    PeerID.from_base58(replica), STATE_HANDLER,
+                    pb.FrameHeader(kind=pb.STATE_REQUEST, run_id=self.run_id, stage=self.stage), {},
+                    "control", "state", timeout=300,
+                )
+                extras = json.loads(header.json or "{}")
+                await self.runtime.run(self.runtime.import_state, tensors, extras, header.round)
+                log.info("loaded stage %d weights and optimizer state of round %d from replica %s", self.stage, header.round - 1, replica[-8:])
+                return
+            except Exception as exc:
+                log.warning("replica %s could not give its state (%s); trying the next source", replica[-8:], exc)
+        names = set(self.runtime.weights())
+        last_print = [0.0]
+
+        def progress(shard: str, got: int, total: int) -> None:
+            if not self.config.quiet and (time.monotonic() - last_print[0] > 1.0 or got == total):
+                last_print[0] = time.monotonic()
+                log.info("downloading %s: %.1f / %.1f MiB", shard, got / 2**20, total / 2**20)
+
+        tensors, round = await asyncio.get_running_loop().run_in_executor(
+            None, fetch_checkpoint_tensors, self.checkpoint_url, names, self.public_key, progress
+        )
+        await self.runtime.run(self.runtime.import_state, tensors, None, round + 1)
+        log.info("loaded stage %d weights from the checkpoint of round %d (%s)", self.stage, round, self.checkpoint_url)
+
+    async def _serve_state(self, header: pb.FrameHeader, tensors: dict, sender: PeerID) -> tuple[pb.FrameHeader, dict]:
+        if header.kind != pb.STATE_REQUEST or header.run_id != self.run_id or header.stage != self.stage:
+            raise codec.FrameError(f"this peer serves stage {self.stage} of run {self.run_id}; asked for stage {header.stage} of run {header.run_id!r}")
+        if self.runtime.next_round == 0:
+            raise codec.FrameError("this peer is still loading its own weights")
+        async with self.runtime.state_lock:  # never mid-step: the copy is of one round
+            state, extras = await self.runtime.run(self.runtime.export_state)
+            next_round = self.runtime.next_round
+        log.info("sent stage %d state of round %d to %s", self.stage, next_round - 1, sender.to_base58()[-8:])
+        return pb.FrameHeader(kind=pb.STATE, run_id=self.run_id, stage=self.stage, round=next_round, json=json.dumps(extras)), state
+
+    # ------------------------------------------------------------ liveness
+
+    def stats(self) -> pb.PeerStats:
+        now = time.monotonic()
+        then, samples = self._last_samples
+        done = self.runtime.samples_done
+        if now - then >= 1.0:
+            rate = (done - samples) / (now - then)
+            if rate > 0:
+                self.throughput = rate if self.throughput == 0 else 0.7 * self.throughput + 0.3 * rate
+            self._last_samples = (now, done)
+        c = self.counters
+        return pb.PeerStats(
+            microbatches_done=self.runtime.microbatches_done, bytes_sent=dict(c.sent), bytes_received=dict(c.received),
+            uncompressed_bytes_sent=dict(c.uncompressed_sent), uncompressed_bytes_received=dict(c.uncompressed_received),
+            next_round=self.runtime.next_round, throughput=self.throughput, loads=self.runtime.loads,
+        )
+
+    async def _heartbeat(self) -> None:
+        reply = await self.client.call("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats()), timeout=10)
+        if not reply.known:
+            log.warning("the coordinator does not know this peer any more (it restarted?); joining again")
+            join = await self._join(self.stage)
+            self.peer_id = join.peer_id
+            if join.stage != self.stage:
+                raise RuntimeError(f"the coordinator moved this peer from stage {self.stage} to {join.stage}; restart the peer")
+            await self.client.call("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats()), timeout=10)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self._heartbeat()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("heartbeat failed: %s", exc.details() or exc.code().name)
+
+    async def _announce(self) -> None:
+        info = {"throughput": self.throughput, "next_round": self.runtime.next_round, "name": self.config.name}
+        await self.directory.announce(self.stage, self.dht_id, info)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ANNOUNCE_EVERY)
+            try:
+                await self._announce()
+            except Exception as exc:
+                log.warning("could not refresh the DHT record: %s", exc)
+
+    async def _leave(self) -> None:
+        """Withdraw from the DHT and tell the coordinator; bounded so Ctrl-C returns within seconds."""
+        for task in list(self.tasks):
+            task.cancel()
+        try:
+            await asyncio.wait_for(self.directory.withdraw(self.stage, self.dht_id), 2.0)
+        except Exception as exc:
+            log.debug("withdraw failed: %s", exc)
+        try:
+            await self.client.stub.Leave(pb.LeaveRequest(peer_id=self.peer_id), timeout=2.0)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("leave failed: %s", exc)
+        if self.metrics:
+            self.metrics.stop()
+        await self.client.close()
+        self.dht.shutdown()
+        self.runtime.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("left the run")
+
+    # ------------------------------------------------------------ rounds
+
+    async def _round_loop(self) -> None:
+        known_round, known_phase = 0, pb.ROUND_PHASE_UNSPECIFIED
+        while True:
+            try:
+                state = await self.client.call(
+                    "GetRoundState", pb.RoundStateRequest(peer_id=self.peer_id, known_round=known_round, known_phase=known_phase, wait_seconds=10), timeout=20, retries=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                await self._heartbeat()  # rejoins
+                continue
+            known_round, known_phase = state.round, state.phase
+            self.current_round = state.round
+            if state.phase == pb.STOPPED:
+                log.info("the coordinator ended the run (%s)", state.message or "stopped")
+                return
+            if state.reload_state:
+                log.warning("this replica's weights are stale; reloading them")
+                await self._load_weights()
+                await self._heartbeat()
+            r = state.round
+            if state.phase == pb.OPEN and self.stage == 0 and self.runtime.next_round == r and self._first("feed", r):
+                self._spawn(self._feed_round(r))
+            elif state.phase == pb.SYNC and state.in_sync_group and self.runtime.next_round == r and self._first("sync", r):
+                self._spawn(self._sync_and_step(r, list(state.sync_group), state.tokens_in_round))
+            elif state.phase == pb.PUBLISH and state.upload_checkpoint and self._first("upload", r):
+                self._spawn(self._upload(r))
+
+    def _first(self, kind: str, round: int) -> bool:
+        seen = self.rounds_seen[kind]
+        if round in seen:
+            return False
+        seen.add(round)
+        return True
+
+    async def _feed_round(self, round: int) -> None:
+        """Stage 0: pull microbatches for ``round`` and push them through the pipeline, a few at once."""
+
+        async def worker() -> None:
+            while self.runtime.accepts(round) and not self.stopping.is_set():
+                mb = await self.client.call("GetMicrobatch", pb.BatchRequest(peer_id=self.peer_id, round=round))
+                if not mb.available:
+                    return
+                await self._train_microbatch(mb)
+
+        await asyncio.gather(*(worker() for _ in range(self.train.max_inflight)))
+
+    async def _train_microbatch(self, mb: pb.Microbatch) -> None:
+        report = pb.ProgressReport(peer_id=self.peer_id, round=mb.round, microbatch_index=mb.index)
+        try:
+            batch = {
+                "input_ids": codec.from_message(mb.input_ids), "target_ids": codec.from_message(mb.target_ids),
+                "loss_mask": codec.from_message(mb.loss_mask), "prefix_lengths": codec.from_message(mb.prefix_lengths),
+            }
+            header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=mb.round, microbatch=mb.index, stage=0, sample_ids=mb.sample_ids)
+            loss_sum, tokens, _ = await self.pipeline.run_stage(header, batch["input_ids"], batch)
+            report.ok, report.loss_sum, report.tokens = True, loss_sum, tokens
+        except Exception as exc:
+            report.ok, report.error = False, f"{type(exc).__name__}: {str(exc)[:500]}"
+            log.warning("microbatch %d of round %d dropped: %s", mb.index, mb.round, report.error)
+        await self.client.call("ReportProgress", report)
+
+    async def _sync_and_step(self, round: int, group: list[str], tokens: int) -> None:
+        """Close the round locally, sum gradients with the replica group, step, report the checksum."""
+        runtime = self.runtime
+        runtime.closed_round = round
+        deadline = time.monotonic() + self.train.sync_timeout
+        while runtime.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        report = pb.StepReport(peer_id=self.peer_id, round=round, synced=True)
+        async with runtime.state_lock:
+            flat = (await runtime.run(runtime.flat_gradients)).cpu()
+            try:
+                summed = await self.sync.all_reduce_sum(flat, group, round, self.stage, self.train.sync_timeout)
+            except SyncError as exc:
+                report.synced, report.error = False, str(exc)
+                log.warning("round %d: gradient sync failed: %s", round, exc)
+            if report.synced and tokens > 0:
+                await runtime.run(runtime.apply_step, summed, tokens)
+            else:
+                await runtime.run(runtime.discard_gradients)
+            runtime.next_round = round + 1
+            report.checksum = await runtime.run(runtime.checksum)
+        await self.client.call("ReportStep", report)
+        if not self.config.quiet:
+            log.info("round %d stepped (group of %d, %d tokens) checksum %s", round, len(group), tokens, report.checksum[:12])
+
+    async def _upload(self, round: int) -> None:
+        async with self.runtime.state_lock:
+            weights = await self.runtime.run(lambda: {k: v.detach().cpu().clone() for k, v in self.runtime.weights().items()})
+        payload = save_safetensors(weights)
+        digest = sha256_bytes(payload)
+
+        async def chunks():
+            for offset in range(0, max(len(payload), 1), UPLOAD_CHUNK):
+                chunk = pb.CheckpointChunk(data=payload[offset : offset + UPLOAD_CHUNK])
+                if offset == 0:
+                    chunk.peer_id, chunk.round, chunk.stage, chunk.sha256, chunk.total_bytes = self.peer_id, round, self.stage, digest, len(payload)
+                yield chunk
+
+        reply = await self.client.upload_checkpoint(chunks(), len(payload))
+        if not reply.accepted:
+            log.warning("checkpoint upload for round %d refused: %s", round, reply.message)
+
+    def status_line(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "round": self.current_round, "stage": self.stage, "microbatches": self.runtime.microbatches_done,
+            "throughput": self.throughput, "sent": sum(c.sent.values()), "received": sum(c.received.values()),
+        }

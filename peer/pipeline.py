@@ -1,0 +1,203 @@
+"""The pipeline data plane: stage directory in the DHT, next-hop choice, forward/backward frames.
+
+Stage k sends a microbatch's activations straight to a peer of stage k+1 that it finds in
+the DHT (SWARM's stochastic wiring: weighted by measured throughput, failing peers banned
+with backoff) and gets the activation gradients back as the answer to the same call, so a
+microbatch goes backward along the route it went forward. Nothing passes the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import hivemind
+import torch
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from proto import codec
+from proto import hometrain_pb2 as pb
+
+from .stage_runtime import StageRuntime
+from .transport import FrameTransport, Tensors
+
+log = logging.getLogger(__name__)
+
+FORWARD_HANDLER = "hometrain.forward"
+RECORD_TTL = 30.0
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    return f"hometrain:{run_id}:stage:{stage}"
+
+
+def choose_next_hop(candidates: Mapping[str, float], banned: Mapping[str, float], now: float, rng: random.Random) -> str | None:
+    """Pick a peer id, weighted by throughput; unmeasured peers weigh as the median (so they get measured).
+
+    ``banned`` maps peer id -> time its ban ends. Returns None when no candidate is usable.
+    Candidates are visited in sorted order so the same rng state gives the same choice.
+    """
+    usable = sorted(p for p in candidates if banned.get(p, 0.0) <= now)
+    if not usable:
+        return None
+    measured = sorted(candidates[p] for p in usable if candidates[p] > 0)
+    default = measured[len(measured) // 2] if measured else 1.0
+    weights = [candidates[p] if candidates[p] > 0 else default for p in usable]
+    return rng.choices(usable, weights=weights, k=1)[0]
+
+
+class StageDirectory:
+    """Per-stage membership records in the hivemind DHT: key per stage, subkey per peer, with expiry."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str) -> None:
+        self.dht = dht
+        self.run_id = run_id
+        self._cache: dict[int, tuple[float, dict[str, dict[str, Any]]]] = {}
+
+    async def announce(self, stage: int, peer_id: str, info: dict[str, Any]) -> None:
+        await self.dht.store(stage_key(self.run_id, stage), info, get_dht_time() + RECORD_TTL, subkey=peer_id, return_future=True)
+
+    async def withdraw(self, stage: int, peer_id: str) -> None:
+        """Replace our record with a tombstone that routers skip (expiry cannot be shortened in a DHT)."""
+        await self.dht.store(stage_key(self.run_id, stage), {"leaving": True}, get_dht_time() + RECORD_TTL, subkey=peer_id, return_future=True)
+
+    async def replicas(self, stage: int, max_age: float = 1.0) -> dict[str, dict[str, Any]]:
+        """Live records of ``stage`` (peer id -> info), cached for ``max_age`` seconds."""
+        cached = self._cache.get(stage)
+        if cached and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        found = await self.dht.get(stage_key(self.run_id, stage), latest=True, return_future=True)
+        records: dict[str, dict[str, Any]] = {}
+        if found is not None and isinstance(found.value, dict):
+            for peer_id, item in found.value.items():
+                info = item.value
+                if isinstance(peer_id, str) and isinstance(info, dict) and not info.get("leaving"):
+                    records[peer_id] = info
+        self._cache[stage] = (time.monotonic(), records)
+        return records
+
+
+@dataclass
+class Router:
+    """Chooses the next-stage peer for each hop; bans failures with exponential backoff."""
+
+    directory: StageDirectory
+    rng: random.Random = field(default_factory=random.Random)
+    banned: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+
+    async def choose(self, stage: int, exclude: set[str]) -> str | None:
+        records = await self.directory.replicas(stage)
+        candidates = {p: float(info.get("throughput", 0.0)) for p, info in records.items() if p not in exclude}
+        return choose_next_hop(candidates, self.banned, time.monotonic(), self.rng)
+
+    def ban(self, peer_id: str) -> float:
+        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
+        seconds = min(60.0, 2.0 ** (self.strikes[peer_id] - 1))
+        self.banned[peer_id] = time.monotonic() + seconds
+        return seconds
+
+    def succeeded(self, peer_id: str) -> None:
+        self.strikes.pop(peer_id, None)
+
+
+class NoRouteError(RuntimeError):
+    """No peer of the next stage could take the microbatch."""
+
+
+class Pipeline:
+    """Runs microbatches through this peer's stage and on to the next ones."""
+
+    def __init__(self, runtime: StageRuntime, transport: FrameTransport, router: Router, run_id: str, stage: int, hop_timeout: float) -> None:
+        self.runtime = runtime
+        self.transport = transport
+        self.router = router
+        self.run_id = run_id
+        self.stage = stage
+        self.hop_timeout = hop_timeout
+        self.max_attempts = 3
+
+    async def start(self) -> None:
+        if self.stage > 0:
+            await self.transport.serve(FORWARD_HANDLER, self._handle_forward, receive_kind="activations", send_kind="gradients")
+
+    async def send_forward(self, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor]) -> tuple[pb.FrameHeader, Tensors]:
+        """Send activations to a peer of the next stage; reroute to another replica on failure."""
+        tried: set[str] = set()
+        errors = []
+        deadline = time.monotonic() + self.hop_timeout
+        while len(tried) < self.max_attempts and time.monotonic() < deadline:
+            target = await self.router.choose(header.stage, exclude=tried)
+            if target is None:
+                if tried:
+                    break
+                await asyncio.sleep(0.5)  # nobody announced yet (startup, or the stage is being refilled)
+                continue
+            tried.add(target)
+            try:
+                reply_header, reply = await self.transport.call(
+                    PeerID.from_base58(target), FORWARD_HANDLER, header, tensors, "activations", "gradients",
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
+                self.router.succeeded(target)
+                return reply_header, reply
+            except Exception as exc:
+                seconds = self.router.ban(target)
+                errors.append(f"{target[-8:]}: {type(exc).__name__}: {str(exc)[:200]}")
+                log.warning("hop to stage %d peer %s failed (%s); banned %.0fs, rerouting", header.stage, target[-8:], errors[-1], seconds)
+        raise NoRouteError(f"no stage-{header.stage} peer took microbatch {header.microbatch} of round {header.round}: {'; '.join(errors) or 'none announced'}")
+
+    def _check_inputs(self, header: pb.FrameHeader, tensors: Tensors) -> None:
+        if header.kind != pb.FORWARD or header.run_id != self.run_id or header.stage != self.stage:
+            raise codec.FrameError(
+                f"expected a FORWARD frame of run {self.run_id} for stage {self.stage}, "
+                f"received {pb.FrameKind.Name(header.kind)} of run {header.run_id!r} for stage {header.stage}"
+            )
+        hidden = tensors.get("hidden")
+        if hidden is None or hidden.dim() != 3 or not hidden.is_floating_point():
+            raise codec.FrameError("FORWARD frame needs a float tensor 'hidden' of shape [batch, seq, d_model]")
+        batch, seq_len, width = hidden.shape
+        config = self.runtime.model.config
+        if width != config.n_embd or seq_len > config.n_positions or batch > 4096:
+            raise codec.FrameError(f"'hidden' has shape {list(hidden.shape)}; this stage takes [batch, <= {config.n_positions}, {config.n_embd}]")
+        codec.require_shape("target_ids", tensors.get("target_ids", torch.empty(0)), (batch, seq_len), torch.int64)
+        codec.require_shape("loss_mask", tensors.get("loss_mask", torch.empty(0)), (batch, seq_len), torch.float32)
+        codec.require_shape("prefix_lengths", tensors.get("prefix_lengths", torch.empty(0)), (batch,), torch.int64)
+        if int(tensors["target_ids"].min()) < 0 or int(tensors["target_ids"].max()) >= config.vocab_size:
+            raise codec.FrameError(f"target ids outside the vocabulary [0, {config.vocab_size})")
+        codec.require_finite(tensors)
+        self.runtime.require_round(header.round)
+
+    async def _handle_forward(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
+        self._check_inputs(header, tensors)
+        loss_sum, tokens, grad = await self.run_stage(header, tensors["hidden"], tensors)
+        reply = pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
+                               stage=self.stage - 1, loss_sum=loss_sum, tokens=tokens)
+        return reply, {"grad": grad}
+
+    async def run_stage(self, header: pb.FrameHeader, inputs: torch.Tensor, batch: Tensors) -> tuple[float, int, torch.Tensor | None]:
+        """Forward through this stage, on through the rest of the pipeline, and backward; returns (loss_sum, tokens, input grad)."""
+        runtime = self.runtime
+        runtime.in_flight += 1
+        try:
+            ctx = await runtime.run(runtime.forward, header.round, inputs, batch["prefix_lengths"])
+            if runtime.model.is_last:
+                return await runtime.run(runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
+            next_header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
+                                         stage=self.stage + 1, sample_ids=header.sample_ids)
+            outgoing = {"hidden": ctx.outputs.detach(), "target_ids": batch["target_ids"], "loss_mask": batch["loss_mask"],
+                        "prefix_lengths": batch["prefix_lengths"]}
+            reply_header, reply = await self.send_forward(next_header, outgoing)
+            grad = reply.get("grad")
+            if grad is None or tuple(grad.shape) != tuple(ctx.outputs.shape):
+                raise codec.FrameError(f"stage {self.stage + 1} returned a gradient of shape {None if grad is None else list(grad.shape)}, expected {list(ctx.outputs.shape)}")
+            codec.require_finite(reply)
+            input_grad = await runtime.run(runtime.backward, ctx, grad)
+            return reply_header.loss_sum, reply_header.tokens, input_grad
+        finally:
+            runtime.in_flight -= 1

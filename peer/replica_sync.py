@@ -1,0 +1,108 @@
+"""Replica gradient sync: a reduce-scatter + all-gather sum among one stage's replicas.
+
+The flat gradient is cut into one part per member (members sorted by DHT id, the order the
+coordinator gives). Member i receives part i from everyone, sums the parts in member order,
+and sends the sum back to everyone. Every replica therefore ends with bit-identical sums,
+so identical optimizer steps keep identical weights. Each member sends and receives
+(k - 1) / k of the gradient twice, as in a ring or butterfly all-reduce.
+
+Messages that arrive before their receiver asks for them wait in a mailbox keyed by
+(round, stage, phase, part, sender); the sender is the authenticated libp2p id, not a field
+the sender could forge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+import torch
+from hivemind.p2p import PeerID
+
+from proto import codec
+from proto import hometrain_pb2 as pb
+
+from .transport import FrameTransport, Tensors
+
+log = logging.getLogger(__name__)
+
+SYNC_HANDLER = "hometrain.sync"
+Key = tuple[int, int, int, int, str]  # round, stage, frame kind, part, sender
+
+
+class SyncError(RuntimeError):
+    """The group could not finish averaging (a member vanished or timed out)."""
+
+
+class ReplicaSync:
+    """Serves incoming sync parts and runs the sum for this peer's group."""
+
+    def __init__(self, transport: FrameTransport, run_id: str, my_id: str) -> None:
+        self.transport = transport
+        self.run_id = run_id
+        self.my_id = my_id
+        self._mailbox: dict[Key, asyncio.Future] = defaultdict(lambda: asyncio.get_running_loop().create_future())
+
+    async def start(self) -> None:
+        await self.transport.serve(SYNC_HANDLER, self._receive, receive_kind="sync", send_kind="control")
+
+    async def _receive(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
+        if header.run_id != self.run_id:
+            raise codec.FrameError(f"sync frame of run {header.run_id!r}, this peer trains run {self.run_id!r}")
+        part = tensors.get("part")
+        if part is None or part.dtype != torch.float32 or part.dim() != 1:
+            raise codec.FrameError("sync frame must carry one 1-D float32 tensor named 'part'")
+        codec.require_finite(tensors)
+        key = (header.round, header.stage, header.kind, header.part, sender.to_base58())
+        future = self._mailbox[key]
+        if not future.done():
+            future.set_result(part)
+        return pb.FrameHeader(kind=pb.ACK, run_id=self.run_id, round=header.round), {}
+
+    async def _take(self, key: Key, numel: int, timeout: float) -> torch.Tensor:
+        try:
+            part = await asyncio.wait_for(asyncio.shield(self._mailbox[key]), timeout)
+        except asyncio.TimeoutError:
+            raise SyncError(f"no {pb.FrameKind.Name(key[2])} part {key[3]} from {key[4]} within {timeout:.0f}s") from None
+        finally:
+            self._mailbox.pop(key, None)
+        if part.numel() != numel:
+            raise SyncError(f"part {key[3]} from {key[4]} has {part.numel()} values, expected {numel}")
+        return part
+
+    async def _send(self, to: str, kind: int, round: int, stage: int, index: int, part: torch.Tensor, timeout: float) -> None:
+        header = pb.FrameHeader(kind=kind, run_id=self.run_id, round=round, stage=stage, part=index)
+        await self.transport.call(PeerID.from_base58(to), SYNC_HANDLER, header, {"part": part.contiguous()}, "sync", "control", timeout)
+
+    async def all_reduce_sum(self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float) -> torch.Tensor:
+        """Sum ``flat`` (1-D fp32, CPU) over ``group``; every member gets the same result."""
+        if self.my_id not in group:
+            raise SyncError(f"this peer ({self.my_id}) is not in the sync group {group}")
+        if len(group) == 1:
+            return flat
+        parts = list(torch.tensor_split(flat, len(group)))
+        me = group.index(self.my_id)
+        others = [m for m in group if m != self.my_id]
+        try:
+            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, stage, group.index(m), parts[group.index(m)], timeout) for m in others))
+            received = {self.my_id: parts[me]}
+            for m in others:
+                received[m] = await self._take((round, stage, pb.SYNC_REDUCE, me, m), parts[me].numel(), timeout)
+            reduced = torch.zeros_like(parts[me])
+            for m in group:  # fixed order: the owner's sum is the only sum, so all replicas agree bit for bit
+                reduced += received[m]
+            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, stage, me, reduced, timeout) for m in others))
+            gathered = [reduced if m == self.my_id else await self._take((round, stage, pb.SYNC_GATHER, i, m), parts[i].numel(), timeout)
+                        for i, m in enumerate(group)]
+        except SyncError:
+            raise
+        except Exception as exc:  # a member unreachable: the caller decides what to do with the round
+            raise SyncError(f"sync with {others} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._forget_before(round)
+        return torch.cat(gathered)
+
+    def _forget_before(self, round: int) -> None:
+        for key in [k for k in self._mailbox if k[0] < round]:
+            self._mailbox.pop(key).cancel()

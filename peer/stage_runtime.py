@@ -1,0 +1,184 @@
+"""A stage's training state on this peer: weights, optimizer, accumulated gradients, round.
+
+Forward and backward of microbatches accumulate summed-loss gradients for the round in
+progress; at SYNC the replica group sums them, every replica divides by the round's token
+count and steps AdamW. This is exactly one optimizer step of the global batch, as a
+single-process loop would take it. All torch work runs on one compute thread, so gradient
+accumulation and the step never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+from transformers import GPTJConfig
+
+from proto.codec import FrameError
+from proto.run_config import TrainConfig
+
+from .stage_model import StageModel, parameter_checksum, summed_token_loss
+
+T = TypeVar("T")
+OPTIM_PREFIX = "optim."
+
+
+@dataclass
+class ForwardContext:
+    """What a stage keeps of a microbatch between its forward and its backward."""
+
+    round: int
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+class StaleRoundError(FrameError):
+    """A frame for a round this stage is not accumulating (closed, or weights not ready)."""
+
+
+class StageRuntime:
+    """Owns one stage's model and optimizer; every method that touches tensors runs on the compute thread."""
+
+    def __init__(self, model_config: GPTJConfig, train: TrainConfig, layer_start: int, layer_end: int, device: torch.device) -> None:
+        self.train = train
+        self.device = device
+        self.dtype = getattr(torch, train.compute_dtype)
+        with torch.device(device):
+            self.model = StageModel(model_config, layer_start, layer_end)
+        self.model.to(self.dtype)
+        self.model.train()
+        self.optimizer = self._make_optimizer()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.next_round = 0            # round the weights are ready to accumulate; 0 until loaded
+        self.closed_round = 0          # frames of rounds <= this are refused (SYNC began)
+        self.loads = 0
+        self.in_flight = 0             # microbatches between forward and backward on this stage
+        self.microbatches_done = 0
+        self.samples_done = 0
+        self.compute_seconds = 0.0
+        self.state_lock = asyncio.Lock()  # held while stepping and while serving the state to a joiner
+        self._guard = threading.Lock()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.train
+        return torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ------------------------------------------------------------ microbatches
+
+    def accepts(self, round: int) -> bool:
+        return self.next_round > 0 and round == self.next_round and round > self.closed_round
+
+    def require_round(self, round: int) -> None:
+        if not self.accepts(round):
+            raise StaleRoundError(
+                f"stage is accumulating round {self.next_round if self.next_round > self.closed_round else 'none'}, received a frame of round {round}"
+            )
+
+    def forward(self, round: int, inputs: torch.Tensor, prefix_lengths: torch.Tensor) -> ForwardContext:
+        """Forward with autograd; the input is a leaf so its gradient can be sent back."""
+        self.require_round(round)
+        inputs = inputs.to(self.device)
+        if inputs.is_floating_point():
+            inputs = inputs.to(self.dtype).requires_grad_(True)
+        outputs = self.model(inputs, prefix_lengths.to(self.device))
+        return ForwardContext(round, inputs, outputs)
+
+    def backward(self, ctx: ForwardContext, output_grad: torch.Tensor) -> torch.Tensor | None:
+        """Accumulate parameter gradients; return the gradient of the stage input (None at stage 0)."""
+        self.require_round(ctx.round)
+        ctx.outputs.backward(output_grad.to(device=self.device, dtype=ctx.outputs.dtype))
+        self._count(ctx)
+        return ctx.inputs.grad if ctx.inputs.is_floating_point() else None
+
+    def loss_backward(self, ctx: ForwardContext, targets: torch.Tensor, loss_mask: torch.Tensor) -> tuple[float, int, torch.Tensor | None]:
+        """Last stage: summed token loss of the logits, its backward; returns (loss_sum, tokens, input grad)."""
+        self.require_round(ctx.round)
+        loss = summed_token_loss(ctx.outputs, targets.to(self.device), loss_mask.to(self.device))
+        loss.backward()
+        self._count(ctx)
+        grad = ctx.inputs.grad if ctx.inputs.is_floating_point() else None
+        return float(loss.item()), int(loss_mask.sum().item()), grad
+
+    def _count(self, ctx: ForwardContext) -> None:
+        self.microbatches_done += 1
+        self.samples_done += ctx.inputs.shape[0]
+
+    # ------------------------------------------------------------ step
+
+    def flat_gradients(self) -> torch.Tensor:
+        """All parameter gradients as one fp32 vector (zeros where no microbatch touched a parameter)."""
+        grads = [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1) for p in self.model.parameters()
+        ]
+        return torch.cat(grads)
+
+    def apply_step(self, summed: torch.Tensor, tokens: int) -> None:
+        """Set gradients to ``summed / tokens`` and take one AdamW step; clear gradients."""
+        offset = 0
+        for p in self.model.parameters():
+            n = p.numel()
+            p.grad = (summed[offset : offset + n] / tokens).view_as(p).to(device=p.device, dtype=p.dtype)
+            offset += n
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def checksum(self) -> str:
+        return parameter_checksum(self.model)
+
+    # ------------------------------------------------------------ state transfer
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Weights (HF names) and AdamW state as tensors, plus the scalars as JSON-able extras."""
+        tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        steps = {}
+        for p, state in self.optimizer.state.items():
+            name = names[id(p)]
+            tensors[f"{OPTIM_PREFIX}{name}.exp_avg"] = state["exp_avg"].detach().to("cpu", copy=True)
+            tensors[f"{OPTIM_PREFIX}{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu", copy=True)
+            steps[name] = float(state["step"])
+        return tensors, {"steps": steps, "next_round": self.next_round}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def import_state(self, tensors: dict[str, torch.Tensor], extras: dict[str, Any] | None, next_round: int) -> None:
+        """Load weights (and optimizer state if present), checking names, shapes and finiteness first."""
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(params) - set(tensors))
+        unexpected = sorted(k for k in tensors if k not in params and not k.startswith(OPTIM_PREFIX))
+        if missing or unexpected:
+            raise FrameError(f"stage state does not match layers [{self.model.layer_start}, {self.model.layer_end}): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, tensor in tensors.items():
+            base = name[len(OPTIM_PREFIX):].rsplit(".", 1)[0] if name.startswith(OPTIM_PREFIX) else name
+            if base not in params or tuple(tensor.shape) != tuple(params[base].shape):
+                raise FrameError(f"tensor {name} has shape {list(tensor.shape)}, the stage expects {list(params[base].shape) if base in params else 'nothing of that name'}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise FrameError(f"tensor {name} holds NaN or Inf; refusing the state")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+        self.optimizer = self._make_optimizer()
+        steps = (extras or {}).get("steps", {})
+        for name, p in params.items():
+            if name in steps and f"{OPTIM_PREFIX}{name}.exp_avg" in tensors:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(steps[name])),
+                    "exp_avg": tensors[f"{OPTIM_PREFIX}{name}.exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
+                    "exp_avg_sq": tensors[f"{OPTIM_PREFIX}{name}.exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
+                }
+        self.optimizer.zero_grad(set_to_none=True)
+        self.next_round = next_round
+        self.closed_round = next_round - 1
+        self.loads += 1

@@ -1,0 +1,84 @@
+"""The checkpoint manifest: what a published checkpoint holds, hashed and signed.
+
+The coordinator signs ``manifest.json`` with its Ed25519 key; peers (and anyone handed a
+checkpoint) verify the signature with the public key and every file against its sha256.
+Shared by both processes because a checkpoint crosses from one to the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+MANIFEST = "manifest.json"
+INDEX = "model.safetensors.index.json"
+
+
+class ManifestError(ValueError):
+    """A checkpoint that must not be trusted: bad signature, missing file or wrong hash."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_manifest(body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """``body`` plus ``signature``: Ed25519 over the canonical JSON of everything else."""
+    unsigned = {k: v for k, v in body.items() if k != "signature"}
+    return {**unsigned, "signature": key.sign(_canonical(unsigned)).hex()}
+
+
+def verify_manifest(manifest: dict[str, Any], public_key_hex: str) -> None:
+    """Raise ManifestError unless ``manifest`` carries a valid signature by ``public_key_hex``."""
+    signature = manifest.get("signature")
+    if not isinstance(signature, str):
+        raise ManifestError("manifest has no signature")
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(bytes.fromhex(signature), _canonical(unsigned))
+    except (InvalidSignature, ValueError) as exc:
+        raise ManifestError(f"manifest signature does not verify with key {public_key_hex[:16]}...: {exc or 'invalid'}") from None
+
+
+def verify_file(name: str, data: bytes, manifest: dict[str, Any]) -> None:
+    """Raise ManifestError unless ``data`` is the file ``name`` the manifest lists."""
+    expected = manifest.get("files", {}).get(name)
+    if expected is None:
+        raise ManifestError(f"{name} is not listed in the manifest")
+    actual = sha256_bytes(data)
+    if actual != expected:
+        raise ManifestError(f"{name}: sha256 {actual[:16]}... does not match the manifest's {expected[:16]}...")
+
+
+def verify_directory(directory: Path, public_key_hex: str | None = None) -> dict[str, Any]:
+    """Check every file of a checkpoint directory (and the signature if a key is given); return the manifest."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{directory} has no {MANIFEST}: not a complete checkpoint")
+    manifest = json.loads(path.read_text())
+    if public_key_hex:
+        verify_manifest(manifest, public_key_hex)
+    for name, expected in manifest.get("files", {}).items():
+        file = directory / name
+        if not file.is_file():
+            raise ManifestError(f"{directory}: {name} is listed in the manifest but missing")
+        if sha256_file(file) != expected:
+            raise ManifestError(f"{directory}: {name} does not match its sha256 in the manifest")
+    return manifest
