@@ -167,6 +167,9 @@ class CoordinatorApp:
                 await asyncio.wait_for(self.stop_requested.wait(), 0.25)
             except asyncio.TimeoutError:
                 pass
+        if self.config.linger and not self.stop_requested.is_set():
+            log.info("all %d rounds done; still serving the status page and checkpoints (--linger) until Ctrl-C", self.config.rounds)
+            await self.stop_requested.wait()
         await self.engine.stop()
         # Let long-polling peers see STOPPED so they leave by themselves.
         deadline = time.monotonic() + 3 * self.config.heartbeat_interval
@@ -236,6 +239,7 @@ class CoordinatorApp:
             "checkpoints": checkpoints,
             "wire": self._wire_totals(),
             "progress": self.engine.progress(),
+            "dht_maddrs": list(self.join_template.initial_peers),
             "train": json.loads(self.config.train_config().to_json()),
             "now": time.time(),
         }

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from proto.run_config import ConfigError, CoordinatorConfig, add_arguments, load
+
+# gRPC's C core logs an INFO line each time hivemind forks its DHT process; keep the console readable.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def _serve(config: CoordinatorConfig) -> int:

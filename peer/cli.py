@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -15,6 +16,10 @@ from proto.run_config import ConfigError, PeerConfig, add_arguments, load
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"time": record.created, "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
+
+
+# gRPC's C core logs an INFO line each time hivemind forks its DHT process; keep the console readable.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def _setup_logging(config: PeerConfig) -> None:

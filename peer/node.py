@@ -262,6 +262,9 @@ class PeerNode:
             self.current_round = state.round
             if state.phase == pb.STOPPED:
                 log.info("the coordinator ended the run (%s)", state.message or "stopped")
+                if self.config.serve_after_run:
+                    log.info("serving forward-only requests until Ctrl-C (--serve-after-run)")
+                    await self.stopping.wait()
                 return
             if state.reload_state:
                 log.warning("this replica's weights are stale; reloading them")

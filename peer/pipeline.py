@@ -29,6 +29,7 @@ from .transport import FrameTransport, Tensors
 log = logging.getLogger(__name__)
 
 FORWARD_HANDLER = "hometrain.forward"
+INFER_HANDLER = "hometrain.infer"
 RECORD_TTL = 30.0
 
 
@@ -125,9 +126,12 @@ class Pipeline:
     async def start(self) -> None:
         if self.stage > 0:
             await self.transport.serve(FORWARD_HANDLER, self._handle_forward, receive_kind="activations", send_kind="gradients")
+        await self.transport.serve(INFER_HANDLER, self._handle_infer, receive_kind="activations", send_kind="activations")
 
-    async def send_forward(self, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor]) -> tuple[pb.FrameHeader, Tensors]:
-        """Send activations to a peer of the next stage; reroute to another replica on failure."""
+    async def send_forward(
+        self, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor], handler: str = FORWARD_HANDLER, receive_kind: str = "gradients"
+    ) -> tuple[pb.FrameHeader, Tensors]:
+        """Send a frame to a peer of stage ``header.stage``; reroute to another replica on failure."""
         tried: set[str] = set()
         errors = []
         deadline = time.monotonic() + self.hop_timeout
@@ -141,7 +145,7 @@ class Pipeline:
             tried.add(target)
             try:
                 reply_header, reply = await self.transport.call(
-                    PeerID.from_base58(target), FORWARD_HANDLER, header, tensors, "activations", "gradients",
+                    PeerID.from_base58(target), handler, header, tensors, "activations", receive_kind,
                     timeout=max(1.0, deadline - time.monotonic()),
                 )
                 self.router.succeeded(target)
@@ -172,6 +176,27 @@ class Pipeline:
             raise codec.FrameError(f"target ids outside the vocabulary [0, {config.vocab_size})")
         codec.require_finite(tensors)
         self.runtime.require_round(header.round)
+
+    async def _handle_infer(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
+        """Forward-only pass for evaluation: this stage, then the rest of the pipeline; logits come back."""
+        if header.kind != pb.INFER or header.run_id != self.run_id or header.stage != self.stage:
+            raise codec.FrameError(f"expected an INFER frame of run {self.run_id} for stage {self.stage}, received {pb.FrameKind.Name(header.kind)} for stage {header.stage}")
+        config = self.runtime.model.config
+        inputs = tensors.get("input_ids" if self.stage == 0 else "hidden")
+        prefix = tensors.get("prefix_lengths")
+        if inputs is None or prefix is None or inputs.dim() != (2 if self.stage == 0 else 3) or inputs.shape[1] > config.n_positions:
+            raise codec.FrameError(f"INFER frame for stage {self.stage} needs {'input_ids [batch, seq]' if self.stage == 0 else 'hidden [batch, seq, d_model]'} and prefix_lengths [batch]")
+        codec.require_shape("prefix_lengths", prefix, (inputs.shape[0],), torch.int64)
+        if self.stage == 0 and (inputs.dtype != torch.int64 or int(inputs.min()) < 0 or int(inputs.max()) >= config.vocab_size):
+            raise codec.FrameError(f"input_ids must be int64 token ids in [0, {config.vocab_size})")
+        if self.stage > 0 and (tuple(inputs.shape[2:]) != (config.n_embd,) or not inputs.is_floating_point()):
+            raise codec.FrameError(f"hidden must be float [batch, seq, {config.n_embd}], received {list(inputs.shape)} {inputs.dtype}")
+        codec.require_finite(tensors)
+        outputs = await self.runtime.run(self.runtime.infer, inputs, prefix)
+        if self.runtime.model.is_last:
+            return pb.FrameHeader(kind=pb.LOGITS, run_id=self.run_id, stage=self.stage), {"logits": outputs}
+        onward = pb.FrameHeader(kind=pb.INFER, run_id=self.run_id, stage=self.stage + 1)
+        return await self.send_forward(onward, {"hidden": outputs, "prefix_lengths": prefix}, handler=INFER_HANDLER, receive_kind="activations")
 
     async def _handle_forward(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
         self._check_inputs(header, tensors)

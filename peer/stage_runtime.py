@@ -91,6 +91,14 @@ class StageRuntime:
         outputs = self.model(inputs, prefix_lengths.to(self.device))
         return ForwardContext(round, inputs, outputs)
 
+    @torch.no_grad()
+    def infer(self, inputs: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
+        """Forward without autograd (evaluation); reads the weights of the last completed step."""
+        inputs = inputs.to(self.device)
+        if inputs.is_floating_point():
+            inputs = inputs.to(self.dtype)
+        return self.model(inputs, prefix_lengths.to(self.device))
+
     def backward(self, ctx: ForwardContext, output_grad: torch.Tensor) -> torch.Tensor | None:
         """Accumulate parameter gradients; return the gradient of the stage input (None at stage 0)."""
         self.require_round(ctx.round)

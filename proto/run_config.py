@@ -94,6 +94,7 @@ class CoordinatorConfig(TrainConfig):
     heartbeat_timeout: float = opt(10.0, "Seconds without a heartbeat after which a peer is marked gone.")
     vocab_size: int = opt(1024, "Size of the byte-level BPE trained on the built-in corpus (tiny preset).")
     min_replicas: int = opt(1, "Online replicas every stage needs before rounds open.")
+    linger: bool = opt(False, "After --rounds, keep serving the status page and checkpoints until Ctrl-C.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +128,7 @@ class PeerConfig:
     stage: int = opt(-1, "Ask for this pipeline stage (-1: let the coordinator choose).")
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
     threads: int = opt(0, "CPU threads for torch (0: torch's default).")
+    serve_after_run: bool = opt(False, "When the run ends, keep serving forward-only (inference) requests until Ctrl-C.")
     quiet: bool = opt(False, "Log warnings and errors only.")
     log_format: str = opt("text", "Log format: text or json.")
 

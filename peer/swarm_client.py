@@ -1,0 +1,51 @@
+"""Ask a running swarm for logits: a forward-only trip through its pipeline, from outside it.
+
+Used to evaluate the live model (and by tests to compare the swarm with a published
+checkpoint). The client joins the DHT in client mode, picks a stage-0 peer from the stage
+directory and sends an INFER frame; the logits come back along the route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import hivemind
+import torch
+from hivemind.p2p import PeerID
+
+from proto import hometrain_pb2 as pb
+
+from .pipeline import INFER_HANDLER, StageDirectory
+from .transport import FrameTransport, WireCounters
+
+
+async def _infer(dht: hivemind.DHT, run_id: str, input_ids: torch.Tensor, prefix_lengths: torch.Tensor, timeout: float) -> torch.Tensor:
+    p2p = await dht.replicate_p2p()
+    transport = FrameTransport(p2p, WireCounters())
+    directory = StageDirectory(dht, run_id)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        entry = sorted((await directory.replicas(0, max_age=0)).keys())
+        if entry:
+            break
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"no stage-0 peer of run {run_id} is announced in the DHT")
+        await asyncio.sleep(0.5)
+    header = pb.FrameHeader(kind=pb.INFER, run_id=run_id, stage=0)
+    tensors = {"input_ids": input_ids.to(torch.int64), "prefix_lengths": prefix_lengths.to(torch.int64)}
+    reply_header, reply = await transport.call(PeerID.from_base58(random.choice(entry)), INFER_HANDLER, header, tensors, "activations", "activations", timeout)
+    if reply_header.kind != pb.LOGITS or "logits" not in reply:
+        raise RuntimeError(f"the swarm answered {pb.FrameKind.Name(reply_header.kind)} without logits")
+    return reply["logits"]
+
+
+def swarm_logits(initial_peers: list[str], run_id: str, input_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None, timeout: float = 60.0) -> torch.Tensor:
+    """Logits of the swarm's current weights for ``input_ids`` [B, L] (causal unless prefix lengths are given)."""
+    if prefix_lengths is None:
+        prefix_lengths = torch.zeros(input_ids.shape[0], dtype=torch.int64)
+    dht = hivemind.DHT(initial_peers=initial_peers, start=True, client_mode=True, await_ready=True)
+    try:
+        return asyncio.run(_infer(dht, run_id, input_ids, prefix_lengths, timeout))
+    finally:
+        dht.shutdown()

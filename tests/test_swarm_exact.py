@@ -1,0 +1,116 @@
+"""2 stages x 1 replica on loopback: the swarm trains exactly like one process, and its checkpoint is the model."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+import torch
+from transformers import AutoTokenizer, GPTJForCausalLM
+
+from coordinator.corpus import builtin_documents
+from coordinator.data import CausalWindows
+from peer.swarm_client import swarm_logits
+from proto import PROTOCOL_VERSION
+from proto import hometrain_pb2 as pb
+from proto import hometrain_pb2_grpc as pb_grpc
+from proto.manifest import verify_directory
+from proto.run_config import TrainConfig
+
+from .swarm import Swarm
+
+pytestmark = pytest.mark.swarm
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("exact")
+    s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token", "secret")
+    s.add_peer("--stage", "0", "--join-token", "secret", "--serve-after-run")
+    s.add_peer("--stage", "1", "--join-token", "secret", "--serve-after-run")
+    try:
+        s.wait_for(lambda: any(c["round"] == ROUNDS for c in s.status()["checkpoints"]), 300, f"the checkpoint of round {ROUNDS}")
+        yield s
+    finally:
+        s.stop()
+
+
+def reference_losses(state_dir, rounds: int) -> list[float]:
+    """Plain single-process training on the same batches, seed and optimizer."""
+    status_train = TrainConfig()  # the swarm ran with the defaults
+    model = GPTJForCausalLM.from_pretrained(str(state_dir / "checkpoints" / "round-000000"), attn_implementation="eager")
+    model.train()
+    tokenizer = AutoTokenizer.from_pretrained(str(state_dir / "tokenizer"))
+    documents = builtin_documents()
+    data = CausalWindows(tokenizer(documents)["input_ids"], tokenizer.eos_token_id, status_train.seq_len, status_train.seed)
+    t = status_train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+    losses = []
+    for r in range(1, rounds + 1):
+        loss_sum, tokens = 0.0, 0
+        for i in range(t.microbatches_per_round):
+            mb = data.microbatch(r, i, t.micro_batch_size, t.global_batch_size)
+            logits = model(mb.input_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.target_ids.flatten(), reduction="sum")
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += mb.loss_tokens
+        for p in model.parameters():
+            p.grad /= tokens
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss_sum / tokens)
+    return losses
+
+
+def test_swarm_losses_match_single_process_reference(swarm):
+    rounds = swarm.rounds()
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(r["dropped"] == 0 for r in rounds)
+    expected = reference_losses(swarm.state_dir, ROUNDS)
+    for record, want in zip(rounds, expected):
+        assert record["loss"] == pytest.approx(want, rel=1e-4), f"round {record['round']}"
+    assert expected[-1] < expected[0]
+
+
+def test_checkpoint_loads_with_transformers_and_equals_swarm_output(swarm):
+    status = swarm.status()
+    checkpoint = next(c for c in status["checkpoints"] if c["round"] == ROUNDS)
+    directory = swarm.state_dir / "checkpoints" / "round-000010"
+    manifest = verify_directory(directory)
+    assert manifest["round"] == ROUNDS and manifest["tokens"] == sum(r["tokens"] for r in swarm.rounds())
+    assert checkpoint["url"].endswith("/checkpoints/round-000010/")
+    model = GPTJForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    batch = tokenizer(["The quick brown fox jumps over the lazy dog.", "Return the sum of a list of numbers, or zero."],
+                      return_tensors="pt", padding="max_length", max_length=24, truncation=True)["input_ids"]
+    with torch.no_grad():
+        expected = model(batch).logits
+    actual = swarm_logits(status["dht_maddrs"], status["run"], batch)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_join_refuses_wrong_protocol_and_missing_token(swarm):
+    with grpc.insecure_channel(f"127.0.0.1:{swarm.port}") as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as old:
+            stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION + 1, join_token="secret"), timeout=10)
+        assert old.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "install hometrain==" in old.value.details()
+        with pytest.raises(grpc.RpcError) as no_token:
+            stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION), timeout=10)
+        assert no_token.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "--join-token" in no_token.value.details()
+
+
+def test_status_api_shape(swarm):
+    status = swarm.status()
+    assert status["round"] == ROUNDS and status["loss"] is not None and status["tokens"] > 0
+    assert {"id", "stage", "device", "state", "last_seen"} <= set(status["peers"][0])
+    assert [s["index"] for s in status["stages"]] == [0, 1]
+    assert status["stages"][0]["layers"] == [0, 2] and status["stages"][1]["layers"] == [2, 4]
+    assert all({"round", "path", "url"} <= set(c) for c in status["checkpoints"])
+    assert json.loads(json.dumps(status)) == status
