@@ -75,6 +75,7 @@ class RoundEngine:
         self.round = store.last_round() + 1
         self.current: OpenRound | None = None
         self.changed = asyncio.Condition()
+        self._tick_lock = asyncio.Lock()  # one transition at a time: publishing awaits, other ticks must wait
         self.waiting_reason = "starting"
         self.on_round_recorded: list[Callable[[RoundRecord], None]] = []
         self.on_sample_dropped: list[Callable[[int], None]] = []
@@ -88,6 +89,10 @@ class RoundEngine:
 
     async def tick(self) -> None:
         """Advance the state machine; called a few times a second and after every report."""
+        async with self._tick_lock:
+            await self._tick()
+
+    async def _tick(self) -> None:
         now = time.time()
         for gone in self.membership.expire(now):
             log.warning("peer %s (stage %d) missed its heartbeats for %.0fs: marked gone", gone.peer_id, gone.stage, self.config.heartbeat_timeout)

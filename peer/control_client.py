@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
@@ -32,17 +33,18 @@ class ControlClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def call(self, method: str, request, timeout: float = 30.0, retries: int = 5):
-        """Call ``method``; on UNAVAILABLE retry with exponential backoff (1, 2, 4 ... s)."""
+    async def call(self, method: str, request, timeout: float = 30.0, retry_for: float = 60.0):
+        """Call ``method``; while the coordinator is unreachable, retry with backoff (1, 2, 4 ... 30 s) for ``retry_for`` seconds."""
         delay = 1.0
-        for attempt in range(retries + 1):
+        give_up = time.monotonic() + retry_for
+        while True:
             try:
                 reply = await getattr(self.stub, method)(request, timeout=timeout)
                 self.counters.count_sent("control", request.ByteSize(), request.ByteSize())
                 self.counters.count_received("control", reply.ByteSize(), reply.ByteSize())
                 return reply
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == retries:
+                if exc.code() not in RETRYABLE or time.monotonic() + delay > give_up:
                     raise
                 log.warning("coordinator %s unreachable (%s); retrying in %.0fs", self.address, exc.code().name, delay)
                 await asyncio.sleep(delay)

@@ -63,7 +63,7 @@ class PeerNode:
             device=self.device.description, free_memory_bytes=self.device.free_memory_bytes,
             throughput=self.throughput, requested_stage=requested_stage,
         )
-        return await self.client.call("Join", request, retries=8)
+        return await self.client.call("Join", request, retry_for=self.config.connect_timeout)
 
     async def run(self) -> int:
         self.client = ControlClient(self.config.coordinator, self.counters)
@@ -251,7 +251,7 @@ class PeerNode:
         while True:
             try:
                 state = await self.client.call(
-                    "GetRoundState", pb.RoundStateRequest(peer_id=self.peer_id, known_round=known_round, known_phase=known_phase, wait_seconds=10), timeout=20, retries=10,
+                    "GetRoundState", pb.RoundStateRequest(peer_id=self.peer_id, known_round=known_round, known_phase=known_phase, wait_seconds=10), timeout=20, retry_for=self.config.connect_timeout,
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:

@@ -126,6 +126,7 @@ class PeerConfig:
     announce_host: str = opt("", "Public address other peers reach this peer at (behind NAT: leave empty).")
     p2p_port: int = opt(0, "TCP port of this peer's P2P node (0: any free port).")
     stage: int = opt(-1, "Ask for this pipeline stage (-1: let the coordinator choose).")
+    connect_timeout: float = opt(300.0, "Seconds to keep retrying an unreachable coordinator before giving up.")
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
     threads: int = opt(0, "CPU threads for torch (0: torch's default).")
     serve_after_run: bool = opt(False, "When the run ends, keep serving forward-only (inference) requests until Ctrl-C.")
