@@ -9,14 +9,16 @@ from transformers import GPTJConfig, GPTJForCausalLM
 
 
 def preset_config(name: str, vocab_size: int, eos_token_id: int, max_positions: int) -> GPTJConfig:
-    """A GPTJConfig for ``name``: "tiny" (tests, demo) or "gptj-6b" (EleutherAI's GPT-J-6B shape)."""
+    """A GPTJConfig for ``name``: "tiny" (tests, demo), "small" (benchmarks) or "gptj-6b" (GPT-J-6B's shape)."""
     common = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False)
     if name == "tiny":
         config = GPTJConfig(vocab_size=vocab_size, n_positions=max(256, max_positions), n_embd=128, n_layer=4, n_head=4, rotary_dim=16, **common)
+    elif name == "small":
+        config = GPTJConfig(vocab_size=vocab_size, n_positions=max(512, max_positions), n_embd=512, n_layer=8, n_head=8, rotary_dim=32, **common)
     elif name == "gptj-6b":
         config = GPTJConfig(vocab_size=max(vocab_size, 50400), n_positions=max(2048, max_positions), n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, **common)
     else:
-        raise ValueError(f"unknown --model {name!r}; choose tiny or gptj-6b (or --init-from a checkpoint directory)")
+        raise ValueError(f"unknown --model {name!r}; choose tiny, small or gptj-6b (or --init-from a checkpoint directory)")
     config.architectures = ["GPTJForCausalLM"]
     return config
 

@@ -84,7 +84,7 @@ class CoordinatorConfig(TrainConfig):
     http_port: int = opt(8080, "HTTP port: status page, /api/status, /metrics, checkpoint downloads.")
     dht_port: int = opt(0, "TCP port of the coordinator's DHT node that peers bootstrap from (0: any free port).")
     state_dir: str = opt("run", "Directory of the run's SQLite store, tokenizer and checkpoints.")
-    model: str = opt("tiny", "Model preset: tiny (4 blocks, d_model 128) or gptj-6b.")
+    model: str = opt("tiny", "Model preset: tiny (4 blocks, d_model 128), small (8 blocks, d_model 512) or gptj-6b.")
     init_from: str = opt("", "Start from this Hugging Face GPT-J checkpoint directory instead of random init.")
     stages: int = opt(2, "Pipeline stages the blocks are split into.")
     rounds: int = opt(0, "Stop after this many rounds (0: run until Ctrl-C).")
