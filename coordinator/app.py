@@ -34,7 +34,7 @@ from .data import CausalWindows
 from .http_server import StatusHTTPServer
 from .membership import Membership
 from .metrics import WIRE_KINDS, CoordinatorMetrics
-from .model_presets import initial_state, preset_config, pretrained_state
+from .model_presets import initial_state, parameter_count, preset_config, pretrained_state
 from .rounds import RoundEngine
 from .service import CoordinatorService
 from .store import RoundRecord, Store
@@ -193,16 +193,19 @@ class CoordinatorApp:
         self.metrics.peers.clear()
         for (stage, state), n in self.membership.counts().items():
             self.metrics.peers.labels(str(stage), state).set(n)
-        for kind, value in self._wire_totals().items():
-            self.metrics.wire_bytes.labels(kind, "sent").set(value["bytes"])
-            self.metrics.wire_uncompressed_bytes.labels(kind, "sent").set(value["uncompressed_bytes"])
+        for direction in ("sent", "received"):
+            for kind, value in self._wire_totals(direction).items():
+                self.metrics.wire_bytes.labels(kind, direction).set(value["bytes"])
+                self.metrics.wire_uncompressed_bytes.labels(kind, direction).set(value["uncompressed_bytes"])
 
-    def _wire_totals(self) -> dict[str, dict[str, int]]:
+    def _wire_totals(self, direction: str = "sent") -> dict[str, dict[str, int]]:
+        """Bytes every peer ever seen reported, by kind, beside their fp32 equivalent."""
         totals = {kind: {"bytes": 0, "uncompressed_bytes": 0} for kind in WIRE_KINDS}
         for p in self.membership.peers.values():
-            for kind, n in p.bytes_sent.items():
+            actual, plain = (p.bytes_sent, p.uncompressed_sent) if direction == "sent" else (p.bytes_received, p.uncompressed_received)
+            for kind, n in actual.items():
                 totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})["bytes"] += n
-            for kind, n in p.uncompressed_sent.items():
+            for kind, n in plain.items():
                 totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})["uncompressed_bytes"] += n
         return totals
 
@@ -224,7 +227,8 @@ class CoordinatorApp:
         return {
             "run": self.run_id,
             "version": PACKAGE_VERSION,
-            "model": {"preset": self.config.init_from or self.config.model, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size},
+            "model": {"preset": self.config.init_from or self.config.model, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+                      "vocab_size": cfg.vocab_size, "parameters": parameter_count(cfg)},
             "round": last[0].round if last else 0,
             "current_round": self.engine.round,
             "phase": pb.RoundPhase.Name(self.engine.phase).lower(),

@@ -23,6 +23,14 @@ def preset_config(name: str, vocab_size: int, eos_token_id: int, max_positions: 
     return config
 
 
+def parameter_count(config: GPTJConfig) -> int:
+    """Parameters of a GPT-J with this config (embedding, blocks, ln_f, lm_head with bias)."""
+    d, v = config.n_embd, config.vocab_size
+    inner = config.n_inner or 4 * d
+    block = 2 * d + 4 * d * d + d * inner + inner + inner * d + d
+    return v * d + config.n_layer * block + 2 * d + d * v + v
+
+
 def initial_state(config: GPTJConfig, seed: int) -> dict[str, torch.Tensor]:
     """Randomly initialised GPT-J weights, the same for the same (config, seed)."""
     config._attn_implementation = "eager"

@@ -161,7 +161,7 @@ def render_page(status: dict, rounds: list[dict]) -> str:
         online, replicas = st.get("online", 0) or 0, st.get("replicas", 0) or 0
         warn = online == 0
         boxes.append(f"<div class='stage{' warning' if warn else ''}'><b>stage {_e(st.get('index', '?'))}</b><br>"
-                     f"layers {_e(a)}–{_e(b)}<br>{_e(online)}/{_e(replicas)} replicas online<br>"
+                     f"blocks {_e(a)}–{_e(b - 1 if isinstance(b, int) else b)}<br>{_e(online)}/{_e(replicas)} replicas online<br>"
                      f"{_fmt(st.get('throughput'), ',.2f')} samples/s"
                      + ("<br><span class='warn'>no replica</span>" if warn else "") + "</div>")
     boxes_html = "".join(boxes) or "<span class='muted'>no stages</span>"

@@ -10,14 +10,15 @@ import asyncio
 import json
 import logging
 import random
+import sys
 import time
-from typing import Any
 
 import grpc
 import hivemind
 import torch
 from hivemind.p2p import PeerID
 from safetensors.torch import save as save_safetensors
+from tqdm import tqdm
 from transformers import GPTJConfig
 
 from proto import PROTOCOL_VERSION, codec
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 STATE_HANDLER = "hometrain.state"
 ANNOUNCE_EVERY = 10.0
+STATUS_EVERY = 10.0
 UPLOAD_CHUNK = 1 << 20
 
 
@@ -109,6 +111,8 @@ class PeerNode:
             await self._announce()
             self._spawn(self._heartbeat_loop())
             self._spawn(self._announce_loop())
+            if not self.config.quiet:
+                self._spawn(self._status_loop())
             round_loop = asyncio.ensure_future(self._round_loop())
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({round_loop, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,16 +157,22 @@ class PeerNode:
             except Exception as exc:
                 log.warning("replica %s could not give its state (%s); trying the next source", replica[-8:], exc)
         names = set(self.runtime.weights())
-        last_print = [0.0]
+        bars: dict[str, tqdm] = {}
 
         def progress(shard: str, got: int, total: int) -> None:
-            if not self.config.quiet and (time.monotonic() - last_print[0] > 1.0 or got == total):
-                last_print[0] = time.monotonic()
-                log.info("downloading %s: %.1f / %.1f MiB", shard, got / 2**20, total / 2**20)
+            bar = bars.get(shard)
+            if bar is None:
+                bar = bars[shard] = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"stage {self.stage} weights {shard}",
+                                         disable=self.config.quiet or not sys.stderr.isatty(), leave=False)
+            bar.update(got - bar.n)
 
-        tensors, round = await asyncio.get_running_loop().run_in_executor(
-            None, fetch_checkpoint_tensors, self.checkpoint_url, names, self.public_key, progress
-        )
+        try:
+            tensors, round = await asyncio.get_running_loop().run_in_executor(
+                None, fetch_checkpoint_tensors, self.checkpoint_url, names, self.public_key, progress
+            )
+        finally:
+            for bar in bars.values():
+                bar.close()
         await self.runtime.run(self.runtime.import_state, tensors, None, round + 1)
         log.info("loaded stage %d weights from the checkpoint of round %d (%s)", self.stage, round, self.checkpoint_url)
 
@@ -224,6 +234,24 @@ class PeerNode:
                 await self._announce()
             except Exception as exc:
                 log.warning("could not refresh the DHT record: %s", exc)
+
+    async def _status_loop(self) -> None:
+        """The volunteer's live line: what this peer is doing, every few seconds."""
+        last_time, last_done = time.monotonic(), self.runtime.microbatches_done
+        while True:
+            await asyncio.sleep(STATUS_EVERY)
+            now, done = time.monotonic(), self.runtime.microbatches_done
+            rate = (done - last_done) / (now - last_time)
+            last_time, last_done = now, done
+            try:
+                in_stage = len(await self.directory.replicas(self.stage, max_age=STATUS_EVERY))
+            except Exception:
+                in_stage = 0
+            c = self.counters
+            log.info(
+                "round %d | stage %d | %.2f microbatches/s | up %s down %s | %d peer(s) in stage",
+                self.current_round, self.stage, rate, human_bytes(sum(c.sent.values())), human_bytes(sum(c.received.values())), in_stage,
+            )
 
     async def _leave(self) -> None:
         """Withdraw from the DHT and tell the coordinator; bounded so Ctrl-C returns within seconds."""
@@ -354,9 +382,11 @@ class PeerNode:
         if not reply.accepted:
             log.warning("checkpoint upload for round %d refused: %s", round, reply.message)
 
-    def status_line(self) -> dict[str, Any]:
-        c = self.counters
-        return {
-            "round": self.current_round, "stage": self.stage, "microbatches": self.runtime.microbatches_done,
-            "throughput": self.throughput, "sent": sum(c.sent.values()), "received": sum(c.received.values()),
-        }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.local_swarm import ENV, LocalSwarm
+from coordinator.local_swarm import ENV, LocalSwarm, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-__all__ = ["ENV", "ROOT", "Swarm"]
+__all__ = ["ENV", "ROOT", "Swarm", "free_port"]
 
 
 class Swarm(LocalSwarm):
