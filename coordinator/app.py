@@ -103,6 +103,8 @@ class CoordinatorApp:
         self.metrics.checkpoint_seconds.set(info.seconds)
         self.metrics.checkpoint_bytes.set(info.total_bytes)
         log.info("published checkpoint of round %d: %s (%.1f MiB, %.2fs)", round, info.path, info.total_bytes / 2**20, info.seconds)
+        if getattr(self, "loop", None) is not None:  # after start-up: point joiners at it (from this worker thread)
+            self.loop.call_soon_threadsafe(self._point_at_latest_checkpoint)
 
     def checkpoint_url(self, round: int) -> str:
         return f"http://{self.config.public_host}:{self.http.port}/checkpoints/{checkpoint_dir_name(round)}/"
@@ -111,7 +113,7 @@ class CoordinatorApp:
         cfg = self.config
         await asyncio.get_running_loop().run_in_executor(None, self._prepare_run)
         self.membership = Membership(cfg.stages, cfg.heartbeat_timeout)
-        self.engine = RoundEngine(cfg, self.store, self.data, self.membership, self._publish)
+        self.engine = RoundEngine(cfg, self.store, self.data, self.membership, self._publish, self.layer_ranges)
         self.engine.on_round_recorded.append(self._on_round)
         self.engine.on_sample_dropped.append(self.metrics.samples_dropped.inc)
         self.loop = asyncio.get_running_loop()
@@ -130,6 +132,7 @@ class CoordinatorApp:
             checkpoint_url=self.checkpoint_url(latest["round"]), checkpoint_round=latest["round"],
             heartbeat_interval=cfg.heartbeat_interval, checkpoint_public_key=public_key_hex(self.signing_key),
         )
+        self._point_at_latest_checkpoint()
         self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
         options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
         self.grpc_server = grpc.aio.server(options=options)
@@ -153,9 +156,13 @@ class CoordinatorApp:
         if record.duration > 0:
             self._last_tokens_per_second = record.tokens / record.duration
             self.metrics.tokens_per_second.set(self._last_tokens_per_second)
-        latest = self.store.checkpoints()[-1]
-        self.join_template.checkpoint_url = self.checkpoint_url(latest["round"])
-        self.join_template.checkpoint_round = latest["round"]
+
+    def _point_at_latest_checkpoint(self) -> None:
+        """Joiners and peers that must reload are sent to the newest published checkpoint."""
+        latest = self.store.checkpoints()[-1]["round"]
+        self.join_template.checkpoint_url = self.checkpoint_url(latest)
+        self.join_template.checkpoint_round = latest
+        self.engine.latest_checkpoint = (self.checkpoint_url(latest), latest)
 
     async def serve_until_done(self) -> None:
         """Tick the round engine until --rounds are done or a stop is requested."""

@@ -49,3 +49,23 @@ def choose_stage(replicas: Sequence[Replica], num_stages: int, requested: int = 
             totals[r.stage] += r.throughput if r.throughput > 0 else default
             counts[r.stage] += 1
     return min(range(num_stages), key=lambda k: (counts[k] > 0, totals[k], k))
+
+
+def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int) -> tuple[str, int] | None:
+    """Refill an empty stage: move one peer there from the best-covered stage, or None.
+
+    The donor is the stage with the most total throughput among those with at least two
+    replicas (so it keeps one); from it, the slowest replica moves, so the donor loses as
+    little as possible. Unmeasured replicas count as 1.0. Ties go to lower stage, then id.
+    """
+    by_stage: dict[int, list[tuple[str, float]]] = {k: [] for k in range(num_stages)}
+    for peer_id, r in replicas:
+        if 0 <= r.stage < num_stages:
+            by_stage[r.stage].append((peer_id, r.throughput if r.throughput > 0 else 1.0))
+    empty = [k for k, members in by_stage.items() if not members]
+    donors = [k for k, members in by_stage.items() if len(members) >= 2]
+    if not empty or not donors:
+        return None
+    donor = max(donors, key=lambda k: (sum(t for _, t in by_stage[k]), -k))
+    mover = min(by_stage[donor], key=lambda m: (m[1], m[0]))[0]
+    return mover, empty[0]

@@ -38,10 +38,15 @@ class LocalSwarm:
         self.peers: list[subprocess.Popen] = []
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "coordinator", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--http-port", str(self.http_port), "--state-dir", str(self.state_dir), *coordinator_args]
-        self.coordinator = self._spawn(cmd, "coordinator")
-        self.wait_for(lambda: self.status() is not None, startup_timeout, "the coordinator's status page")
+        self._coordinator_cmd = [sys.executable, "-m", "coordinator", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                                 "--http-port", str(self.http_port), "--state-dir", str(self.state_dir), *coordinator_args]
+        self.startup_timeout = startup_timeout
+        self.start_coordinator()
+
+    def start_coordinator(self) -> None:
+        """(Re)start the coordinator on the same ports and state directory, and wait for its status page."""
+        self.coordinator = self._spawn(self._coordinator_cmd, "coordinator")
+        self.wait_for(lambda: self.status() is not None, self.startup_timeout, "the coordinator's status page")
 
     @property
     def url(self) -> str:

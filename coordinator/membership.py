@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from proto import hometrain_pb2 as pb
 
-from .assignment import Replica, choose_stage
+from .assignment import Replica, choose_stage, plan_rebalance
 
 
 @dataclass
@@ -27,6 +27,7 @@ class PeerRecord:
     throughput: float = 0.0
     loads: int = 0               # weight loads the peer has completed
     reload_below: int = 0        # the peer must reload until it reports more loads than this
+    adopt_round: int = 0         # nonzero: the peer is told to continue as of this round
     microbatches_done: int = 0
     bytes_sent: dict[str, int] = field(default_factory=dict)
     bytes_received: dict[str, int] = field(default_factory=dict)
@@ -93,6 +94,10 @@ class Membership:
         if record.state == pb.JOINING and record.dht_peer_id and stats.next_round > 0 and stats.loads > record.reload_below:
             record.state = pb.ONLINE
             record.next_round = stats.next_round
+        elif record.state == pb.ONLINE and stats.next_round > record.next_round:
+            record.next_round = stats.next_round  # e.g. it adopted a round; never moves backwards on a late heartbeat
+        if record.adopt_round and stats.next_round == record.adopt_round:
+            record.adopt_round = 0  # the peer confirmed it continues as of that round
         record.throughput = stats.throughput or record.throughput
         record.microbatches_done = stats.microbatches_done
         record.bytes_sent = dict(stats.bytes_sent)
@@ -105,6 +110,23 @@ class Membership:
         record.state = pb.JOINING
         record.next_round = 0
         record.reload_below = record.loads
+        record.adopt_round = 0
+
+    def move(self, record: PeerRecord, stage: int) -> None:
+        """Reassign the peer to ``stage``; it loads that stage's weights and comes back online."""
+        record.stage = stage
+        self.require_reload(record)
+
+    def rebalance(self) -> tuple[PeerRecord, int, int] | None:
+        """Move a peer into a stage left without replicas; returns (peer, from, to) or None."""
+        live = sorted(self.live(), key=lambda p: p.peer_id)
+        plan = plan_rebalance([(p.peer_id, Replica(p.stage, p.throughput)) for p in live], self.num_stages)
+        if plan is None:
+            return None
+        record = self.peers[plan[0]]
+        origin = record.stage
+        self.move(record, plan[1])
+        return record, origin, plan[1]
 
     def counts(self) -> dict[tuple[int, str], int]:
         """Peers per (stage, state name) for metrics."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,6 +53,8 @@ class OpenRound:
     uploaders: dict[int, str] = field(default_factory=dict)     # stage -> peer id asked to upload
     uploads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     publish_started: float | None = None
+    sync_attempt: int = 0                                        # bumped when a stage must average again
+    deadline: float = 0.0                                        # seconds after `started` the round closes
 
 
 class RoundEngine:
@@ -65,8 +67,10 @@ class RoundEngine:
         data: CausalWindows,
         membership: Membership,
         publish: Callable[[int, int, float | None, list[dict[str, torch.Tensor]]], None],
+        layer_ranges: list[tuple[int, int]],
     ) -> None:
         self.config = config
+        self.layer_ranges = layer_ranges
         self.store = store
         self.data = data
         self.membership = membership
@@ -79,6 +83,10 @@ class RoundEngine:
         self.waiting_reason = "starting"
         self.on_round_recorded: list[Callable[[RoundRecord], None]] = []
         self.on_sample_dropped: list[Callable[[int], None]] = []
+        self.recent_open_seconds: deque[float] = deque(maxlen=10)  # how long recent rounds took to train
+        self.directives = 0  # bumped when a peer is told to move, reload or adopt: wakes long polls
+        self.latest_checkpoint: tuple[str, int] = ("", 0)  # (url, round), set by the app
+        self.max_sync_attempts = 3
 
     # ------------------------------------------------------------ state changes
 
@@ -99,6 +107,8 @@ class RoundEngine:
             self.drop_in_flight_of(gone.peer_id)
         if self.phase == pb.STOPPED:
             return
+        if self.phase in (pb.WAITING, pb.OPEN):
+            await self._rebalance()
         if self.phase == pb.WAITING:
             await self._maybe_open(now)
         elif self.phase == pb.OPEN:
@@ -108,6 +118,54 @@ class RoundEngine:
         elif self.phase == pb.PUBLISH:
             await self._maybe_finish_publish(now)
 
+    async def _wake(self) -> None:
+        self.directives += 1
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _rebalance(self) -> None:
+        moved = self.membership.rebalance()
+        if moved is not None:
+            record, origin, target = moved
+            log.warning("stage %d has no replica: moving peer %s there from stage %d", target, record.peer_id, origin)
+            await self._wake()
+
+    async def _reconcile(self, now: float) -> None:
+        """Line online peers up with the coordinator's round (after restarts, stage refills, missed steps).
+
+        Peers ahead of the coordinator mean it died after they stepped but before it recorded the
+        round: those rounds are recorded as recovered (no loss) so no number is reused. In a stage,
+        a peer behind the others reloads from them; if nobody in its stage is at the round, the
+        most advanced peers adopt the round (their weights are the best the stage has).
+        """
+        online = self.membership.online()
+        directives = self.directives
+        ahead = max((p.next_round for p in online), default=0)
+        if ahead > self.round:
+            for missed in range(self.round, ahead):
+                log.warning("round %d was stepped by peers but never recorded (coordinator restart): recorded as recovered", missed)
+                self.store.record_round(RoundRecord(missed, None, 0, 0, 0, now, now, [], {}, {"recovered": 1}))
+            self.round = ahead
+        for stage in range(self.membership.num_stages):
+            peers = self.membership.online(stage)
+            if not peers or all(p.next_round == self.round for p in peers):
+                continue
+            at_round = [p for p in peers if p.next_round == self.round]
+            best = max(p.next_round for p in peers)
+            for p in peers:
+                if p.next_round == self.round:
+                    continue
+                if at_round or p.next_round != best:
+                    log.warning("peer %s of stage %d is at round %d, not %d: it reloads from a replica", p.peer_id, stage, p.next_round, self.round)
+                    self.membership.require_reload(p)
+                    self.directives += 1
+                elif p.adopt_round != self.round:
+                    log.warning("stage %d has no replica at round %d: peer %s continues from its round-%d weights", stage, self.round, p.peer_id, p.next_round - 1)
+                    p.adopt_round = self.round
+                    self.directives += 1
+        if self.directives != directives:
+            await self._wake()
+
     def _ready_replicas(self, stage: int) -> list[PeerRecord]:
         return [p for p in self.membership.online(stage) if p.next_round == self.round]
 
@@ -116,25 +174,36 @@ class RoundEngine:
             self.waiting_reason = f"finished: {self.config.rounds} rounds trained"
             await self._set_phase(pb.STOPPED)
             return
+        await self._reconcile(now)
         missing = [k for k in range(self.membership.num_stages) if len(self._ready_replicas(k)) < self.config.min_replicas]
         if missing:
             self.waiting_reason = f"waiting for peers on stage(s) {missing}"
             return
         self.waiting_reason = ""
-        self.current = OpenRound(self.round, now, self.config.microbatches_per_round)
-        log.info("round %d open: %d microbatches of %d samples", self.round, self.current.target, self.config.micro_batch_size)
+        self.current = OpenRound(self.round, now, self.config.microbatches_per_round, deadline=self._deadline())
+        log.info("round %d open: %d microbatches of %d samples, deadline %.0fs", self.round, self.current.target, self.config.micro_batch_size, self.current.deadline)
         await self._set_phase(pb.OPEN)
+
+    def _deadline(self) -> float:
+        """Adaptive: a multiple of the median recent round, within [deadline_floor, round_timeout]."""
+        if not self.recent_open_seconds:
+            return self.config.round_timeout
+        recent = sorted(self.recent_open_seconds)
+        median = recent[len(recent) // 2]
+        return min(self.config.round_timeout, max(self.config.deadline_floor, self.config.deadline_factor * median))
 
     async def _maybe_close(self, now: float) -> None:
         cur = self.current
         assert cur is not None
         finished = cur.done + cur.dropped >= cur.target
-        late = now - cur.started > self.config.round_timeout
+        late = now - cur.started > cur.deadline
         if not (finished or late):
             return
+        if finished and cur.done:
+            self.recent_open_seconds.append(now - cur.started)
         if late and not finished:
             missing = cur.target - cur.done - cur.dropped
-            log.warning("round %d deadline (%.0fs) passed with %d microbatches unfinished: dropped", cur.number, self.config.round_timeout, missing)
+            log.warning("round %d deadline (%.0fs) passed with %d microbatches unfinished: dropped", cur.number, cur.deadline, missing)
             cur.dropped += missing
             for _ in range(missing):
                 self._notify_dropped(1)
@@ -153,14 +222,18 @@ class RoundEngine:
         waiting = [pid for pid in alive_members if pid not in cur.step_reports]
         if waiting and now - cur.closed_at < self.config.sync_timeout + 2 * self.config.heartbeat_interval + 5:
             return
+        if await self._retry_failed_groups(now):
+            return
         checksums: dict[str, list[str]] = {}
         for pid, report in sorted(cur.step_reports.items()):
-            checksums.setdefault(str(cur.members[pid]), []).append(report.checksum)
+            if report.synced:
+                checksums.setdefault(str(cur.members[pid]), []).append(report.checksum)
         for pid, report in cur.step_reports.items():
             record = self.membership.get(pid)
             if record is None:
                 continue
-            majority = Counter(checksums[str(cur.members[pid])]).most_common(1)[0][0]
+            stage_sums = checksums.get(str(cur.members[pid]), [])
+            majority = Counter(stage_sums).most_common(1)[0][0] if stage_sums else None
             if report.synced and report.checksum == majority:
                 record.next_round = cur.number + 1
             else:
@@ -184,6 +257,30 @@ class RoundEngine:
                 return
             log.warning("round %d: no replica of some stage can upload; checkpoint skipped", cur.number)
         await self._next_round()
+
+    async def _retry_failed_groups(self, now: float) -> bool:
+        """A stage none of whose replicas finished averaging (a member died) averages again without the dead."""
+        cur = self.current
+        assert cur is not None
+        retry = []
+        for stage in range(self.membership.num_stages):
+            members = [pid for pid, s in cur.members.items() if s == stage]
+            alive = [pid for pid in members if self.membership.get(pid) is not None]
+            if alive and not any(pid in cur.step_reports and cur.step_reports[pid].synced for pid in alive):
+                retry.append((stage, alive))
+        if not retry or cur.sync_attempt + 1 >= self.max_sync_attempts:
+            return False
+        cur.sync_attempt += 1
+        for stage, alive in retry:
+            cur.members = {pid: s for pid, s in cur.members.items() if s != stage or pid in alive}
+            cur.groups[stage] = sorted(self.membership.peers[pid].dht_peer_id for pid in alive)
+            for pid in alive:
+                cur.step_reports.pop(pid, None)
+            log.warning("round %d: stage %d averages again (attempt %d) with %d replica(s)", cur.number, stage, cur.sync_attempt + 1, len(alive))
+        cur.closed_at = now
+        async with self.changed:
+            self.changed.notify_all()
+        return True
 
     def _uploader(self, stage: int, cur: OpenRound) -> str:
         for pid, s in sorted(cur.members.items()):
@@ -290,26 +387,33 @@ class RoundEngine:
         return ""
 
     def round_state_for(self, peer: PeerRecord) -> pb.RoundState:
-        state = pb.RoundState(round=self.round, phase=self.phase, stage=peer.stage, message=self.waiting_reason)
+        a, b = self.layer_ranges[peer.stage]
+        state = pb.RoundState(round=self.round, phase=self.phase, stage=peer.stage, layer_start=a, layer_end=b,
+                              message=self.waiting_reason, adopt_round=peer.adopt_round,
+                              checkpoint_url=self.latest_checkpoint[0], checkpoint_round=self.latest_checkpoint[1])
         cur = self.current
-        # An online replica whose weights are from another round would poison its group's average.
-        stale = peer.state == pb.ONLINE and self.phase == pb.OPEN and peer.next_round != self.round
-        if stale:
-            self.membership.require_reload(peer)
         state.reload_state = peer.state == pb.JOINING and peer.loads > 0 and peer.loads <= peer.reload_below
         if cur is not None and self.phase in (pb.SYNC, pb.PUBLISH):
             state.in_sync_group = peer.peer_id in cur.members
             state.sync_group.extend(cur.groups.get(peer.stage, []))
             state.tokens_in_round = cur.tokens
+            state.sync_attempt = cur.sync_attempt
             state.upload_checkpoint = self.phase == pb.PUBLISH and cur.uploaders.get(peer.stage) == peer.peer_id and peer.stage not in cur.uploads
         return state
 
-    async def wait_for_change(self, known_round: int, known_phase: int, timeout: float) -> None:
-        """Long poll: return when (round, phase) differs from what the caller knows, or on timeout."""
+    def _attempt(self) -> int:
+        return self.current.sync_attempt if self.current is not None else 0
+
+    async def wait_for_change(self, known_round: int, known_phase: int, known_attempt: int, timeout: float) -> None:
+        """Long poll: return when (round, phase, sync attempt) differs from what the caller knows, or on timeout."""
+        directives = self.directives
         async with self.changed:
             try:
                 await asyncio.wait_for(
-                    self.changed.wait_for(lambda: (self.round, self.phase) != (known_round, known_phase)), timeout
+                    self.changed.wait_for(
+                        lambda: (self.round, self.phase, self._attempt()) != (known_round, known_phase, known_attempt) or self.directives != directives
+                    ),
+                    timeout,
                 )
             except asyncio.TimeoutError:
                 pass

@@ -97,7 +97,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def GetRoundState(self, request: pb.RoundStateRequest, context: grpc.aio.ServicerContext) -> pb.RoundState:
         await self._peer(request.peer_id, context)
-        await self.engine.wait_for_change(request.known_round, request.known_phase, min(max(request.wait_seconds, 0.0), 30.0))
+        await self.engine.wait_for_change(request.known_round, request.known_phase, request.known_sync_attempt, min(max(request.wait_seconds, 0.0), 30.0))
         record = await self._peer(request.peer_id, context)
         reply = self.engine.round_state_for(record)
         self._count(request, reply)

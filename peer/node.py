@@ -52,10 +52,9 @@ class PeerNode:
         self.counters = WireCounters()
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
-        self.rounds_seen: dict[str, set[int]] = {"feed": set(), "sync": set(), "upload": set()}
+        self.rounds_seen: dict[str, set] = {"feed": set(), "sync": set(), "upload": set()}
         self.current_round = 0
-        self.throughput = 0.0
-        self._last_samples = (time.monotonic(), 0)
+        self.throughput = 0.0  # samples per compute-second of this peer's stage (kept across stage moves)
 
     # ------------------------------------------------------------ start
 
@@ -176,6 +175,24 @@ class PeerNode:
         await self.runtime.run(self.runtime.import_state, tensors, None, round + 1)
         log.info("loaded stage %d weights from the checkpoint of round %d (%s)", self.stage, round, self.checkpoint_url)
 
+    async def _move_to(self, stage: int, layer_start: int, layer_end: int) -> None:
+        """The coordinator moved this peer to another stage (one was left empty): rebuild and reload."""
+        log.warning("the coordinator moved this peer from stage %d to stage %d (blocks [%d, %d))", self.stage, stage, layer_start, layer_end)
+        try:
+            await self.directory.withdraw(self.stage, self.dht_id)
+        except Exception as exc:
+            log.debug("withdraw failed: %s", exc)
+        old = self.runtime
+        async with old.state_lock:
+            self.runtime = StageRuntime(old.model.config, self.train, layer_start, layer_end, self.device.device)
+            self.runtime.loads = old.loads
+            self.stage = stage
+            self.pipeline.runtime, self.pipeline.stage = self.runtime, stage
+        old.executor.shutdown(wait=False, cancel_futures=True)
+        await self._load_weights()
+        await self._heartbeat()
+        await self._announce()
+
     async def _serve_state(self, header: pb.FrameHeader, tensors: dict, sender: PeerID) -> tuple[pb.FrameHeader, dict]:
         if header.kind != pb.STATE_REQUEST or header.run_id != self.run_id or header.stage != self.stage:
             raise codec.FrameError(f"this peer serves stage {self.stage} of run {self.run_id}; asked for stage {header.stage} of run {header.run_id!r}")
@@ -190,14 +207,7 @@ class PeerNode:
     # ------------------------------------------------------------ liveness
 
     def stats(self) -> pb.PeerStats:
-        now = time.monotonic()
-        then, samples = self._last_samples
-        done = self.runtime.samples_done
-        if now - then >= 1.0:
-            rate = (done - samples) / (now - then)
-            if rate > 0:
-                self.throughput = rate if self.throughput == 0 else 0.7 * self.throughput + 0.3 * rate
-            self._last_samples = (now, done)
+        self.throughput = self.runtime.throughput or self.throughput
         c = self.counters
         return pb.PeerStats(
             microbatches_done=self.runtime.microbatches_done, bytes_sent=dict(c.sent), bytes_received=dict(c.received),
@@ -211,8 +221,12 @@ class PeerNode:
             log.warning("the coordinator does not know this peer any more (it restarted?); joining again")
             join = await self._join(self.stage)
             self.peer_id = join.peer_id
+            self.rounds_seen = {kind: set() for kind in self.rounds_seen}
+            # Gradients of a round the old coordinator never closed must not leak into the next one.
+            await self.runtime.run(self.runtime.restart_at, self.runtime.next_round)
             if join.stage != self.stage:
-                raise RuntimeError(f"the coordinator moved this peer from stage {self.stage} to {join.stage}; restart the peer")
+                await self._move_to(join.stage, join.layer_start, join.layer_end)
+                return
             await self.client.call("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats()), timeout=10)
 
     async def _heartbeat_loop(self) -> None:
@@ -275,38 +289,46 @@ class PeerNode:
     # ------------------------------------------------------------ rounds
 
     async def _round_loop(self) -> None:
-        known_round, known_phase = 0, pb.ROUND_PHASE_UNSPECIFIED
+        known_round, known_phase, known_attempt = 0, pb.ROUND_PHASE_UNSPECIFIED, 0
         while True:
             try:
-                state = await self.client.call(
-                    "GetRoundState", pb.RoundStateRequest(peer_id=self.peer_id, known_round=known_round, known_phase=known_phase, wait_seconds=10), timeout=20, retry_for=self.config.connect_timeout,
-                )
+                request = pb.RoundStateRequest(peer_id=self.peer_id, known_round=known_round, known_phase=known_phase,
+                                               known_sync_attempt=known_attempt, wait_seconds=10)
+                state = await self.client.call("GetRoundState", request, timeout=20, retry_for=self.config.connect_timeout)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
                 await self._heartbeat()  # rejoins
                 continue
-            known_round, known_phase = state.round, state.phase
+            known_round, known_phase, known_attempt = state.round, state.phase, state.sync_attempt
             self.current_round = state.round
+            if state.checkpoint_url:
+                self.checkpoint_url, self.checkpoint_round = state.checkpoint_url, state.checkpoint_round
             if state.phase == pb.STOPPED:
                 log.info("the coordinator ended the run (%s)", state.message or "stopped")
                 if self.config.serve_after_run:
                     log.info("serving forward-only requests until Ctrl-C (--serve-after-run)")
                     await self.stopping.wait()
                 return
-            if state.reload_state:
+            if state.stage != self.stage:
+                await self._move_to(state.stage, state.layer_start, state.layer_end)
+            elif state.reload_state:
                 log.warning("this replica's weights are stale; reloading them")
                 await self._load_weights()
+                await self._heartbeat()
+            elif state.adopt_round and state.adopt_round != self.runtime.next_round:
+                log.warning("no replica of stage %d is at round %d: continuing from this peer's weights", self.stage, state.adopt_round)
+                await self.runtime.run(self.runtime.restart_at, state.adopt_round)
                 await self._heartbeat()
             r = state.round
             if state.phase == pb.OPEN and self.stage == 0 and self.runtime.next_round == r and self._first("feed", r):
                 self._spawn(self._feed_round(r))
-            elif state.phase == pb.SYNC and state.in_sync_group and self.runtime.next_round == r and self._first("sync", r):
-                self._spawn(self._sync_and_step(r, list(state.sync_group), state.tokens_in_round))
+            elif state.phase == pb.SYNC and state.in_sync_group and self.runtime.next_round == r and self._first("sync", (r, state.sync_attempt)):
+                self._spawn(self._sync_and_step(r, list(state.sync_group), state.tokens_in_round, state.sync_attempt))
             elif state.phase == pb.PUBLISH and state.upload_checkpoint and self._first("upload", r):
                 self._spawn(self._upload(r))
 
-    def _first(self, kind: str, round: int) -> bool:
+    def _first(self, kind: str, round: int | tuple[int, int]) -> bool:
         seen = self.rounds_seen[kind]
         if round in seen:
             return False
@@ -340,8 +362,13 @@ class PeerNode:
             log.warning("microbatch %d of round %d dropped: %s", mb.index, mb.round, report.error)
         await self.client.call("ReportProgress", report)
 
-    async def _sync_and_step(self, round: int, group: list[str], tokens: int) -> None:
-        """Close the round locally, sum gradients with the replica group, step, report the checksum."""
+    async def _sync_and_step(self, round: int, group: list[str], tokens: int, attempt: int) -> None:
+        """Close the round locally, sum gradients with the replica group, step, report the checksum.
+
+        If the group cannot finish (a member vanished), the gradients are kept and nothing steps:
+        the coordinator then either starts another attempt without the missing member or has this
+        replica reload from one that did step.
+        """
         runtime = self.runtime
         runtime.closed_round = round
         deadline = time.monotonic() + self.train.sync_timeout
@@ -351,15 +378,16 @@ class PeerNode:
         async with runtime.state_lock:
             flat = (await runtime.run(runtime.flat_gradients)).cpu()
             try:
-                summed = await self.sync.all_reduce_sum(flat, group, round, self.stage, self.train.sync_timeout)
+                summed = await self.sync.all_reduce_sum(flat, group, round, self.stage, self.train.sync_timeout, attempt)
             except SyncError as exc:
                 report.synced, report.error = False, str(exc)
-                log.warning("round %d: gradient sync failed: %s", round, exc)
-            if report.synced and tokens > 0:
-                await runtime.run(runtime.apply_step, summed, tokens)
-            else:
-                await runtime.run(runtime.discard_gradients)
-            runtime.next_round = round + 1
+                log.warning("round %d: gradient sync (attempt %d) failed: %s", round, attempt + 1, exc)
+            if report.synced:
+                if tokens > 0:
+                    await runtime.run(runtime.apply_step, summed, tokens)
+                else:
+                    await runtime.run(runtime.discard_gradients)
+                runtime.next_round = round + 1
             report.checksum = await runtime.run(runtime.checksum)
         await self.client.call("ReportStep", report)
         if not self.config.quiet:

@@ -124,8 +124,8 @@ class Pipeline:
         self.max_attempts = 3
 
     async def start(self) -> None:
-        if self.stage > 0:
-            await self.transport.serve(FORWARD_HANDLER, self._handle_forward, receive_kind="activations", send_kind="gradients")
+        # Registered whatever the stage: a peer may be moved to another stage later.
+        await self.transport.serve(FORWARD_HANDLER, self._handle_forward, receive_kind="activations", send_kind="gradients")
         await self.transport.serve(INFER_HANDLER, self._handle_infer, receive_kind="activations", send_kind="activations")
 
     async def send_forward(
@@ -157,7 +157,7 @@ class Pipeline:
         raise NoRouteError(f"no stage-{header.stage} peer took microbatch {header.microbatch} of round {header.round}: {'; '.join(errors) or 'none announced'}")
 
     def _check_inputs(self, header: pb.FrameHeader, tensors: Tensors) -> None:
-        if header.kind != pb.FORWARD or header.run_id != self.run_id or header.stage != self.stage:
+        if header.kind != pb.FORWARD or header.run_id != self.run_id or header.stage != self.stage or self.stage == 0:
             raise codec.FrameError(
                 f"expected a FORWARD frame of run {self.run_id} for stage {self.stage}, "
                 f"received {pb.FrameKind.Name(header.kind)} of run {header.run_id!r} for stage {header.stage}"
@@ -210,9 +210,9 @@ class Pipeline:
         runtime = self.runtime
         runtime.in_flight += 1
         try:
-            ctx = await runtime.run(runtime.forward, header.round, inputs, batch["prefix_lengths"])
+            ctx = await runtime.run_timed(runtime.forward, header.round, inputs, batch["prefix_lengths"])
             if runtime.model.is_last:
-                return await runtime.run(runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
+                return await runtime.run_timed(runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
             next_header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
                                          stage=self.stage + 1, sample_ids=header.sample_ids)
             outgoing = {"hidden": ctx.outputs.detach(), "target_ids": batch["target_ids"], "loss_mask": batch["loss_mask"],
@@ -222,7 +222,7 @@ class Pipeline:
             if grad is None or tuple(grad.shape) != tuple(ctx.outputs.shape):
                 raise codec.FrameError(f"stage {self.stage + 1} returned a gradient of shape {None if grad is None else list(grad.shape)}, expected {list(ctx.outputs.shape)}")
             codec.require_finite(reply)
-            input_grad = await runtime.run(runtime.backward, ctx, grad)
+            input_grad = await runtime.run_timed(runtime.backward, ctx, grad)
             return reply_header.loss_sum, reply_header.tokens, input_grad
         finally:
             runtime.in_flight -= 1

@@ -1,18 +1,23 @@
 """Blockwise quantizers with packed storage, for tensors that cross the wire.
 
-A tensor is flattened and cut into blocks of ``block`` values; each block is scaled by its own
-absolute maximum so one outlier only coarsens its block. Three methods:
+A tensor is flattened and cut into blocks of ``block`` values, each with its own scale, so
+one outlier only coarsens its block. Three methods:
 
-* ``bnb8``: deterministic 8-bit, bitsandbytes' dynamic 8-bit map (one code per byte).
-* ``nf4``: deterministic 4-bit, bitsandbytes' NF4 map (two codes per byte). Both maps put
-  more levels near zero, which suits bell-shaped activations and gradients.
-* ``linear``: our own uniform symmetric grid, used for 2 bits and for every stochastic
-  config (bitsandbytes has neither). With L = 2**bits levels and s = absmax / (L - 1), code
-  k in 0..L-1 stands for (2k - (L - 1)) * s: the odd multiples of s from -absmax to +absmax
-  (2 bits: {-1, -1/3, 1/3, 1} * absmax). There is no zero level, so all L codes carry
-  information; an all-zero block has s = 0 and comes back as zeros. Stochastic rounding
-  picks one of the two neighbouring levels with the probability that makes the expected
-  value the input (unbiased within the block's range).
+* ``bnb8``: deterministic 8-bit, bitsandbytes' dynamic 8-bit map scaled by the block absmax.
+* ``nf4``: deterministic 4-bit, bitsandbytes' NF4 map scaled by the block absmax. Both maps
+  put more levels near zero, which suits bell-shaped activations and gradients.
+* ``linear``: our own uniform symmetric grid, for 2 bits and for every stochastic config
+  (bitsandbytes has neither). With L = 2**bits levels and a per-block half step s, code k in
+  0..L-1 stands for (2k - (L - 1)) * s, the odd multiples of s up to +-(L - 1)s (2 bits: +-s,
+  +-3s). No level is zero, so all L codes carry information; an all-zero block has s = 0 and
+  comes back as zeros.
+  - stochastic: s = absmax / (L - 1), so the grid spans the block, and each value goes to one
+    of its two neighbouring levels with the probability that makes the expected value the
+    input (unbiased).
+  - deterministic 2-bit: 2s = 0.9957 x the block's RMS, the MSE-optimal uniform 4-level step
+    for Gaussian data, clipping the rare values beyond 3s: 34% relative L2 error on Gaussian
+    data instead of 51% with an absmax scale, and an outlier no longer pushes every other
+    value of its block to +-absmax/3.
 
 Dequantizing is one fp32 multiply of an exact level by the block scale, then a cast to the
 original dtype, so two peers holding the same codes rebuild bit-identical tensors; the
@@ -33,12 +38,15 @@ import torch
 BLOCKS = tuple(2**i for i in range(5, 13))  # 32 .. 4096, what the bitsandbytes kernels accept
 METHODS = ("bnb8", "nf4", "linear")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GAUSS_STEP_2BIT = 0.9957  # optimal 4-level uniform quantizer step, in standard deviations (Max, 1960)
 _META_HEAD = 6  # bits, block, method id, dtype id, numel check, ndim; then the shape
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize: bits per value, values per scaled block, stochastic rounding or not."""
+    """How to quantize: bits per value, values per scaled block, stochastic rounding or not.
+
+    ``method`` follows: deterministic 8 -> bnb8, deterministic 4 -> nf4, else linear."""
 
     bits: int
     block: int = 64
@@ -64,7 +72,7 @@ class Quantized:
     """Everything needed to rebuild a quantized tensor; ``codes`` are packed 8 // bits per byte."""
 
     codes: torch.Tensor  # uint8, 1-D, packed
-    scales: torch.Tensor  # float32, one per block (absmax for bnb8/nf4, absmax / (L - 1) for linear)
+    scales: torch.Tensor  # float32, one per block: absmax for bnb8/nf4, the half step s for linear
     shape: tuple[int, ...]
     dtype: torch.dtype
     bits: int
@@ -167,7 +175,11 @@ def quantize(x: torch.Tensor, config: QuantConfig, generator: torch.Generator | 
     else:
         levels = 2**config.bits - 1  # L - 1
         padded = torch.nn.functional.pad(flat.float(), (0, blocks * config.block - n)).view(blocks, config.block)
-        scales = padded.abs().amax(dim=1) / levels
+        if config.stochastic:  # the grid must span the block for rounding to be unbiased
+            scales = padded.abs().amax(dim=1) / levels
+        else:  # deterministic 2-bit: the MSE-optimal uniform step for Gaussian data, clipping the tails
+            counts = (n - torch.arange(blocks, device=x.device) * config.block).clamp(max=config.block)
+            scales = (padded.square().sum(dim=1) / counts).sqrt() * (_GAUSS_STEP_2BIT / 2)
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         u = ((padded / safe.unsqueeze(1) + levels) / 2).clamp_(0, levels)  # position on the grid, 0..L-1
         if config.stochastic:

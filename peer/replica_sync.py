@@ -28,7 +28,7 @@ from .transport import FrameTransport, Tensors
 log = logging.getLogger(__name__)
 
 SYNC_HANDLER = "hometrain.sync"
-Key = tuple[int, int, int, int, str]  # round, stage, frame kind, part, sender
+Key = tuple[int, int, int, int, int, str]  # round, attempt, stage, frame kind, part, sender
 
 
 class SyncError(RuntimeError):
@@ -54,7 +54,7 @@ class ReplicaSync:
         if part is None or part.dtype != torch.float32 or part.dim() != 1:
             raise codec.FrameError("sync frame must carry one 1-D float32 tensor named 'part'")
         codec.require_finite(tensors)
-        key = (header.round, header.stage, header.kind, header.part, sender.to_base58())
+        key = (header.round, header.attempt, header.stage, header.kind, header.part, sender.to_base58())
         future = self._mailbox[key]
         if not future.done():
             future.set_result(part)
@@ -64,18 +64,18 @@ class ReplicaSync:
         try:
             part = await asyncio.wait_for(asyncio.shield(self._mailbox[key]), timeout)
         except asyncio.TimeoutError:
-            raise SyncError(f"no {pb.FrameKind.Name(key[2])} part {key[3]} from {key[4]} within {timeout:.0f}s") from None
+            raise SyncError(f"no {pb.FrameKind.Name(key[3])} part {key[4]} from {key[5]} within {timeout:.0f}s") from None
         finally:
             self._mailbox.pop(key, None)
         if part.numel() != numel:
-            raise SyncError(f"part {key[3]} from {key[4]} has {part.numel()} values, expected {numel}")
+            raise SyncError(f"part {key[4]} from {key[5]} has {part.numel()} values, expected {numel}")
         return part
 
-    async def _send(self, to: str, kind: int, round: int, stage: int, index: int, part: torch.Tensor, timeout: float) -> None:
-        header = pb.FrameHeader(kind=kind, run_id=self.run_id, round=round, stage=stage, part=index)
+    async def _send(self, to: str, kind: int, round: int, attempt: int, stage: int, index: int, part: torch.Tensor, timeout: float) -> None:
+        header = pb.FrameHeader(kind=kind, run_id=self.run_id, round=round, attempt=attempt, stage=stage, part=index)
         await self.transport.call(PeerID.from_base58(to), SYNC_HANDLER, header, {"part": part.contiguous()}, "sync", "control", timeout)
 
-    async def all_reduce_sum(self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float) -> torch.Tensor:
+    async def all_reduce_sum(self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float, attempt: int = 0) -> torch.Tensor:
         """Sum ``flat`` (1-D fp32, CPU) over ``group``; every member gets the same result."""
         if self.my_id not in group:
             raise SyncError(f"this peer ({self.my_id}) is not in the sync group {group}")
@@ -85,15 +85,15 @@ class ReplicaSync:
         me = group.index(self.my_id)
         others = [m for m in group if m != self.my_id]
         try:
-            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, stage, group.index(m), parts[group.index(m)], timeout) for m in others))
+            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, attempt, stage, group.index(m), parts[group.index(m)], timeout) for m in others))
             received = {self.my_id: parts[me]}
             for m in others:
-                received[m] = await self._take((round, stage, pb.SYNC_REDUCE, me, m), parts[me].numel(), timeout)
+                received[m] = await self._take((round, attempt, stage, pb.SYNC_REDUCE, me, m), parts[me].numel(), timeout)
             reduced = torch.zeros_like(parts[me])
             for m in group:  # fixed order: the owner's sum is the only sum, so all replicas agree bit for bit
                 reduced += received[m]
-            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, stage, me, reduced, timeout) for m in others))
-            gathered = [reduced if m == self.my_id else await self._take((round, stage, pb.SYNC_GATHER, i, m), parts[i].numel(), timeout)
+            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, attempt, stage, me, reduced, timeout) for m in others))
+            gathered = [reduced if m == self.my_id else await self._take((round, attempt, stage, pb.SYNC_GATHER, i, m), parts[i].numel(), timeout)
                         for i, m in enumerate(group)]
         except SyncError:
             raise

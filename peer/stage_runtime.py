@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -59,7 +60,7 @@ class StageRuntime:
         self.in_flight = 0             # microbatches between forward and backward on this stage
         self.microbatches_done = 0
         self.samples_done = 0
-        self.compute_seconds = 0.0
+        self.compute_seconds = 0.0     # time in forward/backward: throughput = samples_done / compute_seconds
         self.state_lock = asyncio.Lock()  # held while stepping and while serving the state to a joiner
         self._guard = threading.Lock()
 
@@ -70,6 +71,26 @@ class StageRuntime:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the compute thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def run_timed(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run training compute on the compute thread and count its time toward the stage's throughput."""
+
+        def timed() -> T:
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.compute_seconds += time.perf_counter() - started
+
+        return await self.run(timed)
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second of compute this device sustains on this stage (0 until measured).
+
+        Time waiting for other peers is excluded: this measures what the peer could do, which is
+        what stage assignment needs, not what the pipeline happened to feed it."""
+        return self.samples_done / self.compute_seconds if self.compute_seconds > 0 else 0.0
 
     # ------------------------------------------------------------ microbatches
 
@@ -140,6 +161,12 @@ class StageRuntime:
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def restart_at(self, next_round: int) -> None:
+        """Continue as of ``next_round`` with the current weights, dropping unfinished gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.next_round = next_round
+        self.closed_round = next_round - 1
 
     def checksum(self) -> str:
         return parameter_checksum(self.model)

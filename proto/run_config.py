@@ -41,8 +41,10 @@ class TrainConfig:
     beta2: float = opt(0.999, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     seed: int = opt(0, "Seed of weight init and data sampling; same seed, same run.")
-    round_timeout: float = opt(120.0, "Seconds after which an open round closes even if samples are missing (they are dropped and counted).")
-    sync_timeout: float = opt(60.0, "Seconds replicas wait for each other while averaging gradients.")
+    round_timeout: float = opt(120.0, "Longest an open round may last; late samples are dropped and counted.")
+    deadline_factor: float = opt(3.0, "An open round closes after this many times the median length of recent rounds (adaptive deadline).")
+    deadline_floor: float = opt(10.0, "The adaptive round deadline is never shorter than this (seconds).")
+    sync_timeout: float = opt(30.0, "Seconds replicas wait for each other while averaging gradients before retrying without the missing.")
     max_inflight: int = opt(2, "Microbatches a stage-0 peer keeps in flight at once (pipelining).")
     compute_dtype: str = opt("float32", "Dtype of stage weights and activations on peers: float32, bfloat16 or float16.")
 

@@ -25,6 +25,8 @@ def swarm(tmp_path_factory):
     s.add_peer()
     try:
         s.wait_for(lambda: s.status()["round"] >= 4, 180, "4 rounds")
+        # Peers report their byte counters with their heartbeats.
+        s.wait_for(lambda: s.status()["wire"]["activations"]["bytes"] > 0, 30, "a heartbeat with byte counters")
         yield s
     finally:
         s.stop()

@@ -46,7 +46,7 @@ def test_realistic_page():
         assert pid in page
     assert 'id="peers"' in page and 'id="stage-map"' in page
     assert _svg(page, "loss-plot").count('<circle class="point"') == 12
-    assert "stage 0" in page and "stage 1" in page and "layers 0–4" in page
+    assert "stage 0" in page and "stage 1" in page and "blocks 0–3" in page and "blocks 4–7" in page
     assert "warning" in page and "no replica" in page
     assert "1.2 MiB" in page and "3s ago" in page
     assert "http://coord:8000/checkpoints/round-000010/manifest.json" in page
