@@ -1,7 +1,8 @@
 """Swarm overhead: tokens/s of a 1-stage, 1-peer swarm / tokens/s of a plain training loop.
 
-Both train the same model from the same initial weights on the same batches with the same
-optimizer, one CPU thread each, measured in one invocation. The swarm's figure covers whole
+Both train the same model from the same initial weights on the same batches (the coordinator's
+own ``build_mixer``: UL2 rows with their prefix-LM mask first, then causal + instructions) with
+the same optimizer, one CPU thread each, measured in one invocation. The swarm's figure covers whole
 rounds as the coordinator records them (batch hand-out over gRPC, forward, backward,
 progress reports, the step and its checksum), not peer start-up. Round 1 is warm-up for both.
 
@@ -18,10 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPTJForCausalLM
 
-from coordinator.corpus import builtin_documents
-from coordinator.data import CausalWindows
+from coordinator.dataset import build_mixer
 from coordinator.local_swarm import LocalSwarm
-from proto.run_config import TrainConfig
+from proto.run_config import CoordinatorConfig, TrainConfig
 
 
 def swarm_tokens_per_second(state_dir: Path, model: str, rounds: int) -> float:
@@ -36,25 +36,35 @@ def swarm_tokens_per_second(state_dir: Path, model: str, rounds: int) -> float:
     return sum(r["tokens"] for r in measured) / sum(r["duration"] for r in measured)
 
 
+def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: causal, plus every query sees the bidirectional prefix (as the peers' stages do)."""
+    positions = torch.arange(seq_len)
+    allowed = (positions[None, :] <= positions[:, None])[None] | (positions[None, None, :] < prefix_lengths[:, None, None])
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
 def plain_tokens_per_second(state_dir: Path, rounds: int) -> float:
-    t = TrainConfig()
+    t = CoordinatorConfig()  # the swarm's data and training settings: the defaults
     model = GPTJForCausalLM.from_pretrained(str(state_dir / "checkpoints" / "round-000000"), attn_implementation="eager").train()
     tokenizer = AutoTokenizer.from_pretrained(str(state_dir / "tokenizer"))
-    data = CausalWindows(tokenizer(builtin_documents())["input_ids"], tokenizer.eos_token_id, t.seq_len, t.seed)
+    data = build_mixer(t, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-    tokens, elapsed = 0, 0.0
+    tokens, elapsed, tokens_seen = 0, 0.0, 0
     for r in range(1, rounds + 1):
         started = time.perf_counter()
         round_tokens = 0
         for i in range(t.microbatches_per_round):
-            mb = data.microbatch(r, i, t.micro_batch_size, t.global_batch_size)
-            loss = torch.nn.functional.cross_entropy(model(mb.input_ids).logits.flatten(0, 1), mb.target_ids.flatten(), reduction="sum")
+            mb = data.microbatch(r, i, t.micro_batch_size, tokens_seen)
+            logits = model(mb.input_ids, attention_mask=prefix_lm_mask(mb.prefix_lengths, t.seq_len)).logits
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.target_ids.flatten(), reduction="none")
+            loss = (losses * mb.loss_mask.flatten()).sum()
             loss.backward()
             round_tokens += mb.loss_tokens
         for p in model.parameters():
             p.grad /= round_tokens
         optimizer.step()
         optimizer.zero_grad()
+        tokens_seen += round_tokens
         if r > 1:
             tokens += round_tokens
             elapsed += time.perf_counter() - started

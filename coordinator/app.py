@@ -18,7 +18,7 @@ from transformers import GPTJConfig
 from proto import PACKAGE_VERSION
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
-from proto.run_config import CoordinatorConfig
+from proto.run_config import ConfigError, CoordinatorConfig
 
 from .assignment import stage_layer_ranges
 from .checkpoint import (
@@ -29,8 +29,7 @@ from .checkpoint import (
     split_state_dict,
     write_checkpoint,
 )
-from .corpus import builtin_documents
-from .data import CausalWindows
+from .dataset import build_mixer, tokenizer_documents, tokenizer_special_tokens
 from .http_server import StatusHTTPServer
 from .membership import Membership
 from .metrics import WIRE_KINDS, CoordinatorMetrics
@@ -38,7 +37,7 @@ from .model_presets import initial_state, parameter_count, preset_config, pretra
 from .rounds import RoundEngine
 from .service import CoordinatorService
 from .store import RoundRecord, Store
-from .tokenizer import END_OF_TEXT, load_or_train
+from .tokenizer import load_or_train
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,17 @@ class CoordinatorApp:
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex[:12]
         self.store.set_meta("run_id", self.run_id)
         self.signing_key = load_signing_key(self.state_dir / "signing_key.pem")
-        documents = builtin_documents()
         self.tokenizer_dir = self.state_dir / "tokenizer"
-        self.tokenizer = load_or_train(self.tokenizer_dir, documents, cfg.vocab_size)
-        eos = self.tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+        saved_tokenizer = (self.tokenizer_dir / "tokenizer.json").is_file()
+        if cfg.init_from and not cfg.tokenizer and not saved_tokenizer:
+            log.warning("--init-from without --tokenizer: a new BPE is trained whose ids mean nothing to the checkpoint's "
+                        "embedding; pass --tokenizer DIR (e.g. the checkpoint's own tokenizer)")
+        self.tokenizer = load_or_train(self.tokenizer_dir, tokenizer_documents(cfg), cfg.vocab_size,
+                                       tokenizer_special_tokens(cfg), pretrained=cfg.tokenizer)
+        eos = self.tokenizer.eos_token_id
+        origin = f"the run's, in {self.tokenizer_dir}" if saved_tokenizer else (
+            f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else f"BPE trained on the run's data, --vocab-size {cfg.vocab_size}")
+        log.info("tokenizer: %d entries (%s), EOS id %d", len(self.tokenizer), origin, eos)
         saved = self.store.get_meta("model_config")
         initial: dict[str, torch.Tensor] | None = None
         if saved:
@@ -80,11 +86,22 @@ class CoordinatorApp:
             self.model_config = preset_config(cfg.model, len(self.tokenizer), eos, cfg.seq_len)
         if self.model_config.n_positions < cfg.seq_len:
             raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {self.model_config.n_positions} positions")
+        if self.model_config.vocab_size < len(self.tokenizer):
+            origin = "this run's saved model (--state-dir)" if saved else f"--init-from {cfg.init_from}"
+            raise ConfigError(
+                f"the tokenizer has {len(self.tokenizer)} entries (UL2's special tokens included) but {origin} has an "
+                f"embedding of {self.model_config.vocab_size} rows, which cannot grow silently: pass a --tokenizer that fits "
+                "(or already holds the UL2 tokens), a --init-from checkpoint with a larger vocabulary, or a new --state-dir"
+            )
         self.store.set_meta("model_config", self.model_config.to_json_string())
         self.layer_ranges = stage_layer_ranges(self.model_config.n_layer, cfg.stages)
-        token_lists = self.tokenizer(documents)["input_ids"]
-        self.data = CausalWindows(token_lists, eos, cfg.seq_len, cfg.seed)
-        log.info("built-in corpus: %d documents, %d samples of %d tokens", len(documents), len(self.data), cfg.seq_len)
+        self.data = build_mixer(cfg, self.tokenizer)
+        self.data_description = self.data.describe()
+        for source in self.data_description["sources"]:
+            log.info("data source %s: %s (%s, weight %g), %d tokens", source["name"], source["path"], source["format"], source["weight"], source["tokens"])
+        for i, phase in enumerate(self.data_description["phases"]):
+            log.info("data phase %d: %s from %d loss tokens until %s, weights %s (--ul2-tokens, --instruction-share, [[sources]])",
+                     i, phase["objective"], phase["from_tokens"], phase["until_tokens"] or "the end", phase["weights"])
         for leftover in remove_incomplete(self.checkpoint_root):
             log.warning("removed an interrupted checkpoint write: %s", leftover)
         if not self.store.checkpoints():
@@ -204,17 +221,14 @@ class CoordinatorApp:
             for kind, value in self._wire_totals(direction).items():
                 self.metrics.wire_bytes.labels(kind, direction).set(value["bytes"])
                 self.metrics.wire_uncompressed_bytes.labels(kind, direction).set(value["uncompressed_bytes"])
+        data = self.engine.data_progress()
+        self.metrics.data_phase.set(data["phase"])
+        for source, objectives in data["tokens_per_source_objective"].items():
+            for objective, n in objectives.items():
+                self.metrics.data_tokens.labels(source, objective).set(n)
 
     def _wire_totals(self, direction: str = "sent") -> dict[str, dict[str, int]]:
-        """Bytes every peer ever seen reported, by kind, beside their fp32 equivalent."""
-        totals = {kind: {"bytes": 0, "uncompressed_bytes": 0} for kind in WIRE_KINDS}
-        for p in self.membership.peers.values():
-            actual, plain = (p.bytes_sent, p.uncompressed_sent) if direction == "sent" else (p.bytes_received, p.uncompressed_received)
-            for kind, n in actual.items():
-                totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})["bytes"] += n
-            for kind, n in plain.items():
-                totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})["uncompressed_bytes"] += n
-        return totals
+        return {kind: {"bytes": 0, "uncompressed_bytes": 0} for kind in WIRE_KINDS} | self.membership.wire_totals(direction)
 
     def _status_threadsafe(self) -> dict[str, Any]:
         return asyncio.run_coroutine_threadsafe(self._status(), self.loop).result(timeout=5)
@@ -252,7 +266,27 @@ class CoordinatorApp:
             "progress": self.engine.progress(),
             "dht_maddrs": list(self.join_template.initial_peers),
             "train": json.loads(self.config.train_config().to_json()),
+            "data": self._data_status(),
             "now": time.time(),
+        }
+
+    def _data_status(self) -> dict[str, Any]:
+        """The data phase in force, the schedule, the sources and the loss tokens trained by phase, source and objective."""
+        progress = self.engine.data_progress()
+        description = self.data_description
+        phases = [{**p, "tokens": n} for p, n in zip(description["phases"], progress["tokens_per_phase"])]
+        sources = [{**s, "trained_tokens": progress["tokens_per_source"].get(s["name"], 0)} for s in description["sources"]]
+        return {
+            "phase": {"index": progress["phase"], "objective": progress["objective"]},
+            "phases": phases,
+            "tokens_per_phase": progress["tokens_per_phase"],
+            "tokens_per_source": progress["tokens_per_source"],
+            "tokens_per_objective": progress["tokens_per_objective"],
+            "objective_shares": progress["objective_shares"],
+            "sources": sources,
+            "ul2": description["ul2"],
+            "seq_len": description["seq_len"],
+            "pack_instructions": description["pack_instructions"],
         }
 
     def _rounds_json(self) -> list[dict[str, Any]]:
@@ -260,7 +294,7 @@ class CoordinatorApp:
             {
                 "round": r.round, "loss": r.loss, "tokens": r.tokens, "samples": r.samples, "dropped": r.dropped,
                 "duration": r.duration, "tokens_per_second": r.tokens / r.duration if r.duration > 0 else None,
-                "participants": r.participants, "checksums": r.checksums,
+                "participants": r.participants, "checksums": r.checksums, "diverged_stages": r.diverged_stages, "bytes": r.bytes,
             }
             for r in self.store.rounds()
         ]

@@ -128,6 +128,16 @@ class Membership:
         self.move(record, plan[1])
         return record, origin, plan[1]
 
+    def wire_totals(self, direction: str = "sent") -> dict[str, dict[str, int]]:
+        """Bytes every peer ever seen reported, by kind, beside their fp32 equivalent."""
+        totals: dict[str, dict[str, int]] = {}
+        for p in self.peers.values():
+            actual, plain = (p.bytes_sent, p.uncompressed_sent) if direction == "sent" else (p.bytes_received, p.uncompressed_received)
+            for key, counts in (("bytes", actual), ("uncompressed_bytes", plain)):
+                for kind, n in counts.items():
+                    totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})[key] += n
+        return totals
+
     def counts(self) -> dict[tuple[int, str], int]:
         """Peers per (stage, state name) for metrics."""
         out: dict[tuple[int, str], int] = {}

@@ -38,6 +38,11 @@ class CoordinatorMetrics:
         self.checkpoints = Counter("hometrain_checkpoints", "Checkpoints published.", registry=r)
         self.rpc_errors = Counter("hometrain_rpc_errors", "Control-plane requests refused or failed, by kind.", ["kind"], registry=r)
         self.control_bytes = Counter("hometrain_control_bytes", "Control-plane message bytes, by direction.", ["direction"], registry=r)
+        self.data_phase = Gauge("hometrain_data_phase", "Index of the data phase in force (0: first; see /api/status data.phases).", registry=r)
+        self.data_tokens = Gauge(
+            "hometrain_data_tokens", "Loss tokens trained, by data source and objective (sum by either label); survives restarts.",
+            ["source", "objective"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

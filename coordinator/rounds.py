@@ -11,6 +11,7 @@ published checkpoint. All mutation happens on one asyncio loop; peers long-poll 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter, deque
@@ -25,8 +26,8 @@ from proto import hometrain_pb2 as pb
 from proto.manifest import sha256_bytes
 from proto.run_config import CoordinatorConfig
 
-from .data import CausalWindows
 from .membership import Membership, PeerRecord
+from .mixer import DataMixer, MicrobatchInfo
 from .store import RoundRecord, Store
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class OpenRound:
     publish_started: float | None = None
     sync_attempt: int = 0                                        # bumped when a stage must average again
     deadline: float = 0.0                                        # seconds after `started` the round closes
+    tokens_before: int = 0                                       # loss tokens trained before this round: picks the data phase
+    infos: dict[int, MicrobatchInfo] = field(default_factory=dict)  # index -> where its samples came from (in flight)
 
 
 class RoundEngine:
@@ -64,7 +67,7 @@ class RoundEngine:
         self,
         config: CoordinatorConfig,
         store: Store,
-        data: CausalWindows,
+        data: DataMixer,
         membership: Membership,
         publish: Callable[[int, int, float | None, list[dict[str, torch.Tensor]]], None],
         layer_ranges: list[tuple[int, int]],
@@ -87,6 +90,8 @@ class RoundEngine:
         self.directives = 0  # bumped when a peer is told to move, reload or adopt: wakes long polls
         self.latest_checkpoint: tuple[str, int] = ("", 0)  # (url, round), set by the app
         self.max_sync_attempts = 3
+        self.data_tokens = self._load_data_tokens()
+        self.on_round_recorded.append(self._save_data_tokens)
 
     # ------------------------------------------------------------ state changes
 
@@ -180,7 +185,8 @@ class RoundEngine:
             self.waiting_reason = f"waiting for peers on stage(s) {missing}"
             return
         self.waiting_reason = ""
-        self.current = OpenRound(self.round, now, self.config.microbatches_per_round, deadline=self._deadline())
+        self.current = OpenRound(self.round, now, self.config.microbatches_per_round, deadline=self._deadline(),
+                                 tokens_before=self.store.totals()["tokens"])
         log.info("round %d open: %d microbatches of %d samples, deadline %.0fs", self.round, self.current.target, self.config.micro_batch_size, self.current.deadline)
         await self._set_phase(pb.OPEN)
 
@@ -225,8 +231,9 @@ class RoundEngine:
         if await self._retry_failed_groups(now):
             return
         checksums: dict[str, list[str]] = {}
+        drifting = sorted({cur.members[pid] for pid, r in cur.step_reports.items() if r.diverged})
         for pid, report in sorted(cur.step_reports.items()):
-            if report.synced:
+            if report.synced and not report.diverged:  # skipped syncs: replicas differ by design until re-aligned
                 checksums.setdefault(str(cur.members[pid]), []).append(report.checksum)
         for pid, report in cur.step_reports.items():
             record = self.membership.get(pid)
@@ -234,7 +241,7 @@ class RoundEngine:
                 continue
             stage_sums = checksums.get(str(cur.members[pid]), [])
             majority = Counter(stage_sums).most_common(1)[0][0] if stage_sums else None
-            if report.synced and report.checksum == majority:
+            if report.synced and (report.diverged or report.checksum == majority):
                 record.next_round = cur.number + 1
             else:
                 log.warning("peer %s of stage %d diverged in round %d (%s): it reloads its weights", pid, record.stage, cur.number, report.error or "checksum differs")
@@ -244,6 +251,7 @@ class RoundEngine:
         record = RoundRecord(
             round=cur.number, loss=loss, tokens=cur.tokens, samples=cur.samples, dropped=cur.dropped * self.config.micro_batch_size,
             started=cur.started, ended=now, participants=sorted(cur.members), checksums=checksums, bytes=totals,
+            diverged_stages=drifting,
         )
         self.store.record_round(record)
         for callback in self.on_round_recorded:
@@ -340,7 +348,7 @@ class RoundEngine:
         index = cur.next_index
         cur.next_index += 1
         cur.in_flight[index] = peer.peer_id
-        mb = self.data.microbatch(cur.number, index, self.config.micro_batch_size, self.config.global_batch_size)
+        mb, cur.infos[index] = self.data.microbatch_with_info(cur.number, index, self.config.micro_batch_size, cur.tokens_before)
         return pb.Microbatch(
             available=True, round=cur.number, index=index, sample_ids=mb.sample_ids,
             input_ids=codec.to_message(mb.input_ids), target_ids=codec.to_message(mb.target_ids),
@@ -352,7 +360,10 @@ class RoundEngine:
         if self.phase != pb.OPEN or cur is None or report.round != cur.number or cur.in_flight.get(report.microbatch_index) != peer.peer_id:
             return False  # late: the round closed (the sample was counted as dropped then)
         del cur.in_flight[report.microbatch_index]
+        info = cur.infos.pop(report.microbatch_index, None)
         if report.ok:
+            if info is not None:
+                self._count_data(info)
             cur.done += 1
             cur.loss_sum += report.loss_sum
             cur.tokens += report.tokens
@@ -418,15 +429,57 @@ class RoundEngine:
             except asyncio.TimeoutError:
                 pass
 
+    # ------------------------------------------------------------ data accounting
+
+    DATA_TOKENS_KEY = "data_tokens"  # store meta: loss tokens trained by phase and by (source, objective), JSON
+
+    def _load_data_tokens(self) -> dict:
+        saved = self.store.get_meta(self.DATA_TOKENS_KEY)
+        totals = json.loads(saved) if saved else {}
+        return {"phases": dict(totals.get("phases", {})), "sources": {k: dict(v) for k, v in totals.get("sources", {}).items()}}
+
+    def _save_data_tokens(self, record: RoundRecord) -> None:
+        """Persisted with every recorded round, so a restarted coordinator keeps counting from there."""
+        self.store.set_meta(self.DATA_TOKENS_KEY, json.dumps(self.data_tokens, sort_keys=True))
+
+    def _count_data(self, info: MicrobatchInfo) -> None:
+        """Add a trained microbatch's loss tokens to the totals by phase and by (source, objective)."""
+        phases = self.data_tokens["phases"]
+        phases[str(info.phase)] = phases.get(str(info.phase), 0) + sum(info.loss_tokens)
+        for source, objective, n in zip(info.sources, info.objectives, info.loss_tokens):
+            per_source = self.data_tokens["sources"].setdefault(source, {})
+            per_source[objective] = per_source.get(objective, 0) + int(n)
+
+    def data_progress(self) -> dict:
+        """The data phase in force and the loss tokens trained so far (the open round's finished
+        microbatches included) by phase, source, objective and (source, objective)."""
+        cur = self.current
+        tokens_before = cur.tokens_before if cur is not None else self.store.totals()["tokens"]
+        phase = self.data.phase_at(tokens_before)
+        pairs = {s: dict(sorted(o.items())) for s, o in sorted(self.data_tokens["sources"].items())}
+        by_objective: dict[str, int] = {}
+        for objectives in pairs.values():
+            for objective, n in objectives.items():
+                by_objective[objective] = by_objective.get(objective, 0) + n
+        total = sum(by_objective.values())
+        return {
+            "phase": phase,
+            "objective": self.data.phase_configs[phase].objective,
+            "tokens_per_phase": [self.data_tokens["phases"].get(str(i), 0) for i in range(len(self.data.phase_configs))],
+            "tokens_per_source": {s: sum(o.values()) for s, o in pairs.items()},
+            "tokens_per_objective": dict(sorted(by_objective.items())),
+            "tokens_per_source_objective": pairs,
+            "objective_shares": {o: n / total for o, n in sorted(by_objective.items())} if total else {},
+        }
+
     # ------------------------------------------------------------ reporting
 
     def _byte_totals(self) -> dict[str, int]:
+        """Flat copy of the sent-byte counters, stored with each round (cumulative; differences give per round)."""
         totals: dict[str, int] = {}
-        for p in self.membership.peers.values():
-            for kind, n in p.bytes_sent.items():
-                totals[f"{kind}_sent"] = totals.get(f"{kind}_sent", 0) + n
-            for kind, n in p.uncompressed_sent.items():
-                totals[f"{kind}_uncompressed_sent"] = totals.get(f"{kind}_uncompressed_sent", 0) + n
+        for kind, value in self.membership.wire_totals("sent").items():
+            totals[f"{kind}_sent"] = value["bytes"]
+            totals[f"{kind}_uncompressed_sent"] = value["uncompressed_bytes"]
         return totals
 
     def progress(self) -> dict:

@@ -118,6 +118,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def ReportStep(self, request: pb.StepReport, context: grpc.aio.ServicerContext) -> pb.StepAck:
         record = await self._peer(request.peer_id, context)
+        if request.HasField("stats"):
+            self.membership.update_stats(record, request.stats, "")
         await self.engine.report_step(record, request)
         return pb.StepAck()
 

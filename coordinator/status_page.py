@@ -128,6 +128,47 @@ def _sum(d) -> float:
     return sum(_num(v) for v in d.values()) if isinstance(d, dict) else 0.0
 
 
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * _num(value):.1f}%"
+
+
+def data_section(data) -> str:
+    """The data phase in force, the phase schedule and the mix actually trained (sources, objectives)."""
+    d = _d(data)
+    if not d:
+        return "<p class='muted'>no data information</p>"
+    phase = _d(d.get("phase"))
+    phases = [p for p in d.get("phases") or [] if isinstance(p, dict)]
+    current = phase.get("index")
+    line = (f"<p id='data-phase'><b>phase {_e(current)}</b> of {len(phases) or '?'}: "
+            f"<b>{_e(phase.get('objective', '?'))}</b></p>") if phase else ""
+    phase_rows = []
+    for i, p in enumerate(phases):
+        weights = ", ".join(f"{_e(name)} {_pct(w)}" for name, w in _d(p.get("weights")).items() if _num(w) > 0)
+        marker = " ◀" if i == current else ""
+        phase_rows.append([_td(f"{i}{marker}", True), _td(_e(p.get("objective"))), _td(_fmt(p.get("from_tokens", 0)), True),
+                           _td(_fmt(p.get("until_tokens"), none="end"), True), _td(weights or "–"),
+                           _td(_fmt(p.get("tokens", 0)), True)])
+    phases_html = _table("data-phases", ["phase", "objective", "from tokens", "until tokens", "weights", "trained tokens"],
+                         phase_rows, "no phases")
+    trained = _d(d.get("tokens_per_source"))
+    total = _sum(trained)
+    mix_rows = []
+    for src in [x for x in d.get("sources") or [] if isinstance(x, dict)]:
+        n = _num(trained.get(src.get("name"), src.get("trained_tokens", 0)))
+        mix_rows.append([_td(_e(src.get("name"))), _td(_e(src.get("format"))), _td(_e(src.get("path"))),
+                         _td(_fmt(src.get("weight"), ".3g"), True), _td(_fmt(n), True),
+                         _td(_pct(n / total) if total else "–", True)])
+    shares = _d(d.get("objective_shares"))
+    objective_tokens = _d(d.get("tokens_per_objective"))
+    for name in sorted(set(shares) | set(objective_tokens), key=str):
+        mix_rows.append([_td(f"<span class='muted'>objective</span> {_e(name)}"), _td(""), _td(""), _td(""),
+                         _td(_fmt(objective_tokens.get(name)), True), _td(_pct(shares.get(name)), True)])
+    mix_html = _table("data-mix", ["source / objective", "format", "path", "weight", "trained tokens", "share"], mix_rows,
+                      "no sources")
+    return line + phases_html + "<br>" + mix_html
+
+
 def render_page(status: dict, rounds: list[dict]) -> str:
     """The full HTML page for one status snapshot and the per-round history (oldest first)."""
     s = _d(status)
@@ -211,5 +252,5 @@ def render_page(status: dict, rounds: list[dict]) -> str:
             "<meta http-equiv=\"refresh\" content=\"5\"><meta name='viewport' content='width=device-width'>"
             f"<title>hometrain · {_e(s.get('run', 'status'))}</title><style>{CSS}</style></head><body>"
             f"{header}<h2>Stages</h2>{stage_map}<h2>Peers</h2>{peers}<h2>Progress</h2>{plots}"
-            f"<h2>Wire bytes</h2>{wire}<h2>Last {min(20, len(rounds))} rounds</h2>{history}"
+            f"<h2>Data</h2>{data_section(s.get('data'))}<h2>Wire bytes</h2>{wire}<h2>Last {min(20, len(rounds))} rounds</h2>{history}"
             f"<h2>Checkpoints</h2>{checkpoints}</body></html>")

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     ended REAL NOT NULL,
     participants TEXT NOT NULL,
     checksums TEXT NOT NULL,
-    bytes TEXT NOT NULL
+    bytes TEXT NOT NULL,
+    diverged_stages TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS peers (
     peer_id TEXT PRIMARY KEY,
@@ -64,6 +65,7 @@ class RoundRecord:
     participants: list[str]
     checksums: dict[str, list[str]] = field(default_factory=dict)  # stage -> checksums reported
     bytes: dict[str, int] = field(default_factory=dict)
+    diverged_stages: list[int] = field(default_factory=list)  # stages whose replicas skipped syncs and differ until re-aligned
 
     @property
     def duration(self) -> float:
@@ -98,9 +100,9 @@ class Store:
     def record_round(self, r: RoundRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.round, r.loss, r.tokens, r.samples, r.dropped, r.started, r.ended,
-                 json.dumps(r.participants), json.dumps(r.checksums), json.dumps(r.bytes)),
+                 json.dumps(r.participants), json.dumps(r.checksums), json.dumps(r.bytes), json.dumps(r.diverged_stages)),
             )
 
     def rounds(self, limit: int | None = None) -> list[RoundRecord]:
@@ -108,7 +110,7 @@ class Store:
         with self._lock:
             rows = self._db.execute(query).fetchall()
         return [
-            RoundRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), json.loads(row[8]), json.loads(row[9]))
+            RoundRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), json.loads(row[8]), json.loads(row[9]), json.loads(row[10]))
             for row in reversed(rows)
         ]
 

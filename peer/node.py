@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import sys
+import tempfile
 import time
 
 import grpc
@@ -25,12 +26,15 @@ from proto import PROTOCOL_VERSION, codec
 from proto import hometrain_pb2 as pb
 from proto.manifest import sha256_bytes
 from proto.run_config import PeerConfig, TrainConfig
+from proto.schedule import resyncs, skips_sync, sync_seed
 
 from .control_client import ControlClient
+from .boundary_codec import BoundaryCodec
 from .device import DeviceInfo
 from .metrics import PeerMetrics
 from .pipeline import Pipeline, Router, StageDirectory
 from .replica_sync import ReplicaSync, SyncError
+from .sync_compression import ErrorFeedbackCompressor, SyncCompressionConfig
 from .stage_runtime import StageRuntime
 from .transport import FrameTransport, WireCounters
 from .weights import fetch_checkpoint_tensors
@@ -55,6 +59,7 @@ class PeerNode:
         self.rounds_seen: dict[str, set] = {"feed": set(), "sync": set(), "upload": set()}
         self.current_round = 0
         self.throughput = 0.0  # samples per compute-second of this peer's stage (kept across stage moves)
+        self.compressor: ErrorFeedbackCompressor | None = None  # cocktail sync: this replica's error feedback
 
     # ------------------------------------------------------------ start
 
@@ -95,7 +100,9 @@ class PeerNode:
         self.transport = FrameTransport(p2p, self.counters)
         self.directory = StageDirectory(self.dht, self.run_id)
         self.router = Router(self.directory, rng=random.Random(self.dht_id))
-        self.pipeline = Pipeline(self.runtime, self.transport, self.router, self.run_id, self.stage, self.train.round_timeout)
+        cache_dir = self.config.cache_dir or tempfile.mkdtemp(prefix="hometrain-aqsgd-")
+        self.boundary = BoundaryCodec(self.train, self.config.activation_cache_mb << 20, cache_dir, self.device.device)
+        self.pipeline = Pipeline(self.runtime, self.transport, self.router, self.boundary, self.run_id, self.stage, self.train.round_timeout)
         self.sync = ReplicaSync(self.transport, self.run_id, self.dht_id)
         await self.pipeline.start()
         await self.sync.start()
@@ -139,6 +146,12 @@ class PeerNode:
 
     async def _load_weights(self) -> None:
         """Current weights from a live replica of the stage, else from the latest checkpoint."""
+        self.compressor = None  # error feedback belongs to the weights it was computed on
+        # Refuse new microbatches and let those in flight finish: their backward needs the old weights.
+        self.runtime.next_round = 0
+        deadline = time.monotonic() + self.train.sync_timeout
+        while self.runtime.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         replicas = await self.directory.replicas(self.stage, max_age=0)
         others = [p for p in replicas if p != self.dht_id]
         random.shuffle(others)
@@ -284,6 +297,7 @@ class PeerNode:
         await self.client.close()
         self.dht.shutdown()
         self.runtime.executor.shutdown(wait=False, cancel_futures=True)
+        self.boundary.close()
         log.info("left the run")
 
     # ------------------------------------------------------------ rounds
@@ -363,35 +377,78 @@ class PeerNode:
         await self.client.call("ReportProgress", report)
 
     async def _sync_and_step(self, round: int, group: list[str], tokens: int, attempt: int) -> None:
-        """Close the round locally, sum gradients with the replica group, step, report the checksum.
+        """Close the round locally, sync with the replica group, step, report the checksum.
 
-        If the group cannot finish (a member vanished), the gradients are kept and nothing steps:
-        the coordinator then either starts another attempt without the missing member or has this
-        replica reload from one that did step.
+        Two quantities can be synced. Without compression it is the round's summed gradient:
+        every replica applies the same AdamW step to the same weights, exactly the step one
+        process would take on the whole batch. With cocktail compression it is the parameter
+        delta against the weights the replicas last agreed on (CocktailSGD's code does the
+        same): each replica first steps on its own gradient, then the compressed deltas (error
+        feedback keeps what was not sent) are averaged and every replica sets its weights to
+        the agreed copy plus that average, so replicas are bit-identical after every sync. Only
+        this form survives randomly skipped syncs without a full-precision re-alignment: the
+        local steps of skipped rounds are simply part of the next delta.
+
+        If the group cannot finish (a member vanished), nothing is applied: the coordinator
+        starts another attempt without the missing member, or has this replica reload.
         """
-        runtime = self.runtime
+        runtime, train = self.runtime, self.train
         runtime.closed_round = round
-        deadline = time.monotonic() + self.train.sync_timeout
+        deadline = time.monotonic() + train.sync_timeout
         while runtime.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         report = pb.StepReport(peer_id=self.peer_id, round=round, synced=True)
         async with runtime.state_lock:
-            flat = (await runtime.run(runtime.flat_gradients)).cpu()
             try:
-                summed = await self.sync.all_reduce_sum(flat, group, round, self.stage, self.train.sync_timeout, attempt)
-            except SyncError as exc:
-                report.synced, report.error = False, str(exc)
-                log.warning("round %d: gradient sync (attempt %d) failed: %s", round, attempt + 1, exc)
-            if report.synced:
-                if tokens > 0:
-                    await runtime.run(runtime.apply_step, summed, tokens)
+                if train.sync_compression == "cocktail":
+                    how = await self._delta_sync(round, group, attempt)
+                    report.diverged = how == "skipped"
                 else:
-                    await runtime.run(runtime.discard_gradients)
+                    how = await self._gradient_sync(round, group, tokens, attempt)
                 runtime.next_round = round + 1
+            except SyncError as exc:
+                report.synced, report.error, how = False, str(exc), "failed"
+                log.warning("round %d: sync (attempt %d) failed: %s", round, attempt + 1, exc)
             report.checksum = await runtime.run(runtime.checksum)
+        report.stats.CopyFrom(self.stats())
         await self.client.call("ReportStep", report)
         if not self.config.quiet:
-            log.info("round %d stepped (group of %d, %d tokens) checksum %s", round, len(group), tokens, report.checksum[:12])
+            log.info("round %d stepped (%s) checksum %s", round, how, report.checksum[:12])
+
+    async def _gradient_sync(self, round: int, group: list[str], tokens: int, attempt: int) -> str:
+        """Exact: sum gradients over the group, divide by the round's tokens, one AdamW step."""
+        runtime = self.runtime
+        flat = await runtime.run(runtime.flat_gradients)
+        summed = flat if len(group) == 1 else await self.sync.all_reduce_sum(flat.cpu(), group, round, self.stage, self.train.sync_timeout, attempt)
+        if tokens > 0:
+            await runtime.run(runtime.apply_step, summed, tokens)
+        else:
+            await runtime.run(runtime.discard_gradients)
+        return f"group of {len(group)}, {tokens} tokens"
+
+    async def _delta_sync(self, round: int, group: list[str], attempt: int) -> str:
+        """Local AdamW step, then (unless this round skips) average compressed parameter deltas."""
+        runtime, train = self.runtime, self.train
+        if runtime.stepped_round < round:  # a retried attempt must not step twice
+            local = runtime.round_tokens
+            if local > 0:
+                await runtime.run(runtime.apply_step, await runtime.run(runtime.flat_gradients), local)
+            else:
+                await runtime.run(runtime.discard_gradients)
+            runtime.stepped_round = round
+        if len(group) == 1:
+            await runtime.run(runtime.reset_anchor)
+            return "alone"
+        if skips_sync(train.seed, round, self.stage, train.p_skip) and not resyncs(round, train.resync_every):
+            return "skipped"
+        params = await runtime.run(runtime.flat_params)
+        if self.compressor is None or self.compressor.numel != params.numel():
+            self.compressor = ErrorFeedbackCompressor(params.numel(), SyncCompressionConfig(train.sync_random_ratio, train.sync_topk_ratio, train.sync_bits))
+        seed = sync_seed(train.seed, round, self.stage, attempt)
+        total = await self.sync.all_gather_compressed(params - runtime.anchor, group, round, self.stage, train.sync_timeout, attempt, self.compressor, seed)
+        runtime.anchor = runtime.anchor + total / len(group)
+        await runtime.run(runtime.load_flat_params, runtime.anchor)
+        return f"delta sync with {len(group)}"
 
     async def _upload(self, round: int) -> None:
         async with self.runtime.state_lock:

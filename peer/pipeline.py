@@ -9,6 +9,7 @@ microbatch goes backward along the route it went forward. Nothing passes the coo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -23,8 +24,9 @@ from hivemind.utils import get_dht_time
 from proto import codec
 from proto import hometrain_pb2 as pb
 
+from .boundary_codec import BoundaryCodec, MissingEntries, Outgoing
 from .stage_runtime import StageRuntime
-from .transport import FrameTransport, Tensors
+from .transport import FrameTransport, Tensors, fp32_equivalent
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,11 @@ class NoRouteError(RuntimeError):
 class Pipeline:
     """Runs microbatches through this peer's stage and on to the next ones."""
 
-    def __init__(self, runtime: StageRuntime, transport: FrameTransport, router: Router, run_id: str, stage: int, hop_timeout: float) -> None:
+    def __init__(
+        self, runtime: StageRuntime, transport: FrameTransport, router: Router, boundary: BoundaryCodec, run_id: str, stage: int, hop_timeout: float
+    ) -> None:
         self.runtime = runtime
+        self.boundary = boundary
         self.transport = transport
         self.router = router
         self.run_id = run_id
@@ -129,9 +134,16 @@ class Pipeline:
         await self.transport.serve(INFER_HANDLER, self._handle_infer, receive_kind="activations", send_kind="activations")
 
     async def send_forward(
-        self, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor], handler: str = FORWARD_HANDLER, receive_kind: str = "gradients"
+        self, header: pb.FrameHeader, payload: Outgoing | Mapping[str, torch.Tensor], handler: str = FORWARD_HANDLER, receive_kind: str = "gradients"
     ) -> tuple[pb.FrameHeader, Tensors]:
-        """Send a frame to a peer of stage ``header.stage``; reroute to another replica on failure."""
+        """Send a frame to a peer of stage ``header.stage``; reroute to another replica on failure.
+
+        An ``Outgoing`` payload is encoded for each destination (compressed activations); plain
+        tensors go as they are. A receiver that lacks a sample's AQ-SGD entry says so and gets
+        the frame again, those samples quantized directly.
+        """
+        if isinstance(payload, Outgoing):
+            header.raw_bytes = fp32_equivalent({"hidden": payload.hidden, **payload.extras})
         tried: set[str] = set()
         errors = []
         deadline = time.monotonic() + self.hop_timeout
@@ -144,26 +156,41 @@ class Pipeline:
                 continue
             tried.add(target)
             try:
-                reply_header, reply = await self.transport.call(
-                    PeerID.from_base58(target), handler, header, tensors, "activations", receive_kind,
-                    timeout=max(1.0, deadline - time.monotonic()),
-                )
+                for _ in range(2):  # a second time only if the receiver lacked cache entries
+                    tensors = self.boundary.encode_activations(target, payload) if isinstance(payload, Outgoing) else payload
+                    reply_header, reply = await self.transport.call(
+                        PeerID.from_base58(target), handler, header, tensors, "activations", receive_kind,
+                        timeout=max(1.0, deadline - time.monotonic()),
+                    )
+                    missing = json.loads(reply_header.json).get("missing") if reply_header.json else None
+                    if not missing:
+                        break
+                    log.info("stage %d peer %s lacks cached activations of %d samples; sending them directly", header.stage, target[-8:], len(missing))
+                    self.boundary.missing(target, payload, [int(m) for m in missing])
+                else:
+                    raise codec.FrameError("receiver still lacks cached activations after a direct re-send")
+                if isinstance(payload, Outgoing):
+                    self.boundary.acknowledged(target, payload)
                 self.router.succeeded(target)
                 return reply_header, reply
             except Exception as exc:
+                if isinstance(payload, Outgoing):
+                    self.boundary.failed(target, payload)
                 seconds = self.router.ban(target)
                 errors.append(f"{target[-8:]}: {type(exc).__name__}: {str(exc)[:200]}")
                 log.warning("hop to stage %d peer %s failed (%s); banned %.0fs, rerouting", header.stage, target[-8:], errors[-1], seconds)
         raise NoRouteError(f"no stage-{header.stage} peer took microbatch {header.microbatch} of round {header.round}: {'; '.join(errors) or 'none announced'}")
 
-    def _check_inputs(self, header: pb.FrameHeader, tensors: Tensors) -> None:
+    def _check_header(self, header: pb.FrameHeader) -> None:
         if header.kind != pb.FORWARD or header.run_id != self.run_id or header.stage != self.stage or self.stage == 0:
             raise codec.FrameError(
                 f"expected a FORWARD frame of run {self.run_id} for stage {self.stage}, "
                 f"received {pb.FrameKind.Name(header.kind)} of run {header.run_id!r} for stage {header.stage}"
             )
-        hidden = tensors.get("hidden")
-        if hidden is None or hidden.dim() != 3 or not hidden.is_floating_point():
+        self.runtime.require_round(header.round)
+
+    def _check_inputs(self, hidden: torch.Tensor, tensors: Tensors) -> None:
+        if hidden.dim() != 3 or not hidden.is_floating_point():
             raise codec.FrameError("FORWARD frame needs a float tensor 'hidden' of shape [batch, seq, d_model]")
         batch, seq_len, width = hidden.shape
         config = self.runtime.model.config
@@ -174,8 +201,7 @@ class Pipeline:
         codec.require_shape("prefix_lengths", tensors.get("prefix_lengths", torch.empty(0)), (batch,), torch.int64)
         if int(tensors["target_ids"].min()) < 0 or int(tensors["target_ids"].max()) >= config.vocab_size:
             raise codec.FrameError(f"target ids outside the vocabulary [0, {config.vocab_size})")
-        codec.require_finite(tensors)
-        self.runtime.require_round(header.round)
+        codec.require_finite({"hidden": hidden, **tensors})
 
     async def _handle_infer(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
         """Forward-only pass for evaluation: this stage, then the rest of the pipeline; logits come back."""
@@ -199,29 +225,34 @@ class Pipeline:
         return await self.send_forward(onward, {"hidden": outputs, "prefix_lengths": prefix}, handler=INFER_HANDLER, receive_kind="activations")
 
     async def _handle_forward(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
-        self._check_inputs(header, tensors)
-        loss_sum, tokens, grad = await self.run_stage(header, tensors["hidden"], tensors)
+        self._check_header(header)
+        try:
+            hidden = self.boundary.decode_activations(sender.to_base58(), list(header.sample_ids), tensors)
+        except MissingEntries as exc:
+            return pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, json=json.dumps({"missing": exc.sample_ids})), {}
+        self._check_inputs(hidden, tensors)
+        loss_sum, tokens, grad = await self.run_stage(header, hidden, tensors)
         reply = pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
-                               stage=self.stage - 1, loss_sum=loss_sum, tokens=tokens)
-        return reply, {"grad": grad}
+                               stage=self.stage - 1, loss_sum=loss_sum, tokens=tokens, raw_bytes=fp32_equivalent({"grad": grad}))
+        return reply, self.boundary.encode_gradient(grad)
 
     async def run_stage(self, header: pb.FrameHeader, inputs: torch.Tensor, batch: Tensors) -> tuple[float, int, torch.Tensor | None]:
         """Forward through this stage, on through the rest of the pipeline, and backward; returns (loss_sum, tokens, input grad)."""
         runtime = self.runtime
         runtime.in_flight += 1
         try:
-            ctx = await runtime.run_timed(runtime.forward, header.round, inputs, batch["prefix_lengths"])
+            ctx = await runtime.run_timed(runtime.forward, header.round, inputs, batch["prefix_lengths"], batch["loss_mask"])
             if runtime.model.is_last:
                 return await runtime.run_timed(runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
             next_header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
                                          stage=self.stage + 1, sample_ids=header.sample_ids)
-            outgoing = {"hidden": ctx.outputs.detach(), "target_ids": batch["target_ids"], "loss_mask": batch["loss_mask"],
-                        "prefix_lengths": batch["prefix_lengths"]}
+            extras = {name: batch[name] for name in ("target_ids", "loss_mask", "prefix_lengths")}
+            outgoing = Outgoing(list(header.sample_ids), ctx.outputs.detach(), extras)
             reply_header, reply = await self.send_forward(next_header, outgoing)
-            grad = reply.get("grad")
+            grad = self.boundary.decode_gradient(reply)
             if grad is None or tuple(grad.shape) != tuple(ctx.outputs.shape):
                 raise codec.FrameError(f"stage {self.stage + 1} returned a gradient of shape {None if grad is None else list(grad.shape)}, expected {list(ctx.outputs.shape)}")
-            codec.require_finite(reply)
+            codec.require_finite({"grad": grad})
             input_grad = await runtime.run_timed(runtime.backward, ctx, grad)
             return reply_header.loss_sum, reply_header.tokens, input_grad
         finally:

@@ -35,6 +35,7 @@ class ForwardContext:
     round: int
     inputs: torch.Tensor
     outputs: torch.Tensor
+    tokens: int          # loss tokens of the microbatch
 
 
 class StaleRoundError(FrameError):
@@ -59,8 +60,11 @@ class StageRuntime:
         self.loads = 0
         self.in_flight = 0             # microbatches between forward and backward on this stage
         self.microbatches_done = 0
+        self.round_tokens = 0          # loss tokens this replica trained in the round (its local gradient divisor)
         self.samples_done = 0
         self.compute_seconds = 0.0     # time in forward/backward: throughput = samples_done / compute_seconds
+        self.anchor: torch.Tensor | None = None  # delta sync: the weights all replicas last agreed on (fp32, CPU)
+        self.stepped_round = 0         # delta sync: the round whose local step is done (a sync retry must not step again)
         self.state_lock = asyncio.Lock()  # held while stepping and while serving the state to a joiner
         self._guard = threading.Lock()
 
@@ -103,14 +107,14 @@ class StageRuntime:
                 f"stage is accumulating round {self.next_round if self.next_round > self.closed_round else 'none'}, received a frame of round {round}"
             )
 
-    def forward(self, round: int, inputs: torch.Tensor, prefix_lengths: torch.Tensor) -> ForwardContext:
+    def forward(self, round: int, inputs: torch.Tensor, prefix_lengths: torch.Tensor, loss_mask: torch.Tensor) -> ForwardContext:
         """Forward with autograd; the input is a leaf so its gradient can be sent back."""
         self.require_round(round)
         inputs = inputs.to(self.device)
         if inputs.is_floating_point():
             inputs = inputs.to(self.dtype).requires_grad_(True)
         outputs = self.model(inputs, prefix_lengths.to(self.device))
-        return ForwardContext(round, inputs, outputs)
+        return ForwardContext(round, inputs, outputs, int(loss_mask.sum().item()))
 
     @torch.no_grad()
     def infer(self, inputs: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,7 @@ class StageRuntime:
     def _count(self, ctx: ForwardContext) -> None:
         self.microbatches_done += 1
         self.samples_done += ctx.inputs.shape[0]
+        self.round_tokens += ctx.tokens
 
     # ------------------------------------------------------------ step
 
@@ -157,16 +162,36 @@ class StageRuntime:
             p.grad = (summed[offset : offset + n] / tokens).view_as(p).to(device=p.device, dtype=p.dtype)
             offset += n
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.discard_gradients()
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.round_tokens = 0
 
     def restart_at(self, next_round: int) -> None:
         """Continue as of ``next_round`` with the current weights, dropping unfinished gradients."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.discard_gradients()
         self.next_round = next_round
         self.closed_round = next_round - 1
+
+    def flat_params(self) -> torch.Tensor:
+        """All weights as one fp32 CPU vector, in parameter order."""
+        return torch.cat([p.detach().float().reshape(-1).cpu() for p in self.model.parameters()])
+
+    def load_flat_params(self, flat: torch.Tensor) -> None:
+        """Set the weights from ``flat`` (inverse of ``flat_params``)."""
+        offset = 0
+        with torch.no_grad():
+            for p in self.model.parameters():
+                n = p.numel()
+                p.copy_(flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype))
+                offset += n
+        if offset != flat.numel():
+            raise ValueError(f"{flat.numel()} values do not match this stage's {offset} parameters")
+
+    def reset_anchor(self) -> None:
+        """Make the current weights the replicas' last agreed copy (delta sync)."""
+        self.anchor = self.flat_params()
 
     def checksum(self) -> str:
         return parameter_checksum(self.model)
@@ -183,6 +208,8 @@ class StageRuntime:
             tensors[f"{OPTIM_PREFIX}{name}.exp_avg"] = state["exp_avg"].detach().to("cpu", copy=True)
             tensors[f"{OPTIM_PREFIX}{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu", copy=True)
             steps[name] = float(state["step"])
+        if self.anchor is not None:
+            tensors["anchor"] = self.anchor.clone()
         return tensors, {"steps": steps, "next_round": self.next_round}
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -192,10 +219,16 @@ class StageRuntime:
         """Load weights (and optimizer state if present), checking names, shapes and finiteness first."""
         params = dict(self.model.named_parameters())
         missing = sorted(set(params) - set(tensors))
-        unexpected = sorted(k for k in tensors if k not in params and not k.startswith(OPTIM_PREFIX))
+        unexpected = sorted(k for k in tensors if k not in params and not k.startswith(OPTIM_PREFIX) and k != "anchor")
         if missing or unexpected:
             raise FrameError(f"stage state does not match layers [{self.model.layer_start}, {self.model.layer_end}): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        numel = sum(p.numel() for p in params.values())
+        anchor = tensors.get("anchor")
+        if anchor is not None and (anchor.dtype != torch.float32 or tuple(anchor.shape) != (numel,) or not torch.isfinite(anchor).all()):
+            raise FrameError(f"anchor must be {numel} finite float32 values, received {anchor.dtype} {list(anchor.shape)}")
         for name, tensor in tensors.items():
+            if name == "anchor":
+                continue
             base = name[len(OPTIM_PREFIX):].rsplit(".", 1)[0] if name.startswith(OPTIM_PREFIX) else name
             if base not in params or tuple(tensor.shape) != tuple(params[base].shape):
                 raise FrameError(f"tensor {name} has shape {list(tensor.shape)}, the stage expects {list(params[base].shape) if base in params else 'nothing of that name'}")
@@ -213,7 +246,9 @@ class StageRuntime:
                     "exp_avg": tensors[f"{OPTIM_PREFIX}{name}.exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
                     "exp_avg_sq": tensors[f"{OPTIM_PREFIX}{name}.exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
                 }
-        self.optimizer.zero_grad(set_to_none=True)
+        self.discard_gradients()
+        self.anchor = anchor.clone() if anchor is not None else self.flat_params()
         self.next_round = next_round
         self.closed_round = next_round - 1
+        self.stepped_round = next_round - 1
         self.loads += 1

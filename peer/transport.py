@@ -26,7 +26,9 @@ Handler = Callable[[pb.FrameHeader, Tensors, PeerID], Awaitable[tuple[pb.FrameHe
 
 
 def fp32_equivalent(tensors: Mapping[str, torch.Tensor]) -> int:
-    """What these tensors would cost sent plainly: floats as fp32, everything else as is."""
+    """What these tensors would cost sent plainly: floats as fp32, everything else as is.
+
+    A compressed frame says what it stands for in ``FrameHeader.raw_bytes`` instead."""
     return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors.values())
 
 
@@ -71,9 +73,9 @@ class FrameTransport:
             responses = await self.p2p.iterate_protobuf_handler(peer, handler, requests(), pb.Frame)
             return await codec.decode_frame(responses, max_bytes=self.max_frame_bytes)
 
-        self.counters.count_sent(send_kind, codec.frame_nbytes(tensors), fp32_equivalent(tensors))
+        self.counters.count_sent(send_kind, codec.frame_nbytes(tensors), header.raw_bytes or fp32_equivalent(tensors))
         reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
-        self.counters.count_received(receive_kind, nbytes, fp32_equivalent(reply))
+        self.counters.count_received(receive_kind, nbytes, reply_header.raw_bytes or fp32_equivalent(reply))
         return reply_header, reply
 
     async def serve(self, name: str, handler: Handler, receive_kind: str, send_kind: str) -> None:
@@ -86,9 +88,9 @@ class FrameTransport:
                 self.frames_rejected += 1
                 log.warning("dropped a bad %s frame from %s: %s", receive_kind, context.remote_id, exc)
                 raise
-            self.counters.count_received(receive_kind, nbytes, fp32_equivalent(tensors))
+            self.counters.count_received(receive_kind, nbytes, header.raw_bytes or fp32_equivalent(tensors))
             reply_header, reply = await handler(header, tensors, context.remote_id)
-            self.counters.count_sent(send_kind, codec.frame_nbytes(reply), fp32_equivalent(reply))
+            self.counters.count_sent(send_kind, codec.frame_nbytes(reply), reply_header.raw_bytes or fp32_equivalent(reply))
             for message in codec.encode_frame(reply_header, reply):
                 yield message
 

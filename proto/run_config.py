@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -47,6 +48,16 @@ class TrainConfig:
     sync_timeout: float = opt(30.0, "Seconds replicas wait for each other while averaging gradients before retrying without the missing.")
     max_inflight: int = opt(2, "Microbatches a stage-0 peer keeps in flight at once (pipelining).")
     compute_dtype: str = opt("float32", "Dtype of stage weights and activations on peers: float32, bfloat16 or float16.")
+    activation_compression: str = opt("none", "Activations forward: none, direct (quantize each frame) or aqsgd (quantize the change since the sample's last visit).")
+    activation_bits: int = opt(4, "Bits per activation value when compressed: 2, 4 or 8.")
+    activation_first_bits: int = opt(8, "AQ-SGD: bits for a frame holding a sample's first visit (it fills both caches).")
+    gradient_bits: int = opt(0, "Activation gradients backward: 0 (fp32/compute dtype), 2, 4 or 8 bits.")
+    sync_compression: str = opt("none", "Replica sync: none (exact gradient sum) or cocktail (parameter deltas: random subset, top-k, low-bit, error feedback).")
+    sync_random_ratio: float = opt(0.1, "cocktail: share of coordinates in the shared random subset.")
+    sync_topk_ratio: float = opt(0.2, "cocktail: share of the random subset kept by magnitude.")
+    sync_bits: int = opt(4, "cocktail: bits per kept value (2, 4 or 8).")
+    p_skip: float = opt(0.0, "cocktail: probability that a stage skips a round's sync and keeps training locally (same draw on every replica).")
+    resync_every: int = opt(0, "cocktail: never skip the sync of rounds divisible by N, so replicas re-align at least that often (0: no such rule).")
 
     def __post_init__(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
@@ -58,6 +69,23 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--compute-dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if self.activation_compression not in ("none", "direct", "aqsgd"):
+            raise ConfigError(f"--activation-compression must be none, direct or aqsgd, got {self.activation_compression!r}")
+        if self.sync_compression not in ("none", "cocktail"):
+            raise ConfigError(f"--sync-compression must be none or cocktail, got {self.sync_compression!r}")
+        for name in ("activation_bits", "activation_first_bits", "sync_bits"):
+            if getattr(self, name) not in (2, 4, 8):
+                raise ConfigError(f"--{name.replace('_', '-')} must be 2, 4 or 8, got {getattr(self, name)}")
+        if self.gradient_bits not in (0, 2, 4, 8):
+            raise ConfigError(f"--gradient-bits must be 0, 2, 4 or 8, got {self.gradient_bits}")
+        if not 0 < self.sync_random_ratio <= 1 or not 0 < self.sync_topk_ratio <= 1:
+            raise ConfigError(f"--sync-random-ratio and --sync-topk-ratio must be in (0, 1], got {self.sync_random_ratio}, {self.sync_topk_ratio}")
+        if not 0 <= self.p_skip < 1:
+            raise ConfigError(f"--p-skip must be in [0, 1), got {self.p_skip}")
+        if self.p_skip > 0 and self.sync_compression != "cocktail":
+            raise ConfigError(f"--p-skip {self.p_skip} needs --sync-compression cocktail: skipped rounds are caught up by the next parameter-delta sync")
+        if self.resync_every < 0:
+            raise ConfigError(f"--resync-every must be >= 0, got {self.resync_every}")
 
     @property
     def microbatches_per_round(self) -> int:
@@ -97,6 +125,18 @@ class CoordinatorConfig(TrainConfig):
     vocab_size: int = opt(1024, "Size of the byte-level BPE trained on the built-in corpus (tiny preset).")
     min_replicas: int = opt(1, "Online replicas every stage needs before rounds open.")
     linger: bool = opt(False, "After --rounds, keep serving the status page and checkpoints until Ctrl-C.")
+    tokenizer: str = opt("", "Saved Hugging Face tokenizer directory to use (e.g. GPT-J's) instead of training a BPE on the data; UL2 tokens are added if missing.")
+    sources: tuple[dict[str, Any], ...] = opt(
+        (), "TOML only: [[sources]] tables with name, path, format (text or prompt_completion), weight and optional "
+        "max_records; none: the built-in text and instruction sources."
+    )
+    ul2_tokens: int = opt(
+        4000, "Train the UL2 mixture of denoisers on the text sources until this many loss tokens are trained, then causal LM "
+        "(0: causal from the start). The default suits the demo (about 10 rounds of 16 x 64); GPT-JT trained 2.62B UL2 tokens."
+    )
+    instruction_share: float = opt(0.45, "Share of the causal phase's samples drawn from prompt_completion sources (0..1); text sources get the rest.")
+    ul2_shares: str = opt("0.25,0.25,0.5", "Shares of UL2's R (regular), X (extreme) and S (prefix LM) denoiser families, as R,X,S.")
+    pack_instructions: bool = opt(False, "Pack several instruction records into one causal row (no padding, but no bidirectional prompt).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +144,27 @@ class CoordinatorConfig(TrainConfig):
             raise ConfigError(f"--stages must be >= 1, got {self.stages}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.ul2_tokens < 0:
+            raise ConfigError(f"--ul2-tokens must be >= 0 (0: no UL2 phase), got {self.ul2_tokens}")
+        if not 0 <= self.instruction_share <= 1:
+            raise ConfigError(f"--instruction-share must be in [0, 1], got {self.instruction_share}")
+        self.ul2_share_values  # validates --ul2-shares
+        self.sources = tuple(_check_source(i, table) for i, table in enumerate(self.sources, 1))
+        names = [table["name"] for table in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"[[sources]] names must be unique, got {names}")
+
+    @property
+    def ul2_share_values(self) -> tuple[float, float, float]:
+        """``--ul2-shares`` as (R, X, S) floats."""
+        parts = [p.strip() for p in str(self.ul2_shares).split(",")]
+        try:
+            values = tuple(float(p) for p in parts)
+        except ValueError:
+            values = ()
+        if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+            raise ConfigError(f"--ul2-shares must be three numbers >= 0 with a positive sum, as R,X,S (e.g. 0.25,0.25,0.5), got {self.ul2_shares!r}")
+        return values  # type: ignore[return-value]
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -113,6 +174,33 @@ class CoordinatorConfig(TrainConfig):
         if self.announce_host:
             return self.announce_host
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+
+SOURCE_KEYS = {"name": str, "path": str, "format": str, "weight": (int, float), "max_records": int}
+SOURCE_FORMATS = ("text", "prompt_completion")
+
+
+def _check_source(number: int, table: Any) -> dict[str, Any]:
+    """One ``[[sources]]`` table, checked: the keys of ``SOURCE_KEYS``, ``name`` required."""
+    where = f"[[sources]] table {number}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table with name, path, format, weight; got {table!r}")
+    unknown = sorted(set(table) - set(SOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(SOURCE_KEYS)}")
+    for key, kind in SOURCE_KEYS.items():
+        if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
+            raise ConfigError(f"{where}: {key} = {table[key]!r} has the wrong type")
+    if not table.get("name"):
+        raise ConfigError(f"{where}: needs a name")
+    if table.get("format", "text") not in SOURCE_FORMATS:
+        raise ConfigError(f"{where} ({table['name']}): format must be one of {SOURCE_FORMATS}, got {table['format']!r}")
+    weight = table.get("weight", 1.0)
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"{where} ({table['name']}): weight must be a finite number >= 0, got {weight}")
+    if table.get("max_records", 0) < 0:
+        raise ConfigError(f"{where} ({table['name']}): max_records must be >= 0 (0: all), got {table['max_records']}")
+    return dict(table)
 
 
 @dataclass(kw_only=True)
@@ -131,6 +219,8 @@ class PeerConfig:
     connect_timeout: float = opt(300.0, "Seconds to keep retrying an unreachable coordinator before giving up.")
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
     threads: int = opt(0, "CPU threads for torch (0: torch's default).")
+    activation_cache_mb: int = opt(1024, "AQ-SGD: memory for cached activations (MiB) before they spill to disk.")
+    cache_dir: str = opt("", "AQ-SGD: directory for spilled activations (default: a temporary directory).")
     serve_after_run: bool = opt(False, "When the run ends, keep serving forward-only (inference) requests until Ctrl-C.")
     quiet: bool = opt(False, "Log warnings and errors only.")
     log_format: str = opt("text", "Log format: text or json.")
@@ -153,10 +243,14 @@ def _base_type(tp: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one --flag per field of dataclass ``cls``; unset flags are absent from the namespace."""
+    """Add one --flag per scalar field (bool, int, float, str) of dataclass ``cls``; unset flags are
+    absent from the namespace. Other fields (such as ``CoordinatorConfig.sources``, a list of
+    tables) have no flag: they come from the TOML file only."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
+        if tp not in (bool, int, float, str):
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if tp is bool:

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from proto.run_config import CoordinatorConfig
+
 from .swarm import ENV, ROOT
 
 pytestmark = pytest.mark.swarm
@@ -23,12 +25,23 @@ def test_demo_trains_30_rounds_and_loss_goes_down(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "status page http://127.0.0.1:" in proc.stdout
     db = sqlite3.connect(state / "coordinator.sqlite")
-    losses = [row[0] for row in db.execute("SELECT loss FROM rounds ORDER BY round")]
+    rows = db.execute("SELECT loss, tokens FROM rounds ORDER BY round").fetchall()
+    losses = [loss for loss, _ in rows]
     checkpoints = [row[0] for row in db.execute("SELECT round FROM checkpoints ORDER BY round")]
     db.close()
     assert len(losses) == 30 and None not in losses
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, f"loss did not go down: first rounds {losses[:5]}, last rounds {losses[-5:]}"
+    # The first rounds train UL2 (until --ul2-tokens, about 10 rounds by default), the last ones
+    # causal LM, so the check above spans two objectives (it holds because both start near
+    # ln(vocab) from random weights). Like with like: the causal phase's own losses go down too.
+    ul2_tokens, seen, causal = CoordinatorConfig().ul2_tokens, 0, []
+    for loss, tokens in rows:
+        if seen >= ul2_tokens:
+            causal.append(loss)
+        seen += tokens
+    assert 5 <= len(causal) <= 25, f"the UL2 -> causal switch moved: {30 - len(causal)} UL2 rounds"
+    assert sum(causal[-5:]) / 5 < sum(causal[:5]) / 5 - 0.15, f"causal-phase loss did not go down: {causal}"
     assert checkpoints == [0, 15, 30]
 
 

@@ -1,4 +1,8 @@
-"""2 stages x 1 replica on loopback: the swarm trains exactly like one process, and its checkpoint is the model."""
+"""2 stages x 1 replica on loopback: the swarm trains exactly like one process, and its checkpoint is the model.
+
+The swarm trains causal LM on the built-in text only (no UL2 phase, no instructions), so every
+row is a plain causal window and HF's own causal forward is the right reference.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,25 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPTJForCausalLM
 
-from coordinator.corpus import builtin_documents
-from coordinator.data import CausalWindows
+from coordinator.dataset import build_mixer
 from peer.swarm_client import swarm_logits
 from proto import PROTOCOL_VERSION
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 from proto.manifest import verify_directory
-from proto.run_config import TrainConfig
+from proto.run_config import CoordinatorConfig
 
 from .swarm import Swarm
 
 pytestmark = pytest.mark.swarm
 ROUNDS = 10
+DATA_ARGS = ("--ul2-tokens", "0", "--instruction-share", "0")
 
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     state = tmp_path_factory.mktemp("exact")
-    s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token", "secret")
+    s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token", "secret", *DATA_ARGS)
     s.add_peer("--stage", "0", "--join-token", "secret", "--serve-after-run")
     s.add_peer("--stage", "1", "--join-token", "secret", "--serve-after-run")
     try:
@@ -39,19 +43,18 @@ def swarm(tmp_path_factory):
 
 def reference_losses(state_dir, rounds: int) -> list[float]:
     """Plain single-process training on the same batches, seed and optimizer."""
-    status_train = TrainConfig()  # the swarm ran with the defaults
+    t = CoordinatorConfig(ul2_tokens=0, instruction_share=0)  # the swarm's settings: defaults plus DATA_ARGS
     model = GPTJForCausalLM.from_pretrained(str(state_dir / "checkpoints" / "round-000000"), attn_implementation="eager")
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(str(state_dir / "tokenizer"))
-    documents = builtin_documents()
-    data = CausalWindows(tokenizer(documents)["input_ids"], tokenizer.eos_token_id, status_train.seq_len, status_train.seed)
-    t = status_train
+    data = build_mixer(t, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-    losses = []
+    losses, tokens_seen = [], 0
     for r in range(1, rounds + 1):
         loss_sum, tokens = 0.0, 0
         for i in range(t.microbatches_per_round):
-            mb = data.microbatch(r, i, t.micro_batch_size, t.global_batch_size)
+            mb = data.microbatch(r, i, t.micro_batch_size, tokens_seen)
+            assert mb.prefix_lengths.eq(0).all() and mb.loss_mask.eq(1).all(), "not a plain causal row: the reference would be wrong"
             logits = model(mb.input_ids).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.target_ids.flatten(), reduction="sum")
             loss.backward()
@@ -62,6 +65,7 @@ def reference_losses(state_dir, rounds: int) -> list[float]:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss_sum / tokens)
+        tokens_seen += tokens
     return losses
 
 

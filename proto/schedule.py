@@ -1,0 +1,26 @@
+"""Per-round decisions every replica and the coordinator must take identically, from the seed alone."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def _unit(*parts: int) -> float:
+    """A number in [0, 1) determined by ``parts`` (same on every machine and Python)."""
+    digest = hashlib.sha256(".".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def skips_sync(seed: int, round: int, stage: int, p_skip: float) -> bool:
+    """Whether ``stage`` skips its replica sync in ``round`` (randomly skipped synchronization)."""
+    return p_skip > 0 and _unit(seed, round, stage, 1) < p_skip
+
+
+def resyncs(round: int, resync_every: int) -> bool:
+    """Whether replicas re-align (average weights and optimizer state) after ``round``."""
+    return resync_every > 0 and round % resync_every == 0
+
+
+def sync_seed(seed: int, round: int, stage: int, attempt: int) -> int:
+    """Seed of the shared random subset of a round's compressed sync (indices are never sent)."""
+    return int(_unit(seed, round, stage, attempt, 2) * 2**62)
