@@ -53,10 +53,20 @@ class LocalSwarm:
         return f"http://127.0.0.1:{self.http_port}/"
 
     def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+        # Each process leads its own group: the DHT helpers hivemind forks go down with it in kill().
         if self.log_dir is None:
-            return subprocess.Popen(cmd, env=ENV)
+            return subprocess.Popen(cmd, env=ENV, start_new_session=True)
         log = open(self.log_dir / f"{name}.log", "ab")
-        return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        """SIGKILL a process and everything it started, as when its machine loses power."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
     def add_peer(self, *args: str) -> subprocess.Popen:
         name = f"peer-{len(self.peers)}"
@@ -120,5 +130,5 @@ class LocalSwarm:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                pass
+            self.kill(proc)  # and whatever it forked that did not exit with it

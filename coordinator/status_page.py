@@ -169,6 +169,23 @@ def data_section(data) -> str:
     return line + phases_html + "<br>" + mix_html
 
 
+def compression_line(train: dict) -> str:
+    """The run's compression settings in one line (what crosses boundaries and what replicas sync)."""
+    acts = train.get("activation_compression", "none")
+    if acts == "aqsgd":
+        acts = f"AQ-SGD {train.get('activation_bits')}-bit (first visits {train.get('activation_first_bits')}-bit)"
+    elif acts == "direct":
+        acts = f"direct {train.get('activation_bits')}-bit"
+    grads = f"{train.get('gradient_bits')}-bit" if train.get("gradient_bits") else "none"
+    sync = train.get("sync_compression", "none")
+    if sync == "cocktail":
+        sync = (f"cocktail (random {train.get('sync_random_ratio')}, top-k {train.get('sync_topk_ratio')}, "
+                f"{train.get('sync_bits')}-bit, skip p={train.get('p_skip')}, resync every {train.get('resync_every')})")
+    else:
+        sync = "exact gradient sum"
+    return _e(f"compression: activations {acts} · gradients {grads} · replica sync {sync}")
+
+
 def render_page(status: dict, rounds: list[dict]) -> str:
     """The full HTML page for one status snapshot and the per-round history (oldest first)."""
     s = _d(status)
@@ -193,6 +210,7 @@ def render_page(status: dict, rounds: list[dict]) -> str:
     header = (f"<h1>hometrain run {_e(s.get('run', '–'))} <span class='badge {_e(phase)}'>{_e(phase)}</span></h1>"
               + (f"<p class='reason'>{_e(reason)}</p>" if reason else "")
               + (f"<p class='muted'>{model_line}</p>" if model_line else "")
+              + (f"<p class='muted' id='compression'>{compression_line(_d(s.get('train')))}</p>" if s.get("train") else "")
               + "<div class='summary'>" + "".join(f"<span><b>{k}:</b> {v}</span>" for k, v in summary) + "</div>")
 
     boxes = []

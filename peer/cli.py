@@ -30,6 +30,8 @@ def _setup_logging(config: PeerConfig) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.WARNING if config.quiet else logging.INFO, handlers=[handler])
     logging.getLogger("hivemind").setLevel(logging.WARNING)
+    # A refused frame (stale round, bad input) already reaches its sender as an error it logs; no traceback here.
+    logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.ERROR)
     # bitsandbytes warns at import about a CPU matmul kernel hometrain never uses (it only quantizes).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

@@ -16,7 +16,6 @@ import time
 
 import grpc
 import hivemind
-import torch
 from hivemind.p2p import PeerID
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm

@@ -7,7 +7,6 @@ import argparse
 import json
 
 import pytest
-import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
 from coordinator.app import CoordinatorApp

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from .swarm import Swarm
@@ -37,14 +35,14 @@ def test_killed_replica_and_emptied_stage(tmp_path):
         # SIGKILL one replica of stage 1 mid-run: the round completes, the peer is marked gone.
         stage1 = [p for p in swarm.status()["peers"] if p["stage"] == 1 and p["state"] == "online"]
         victim = stage1[0]["name"]
-        swarm.peers[int(victim.split("-")[1])].send_signal(signal.SIGKILL)
+        swarm.kill(swarm.peers[int(victim.split("-")[1])])
         killed_at = swarm.status()["current_round"]
         swarm.wait_for(lambda: by_name(swarm.status())[victim]["state"] == "gone", 30, f"{victim} marked gone")
         swarm.wait_for(lambda: swarm.status()["round"] >= killed_at + 2, 120, "two rounds after the kill")
 
         # SIGKILL the last replica of stage 1: a stage-0 peer is moved there and training resumes.
         survivor = next(p["name"] for p in swarm.status()["peers"] if p["stage"] == 1 and p["state"] == "online")
-        swarm.peers[int(survivor.split("-")[1])].send_signal(signal.SIGKILL)
+        swarm.kill(swarm.peers[int(survivor.split("-")[1])])
         emptied_at = swarm.status()["current_round"]
         swarm.wait_for(lambda: by_name(swarm.status())[survivor]["state"] == "gone", 30, f"{survivor} marked gone")
         swarm.wait_for(
@@ -67,8 +65,7 @@ def test_coordinator_killed_and_restarted(tmp_path):
         for _ in range(3):
             swarm.add_peer()
         swarm.wait_for(lambda: swarm.status()["round"] >= 4, 180, "4 rounds")
-        swarm.coordinator.send_signal(signal.SIGKILL)
-        swarm.coordinator.wait()
+        swarm.kill(swarm.coordinator)
         swarm.start_coordinator()
         resumed_from = swarm.status()["round"]
         swarm.wait_for(lambda: swarm.status()["round"] >= resumed_from + 3, 180, "three rounds after the restart")
