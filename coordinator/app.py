@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -123,6 +124,27 @@ class CoordinatorApp:
         if getattr(self, "loop", None) is not None:  # after start-up: point joiners at it (from this worker thread)
             self.loop.call_soon_threadsafe(self._point_at_latest_checkpoint)
 
+    def _start_dht(self) -> hivemind.DHT:
+        """The DHT bootstrap node, with the same identity and port across restarts.
+
+        Peers that joined before a restart only know the old node's address: keeping it means
+        they and newcomers stay one network. If the old node is still alive (its process
+        outlived a killed coordinator), a fresh identity and port are used and the split logged.
+        """
+        cfg = self.config
+        identity = self.state_dir / "dht_identity.key"
+        port = cfg.dht_port or int(self.store.get_meta("dht_port") or 0)
+        try:
+            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{port}"], identity_path=str(identity), await_ready=True)
+        except Exception as exc:
+            log.warning("cannot reuse the DHT identity and port %d (%s); starting a new node: peers that joined "
+                        "before this restart must rejoin to see newcomers", port, exc)
+            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], await_ready=True)
+        bound = re.search(r"/tcp/(\d+)", str(dht.get_visible_maddrs()[0]))
+        if bound:
+            self.store.set_meta("dht_port", bound.group(1))
+        return dht
+
     def checkpoint_url(self, round: int) -> str:
         return f"http://{self.config.public_host}:{self.http.port}/checkpoints/{checkpoint_dir_name(round)}/"
 
@@ -135,7 +157,7 @@ class CoordinatorApp:
         self.engine.on_sample_dropped.append(self.metrics.samples_dropped.inc)
         self.loop = asyncio.get_running_loop()
 
-        self.dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], await_ready=True)
+        self.dht = self._start_dht()
         maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         log.info("DHT bootstrap node: %s", " ".join(maddrs))
 

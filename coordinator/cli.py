@@ -9,10 +9,12 @@ import os
 import signal
 import sys
 
+from proto.lifecycle import die_with_parent
 from proto.run_config import ConfigError, CoordinatorConfig, add_arguments, load
 
 # gRPC's C core logs an INFO line each time hivemind forks its DHT process; keep the console readable.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+die_with_parent()
 
 
 def _serve(config: CoordinatorConfig) -> int:

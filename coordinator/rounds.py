@@ -243,6 +243,11 @@ class RoundEngine:
             majority = Counter(stage_sums).most_common(1)[0][0] if stage_sums else None
             if report.synced and (report.diverged or report.checksum == majority):
                 record.next_round = cur.number + 1
+            elif not report.synced and not any(r.synced for p2, r in cur.step_reports.items() if cur.members[p2] == record.stage):
+                # Nobody in the stage got through: nobody has newer weights to copy. They stay as they
+                # are and the next round's reconcile lets them continue (reloading would fall back to
+                # an older checkpoint and throw recent training away).
+                log.warning("round %d: no replica of stage %d finished its sync; the stage keeps its weights", cur.number, record.stage)
             else:
                 log.warning("peer %s of stage %d diverged in round %d (%s): it reloads its weights", pid, record.stage, cur.number, report.error or "checksum differs")
                 self.membership.require_reload(record)

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+from proto.lifecycle import die_with_parent
 from proto.run_config import ConfigError, PeerConfig, add_arguments, load
 
 
@@ -20,6 +21,7 @@ class JsonFormatter(logging.Formatter):
 
 # gRPC's C core logs an INFO line each time hivemind forks its DHT process; keep the console readable.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+die_with_parent()
 
 
 def _setup_logging(config: PeerConfig) -> None:

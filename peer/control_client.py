@@ -34,7 +34,9 @@ class ControlClient:
         await self.channel.close()
 
     async def call(self, method: str, request, timeout: float = 30.0, retry_for: float = 60.0):
-        """Call ``method``; while the coordinator is unreachable, retry with backoff (1, 2, 4 ... 30 s) for ``retry_for`` seconds."""
+        """Call ``method``; while the coordinator is unreachable, retry with backoff (1, 2, 4, 5, 5 ... s) for ``retry_for`` seconds.
+
+        The backoff stays short: a restarted coordinator should see its peers back within seconds."""
         delay = 1.0
         give_up = time.monotonic() + retry_for
         while True:
@@ -48,7 +50,7 @@ class ControlClient:
                     raise
                 log.warning("coordinator %s unreachable (%s); retrying in %.0fs", self.address, exc.code().name, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 5.0)
 
     async def upload_checkpoint(self, chunks: AsyncIterator[pb.CheckpointChunk], nbytes: int) -> pb.UploadReply:
         reply = await self.stub.UploadCheckpoint(chunks, timeout=600)

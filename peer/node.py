@@ -59,6 +59,7 @@ class PeerNode:
         self.current_round = 0
         self.throughput = 0.0  # samples per compute-second of this peer's stage (kept across stage moves)
         self.compressor: ErrorFeedbackCompressor | None = None  # cocktail sync: this replica's error feedback
+        self._rejoin_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ start
 
@@ -228,8 +229,13 @@ class PeerNode:
         )
 
     async def _heartbeat(self) -> None:
+        asked_as = self.peer_id
         reply = await self.client.call("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats()), timeout=10)
-        if not reply.known:
+        if reply.known:
+            return
+        async with self._rejoin_lock:  # the heartbeat loop and the round loop may both find out; join once
+            if self.peer_id != asked_as:
+                return
             log.warning("the coordinator does not know this peer any more (it restarted?); joining again")
             join = await self._join(self.stage)
             self.peer_id = join.peer_id
