@@ -98,7 +98,8 @@ class PeerNode:
         p2p = await self.dht.replicate_p2p()
         self.runtime = StageRuntime(model_config, self.train, join.layer_start, join.layer_end, self.device.device)
         self.transport = FrameTransport(p2p, self.counters)
-        self.directory = StageDirectory(self.dht, self.run_id)
+        self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
+        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.router = Router(self.directory, rng=random.Random(self.dht_id))
         cache_dir = self.config.cache_dir or tempfile.mkdtemp(prefix="hometrain-aqsgd-")
         self.boundary = BoundaryCodec(self.train, self.config.activation_cache_mb << 20, cache_dir, self.device.device)
@@ -256,7 +257,7 @@ class PeerNode:
                 log.warning("heartbeat failed: %s", exc.details() or exc.code().name)
 
     async def _announce(self) -> None:
-        info = {"throughput": self.throughput, "next_round": self.runtime.next_round, "name": self.config.name}
+        info = {"throughput": self.throughput, "next_round": self.runtime.next_round, "name": self.config.name, "maddrs": self.maddrs}
         await self.directory.announce(self.stage, self.dht_id, info)
 
     async def _announce_loop(self) -> None:
@@ -399,6 +400,10 @@ class PeerNode:
         """
         runtime, train = self.runtime, self.train
         runtime.closed_round = round
+        try:  # learn the group's addresses, in case libp2p does not know where a member is
+            await self.directory.replicas(self.stage, max_age=5.0)
+        except Exception as exc:
+            log.debug("stage directory lookup failed: %s", exc)
         deadline = time.monotonic() + train.sync_timeout
         while runtime.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

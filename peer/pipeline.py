@@ -57,9 +57,10 @@ def choose_next_hop(candidates: Mapping[str, float], banned: Mapping[str, float]
 class StageDirectory:
     """Per-stage membership records in the hivemind DHT: key per stage, subkey per peer, with expiry."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str) -> None:
+    def __init__(self, dht: hivemind.DHT, run_id: str, addresses: dict[str, list[str]] | None = None) -> None:
         self.dht = dht
         self.run_id = run_id
+        self.addresses = addresses if addresses is not None else {}  # filled with each record's "maddrs"
         self._cache: dict[int, tuple[float, dict[str, dict[str, Any]]]] = {}
 
     async def announce(self, stage: int, peer_id: str, info: dict[str, Any]) -> None:
@@ -81,6 +82,9 @@ class StageDirectory:
                 info = item.value
                 if isinstance(peer_id, str) and isinstance(info, dict) and not info.get("leaving"):
                     records[peer_id] = info
+                    maddrs = info.get("maddrs")
+                    if isinstance(maddrs, list) and all(isinstance(m, str) for m in maddrs):
+                        self.addresses[peer_id] = maddrs[:8]
         self._cache[stage] = (time.monotonic(), records)
         return records
 

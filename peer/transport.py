@@ -15,6 +15,7 @@ from typing import Awaitable, Callable, Mapping
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from proto import codec
 from proto import hometrain_pb2 as pb
@@ -58,6 +59,7 @@ class FrameTransport:
         self.counters = counters
         self.max_frame_bytes = max_frame_bytes
         self.frames_rejected = 0
+        self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs it announced (from the stage directory)
 
     async def call(
         self, peer: PeerID, handler: str, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor],
@@ -74,7 +76,16 @@ class FrameTransport:
             return await codec.decode_frame(responses, max_bytes=self.max_frame_bytes)
 
         self.counters.count_sent(send_kind, codec.frame_nbytes(tensors), header.raw_bytes or fp32_equivalent(tensors))
-        reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
+        try:
+            reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
+        except Exception as exc:
+            # libp2p may not know where the peer is (it joined through another bootstrap node, or
+            # came back on a new address): dial the addresses it announced, then try once more.
+            addresses = self.addresses.get(peer.to_base58())
+            if not addresses or not any(hint in str(exc) for hint in ("routing: not found", "failed to dial")):
+                raise
+            await self.p2p._client.connect(peer, [Multiaddr(a) for a in addresses])
+            reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
         self.counters.count_received(receive_kind, nbytes, reply_header.raw_bytes or fp32_equivalent(reply))
         return reply_header, reply
 
