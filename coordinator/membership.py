@@ -90,12 +90,14 @@ class Membership:
     def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str) -> None:
         record.last_seen = time.time()
         record.dht_peer_id = dht_peer_id or record.dht_peer_id
+        reloaded = stats.loads > record.loads  # its weights changed under it: its round may have gone back
         record.loads = stats.loads
         if record.state == pb.JOINING and record.dht_peer_id and stats.next_round > 0 and stats.loads > record.reload_below:
             record.state = pb.ONLINE
             record.next_round = stats.next_round
-        elif record.state == pb.ONLINE and stats.next_round > record.next_round:
-            record.next_round = stats.next_round  # e.g. it adopted a round; never moves backwards on a late heartbeat
+        elif record.state == pb.ONLINE and (stats.next_round > record.next_round or reloaded):
+            # Forwards (it adopted a round) always; backwards only after a reload, never on a late heartbeat.
+            record.next_round = stats.next_round
         if record.adopt_round and stats.next_round == record.adopt_round:
             record.adopt_round = 0  # the peer confirmed it continues as of that round
         record.throughput = stats.throughput or record.throughput
