@@ -1,8 +1,8 @@
 """The coordinator's persisted state: SQLite in WAL mode under --state-dir.
 
-Holds the run's identity, every completed round, the peers ever seen and the published
-checkpoints. A restarted coordinator reads the last completed round from here and resumes at
-the next one, so no round is numbered twice.
+Holds the run's identity and settings, every completed round and the published checkpoints
+(peers are not kept: after a restart they rejoin by themselves). A restarted coordinator reads
+the last completed round from here and resumes at the next one, so no round is numbered twice.
 """
 
 from __future__ import annotations
@@ -29,15 +29,6 @@ CREATE TABLE IF NOT EXISTS rounds (
     checksums TEXT NOT NULL,
     bytes TEXT NOT NULL,
     diverged_stages TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE IF NOT EXISTS peers (
-    peer_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    stage INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    state TEXT NOT NULL,
-    joined REAL NOT NULL,
-    last_seen REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     round INTEGER PRIMARY KEY,
@@ -123,10 +114,6 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(samples), 0), COALESCE(SUM(dropped), 0) FROM rounds").fetchone()
         return {"rounds": row[0], "tokens": row[1], "samples": row[2], "dropped": row[3]}
-
-    def upsert_peer(self, peer_id: str, name: str, stage: int, device: str, state: str, joined: float, last_seen: float) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?, ?)", (peer_id, name, stage, device, state, joined, last_seen))
 
     def record_checkpoint(self, round: int, path: str, tokens: int, loss: float | None, size: int, seconds: float) -> None:
         with self._lock:

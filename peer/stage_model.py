@@ -71,9 +71,6 @@ class StageModel(nn.Module):
             hidden = self.lm_head(self.transformer.ln_f(hidden))
         return hidden
 
-    def input_shape(self, batch: int, seq_len: int) -> tuple[int, ...]:
-        return (batch, seq_len) if self.is_first else (batch, seq_len, self.config.n_embd)
-
 
 def parameter_checksum(model: nn.Module) -> str:
     """sha256 over every parameter's bytes in name order: equal iff replicas are bit-identical."""
