@@ -229,9 +229,13 @@ class PeerNode:
             next_round=self.runtime.next_round, throughput=self.throughput, loads=self.runtime.loads,
         )
 
+    async def _send_heartbeat(self) -> pb.HeartbeatReply:
+        request = pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats())
+        return await self.client.call("Heartbeat", request, timeout=10)
+
     async def _heartbeat(self) -> None:
         asked_as = self.peer_id
-        reply = await self.client.call("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats()), timeout=10)
+        reply = await self._send_heartbeat()
         if reply.known:
             return
         async with self._rejoin_lock:  # the heartbeat loop and the round loop may both find out; join once
@@ -246,7 +250,7 @@ class PeerNode:
             if join.stage != self.stage:
                 await self._move_to(join.stage, join.layer_start, join.layer_end)
                 return
-            await self.client.call("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats()), timeout=10)
+            await self._send_heartbeat()
 
     async def _heartbeat_loop(self) -> None:
         while True:
