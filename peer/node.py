@@ -392,12 +392,15 @@ class PeerNode:
         Two quantities can be synced. Without compression it is the round's summed gradient:
         every replica applies the same AdamW step to the same weights, exactly the step one
         process would take on the whole batch. With cocktail compression it is the parameter
-        delta against the weights the replicas last agreed on (CocktailSGD's code does the
-        same): each replica first steps on its own gradient, then the compressed deltas (error
-        feedback keeps what was not sent) are averaged and every replica sets its weights to
-        the agreed copy plus that average, so replicas are bit-identical after every sync. Only
-        this form survives randomly skipped syncs without a full-precision re-alignment: the
-        local steps of skipped rounds are simply part of the next delta.
+        delta against the weights the replicas last agreed on (the anchor), as CocktailSGD's
+        code does: each replica first steps on its own gradient, then the compressed deltas
+        are averaged into the anchor, which is bit-identical on every replica after every
+        sync (checksums, checkpoints and hand-offs carry it). Each replica's weights stay the
+        anchor plus what its own delta did not send, so its progress is never held back by
+        the compression, only shared late (resetting the weights to the anchor instead lagged
+        by 7-11 loss points in bench/compression.py). Only this form survives randomly skipped
+        syncs without a full-precision re-alignment: the local steps of skipped rounds are
+        simply part of the next delta.
 
         If the group cannot finish (a member vanished), nothing is applied: the coordinator
         starts another attempt without the missing member, or has this replica reload.
@@ -445,6 +448,7 @@ class PeerNode:
         runtime, train = self.runtime, self.train
         if runtime.stepped_round < round:  # a retried attempt must not step twice
             local = runtime.round_tokens
+            runtime.unsynced_tokens += local
             if local > 0:
                 await runtime.run(runtime.apply_step, await runtime.run(runtime.flat_gradients), local)
             else:
@@ -459,14 +463,19 @@ class PeerNode:
         if self.compressor is None or self.compressor.numel != params.numel():
             self.compressor = ErrorFeedbackCompressor(params.numel(), SyncCompressionConfig(train.sync_random_ratio, train.sync_topk_ratio, train.sync_bits))
         seed = sync_seed(train.seed, round, self.stage, attempt)
-        total = await self.sync.all_gather_compressed(params - runtime.anchor, group, round, self.stage, train.sync_timeout, attempt, self.compressor, seed)
-        runtime.anchor = runtime.anchor + total / len(group)
-        await runtime.run(runtime.load_flat_params, runtime.anchor)
+        # The residual lives in the weights (params - anchor holds it), so the compressor's own stays zero.
+        # Deltas are weighted by the tokens behind them: replicas rarely train equal shares of a round.
+        mean = await self.sync.all_gather_compressed(params - runtime.anchor, group, round, self.stage, train.sync_timeout, attempt,
+                                                     self.compressor, seed, weight=runtime.unsynced_tokens)
+        runtime.anchor = runtime.anchor + mean
+        await runtime.run(runtime.load_flat_params, runtime.anchor + self.compressor.error)
+        self.compressor.error.zero_()
+        runtime.unsynced_tokens = 0
         return f"delta sync with {len(group)}"
 
     async def _upload(self, round: int) -> None:
         async with self.runtime.state_lock:
-            weights = await self.runtime.run(lambda: {k: v.detach().cpu().clone() for k, v in self.runtime.weights().items()})
+            weights = await self.runtime.run(lambda: {k: v.detach().cpu().clone() for k, v in self.runtime.agreed_weights().items()})
         payload = save_safetensors(weights)
         digest = sha256_bytes(payload)
 

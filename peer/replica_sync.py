@@ -18,6 +18,7 @@ the sender could forge.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from collections import defaultdict
 
@@ -119,29 +120,40 @@ class ReplicaSync:
 
     async def all_gather_compressed(
         self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float, attempt: int,
-        compressor: ErrorFeedbackCompressor, seed: int,
+        compressor: ErrorFeedbackCompressor, seed: int, weight: float = 1.0,
     ) -> torch.Tensor:
-        """CocktailSGD-style: every member sends its compressed gradient (error feedback kept locally)
-        to every other; each decompresses all payloads and sums them in member order, so all
-        replicas get the same sum. On failure the compressor's residual is restored, so a retry
-        compresses the same gradient again instead of losing or double-counting it."""
+        """CocktailSGD-style: every member sends its compressed vector (error feedback kept locally)
+        and its ``weight`` to every other; each decompresses all payloads and averages them,
+        weighted, in member order, so all replicas get the same mean (the plain mean if every
+        weight is 0). On failure the compressor's residual is restored, so a retry compresses
+        the same vector again instead of losing or double-counting it."""
+        if not weight >= 0:
+            raise ValueError(f"sync weight must be >= 0, got {weight}")
         if self.my_id not in group:
             raise SyncError(f"this peer ({self.my_id}) is not in the sync group {group}")
         saved = compressor.error.clone()
-        payload = compressor.compress(flat, seed)
+        payload = {**compressor.compress(flat, seed), "weight": torch.tensor([float(weight)], dtype=torch.float64)}
         others = [m for m in group if m != self.my_id]
         me = group.index(self.my_id)
         config, numel = compressor.config, flat.numel()
         try:
             await asyncio.gather(*(self._send_frame(m, pb.SYNC_GATHER, round, attempt, stage, me, payload, timeout, raw_bytes=4 * numel)
                                    for m in others))
-            total = torch.zeros_like(flat)
+            parts, weights = [], []
             for i, m in enumerate(group):
-                frame = payload if m == self.my_id else await self._take_frame((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout)
+                frame = dict(payload if m == self.my_id else await self._take_frame((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout))
+                w = frame.pop("weight", None)
+                if w is None or w.dtype != torch.float64 or w.shape != (1,) or not w.item() >= 0 or not math.isfinite(w.item()):
+                    raise SyncError(f"sync payload from {m} needs a finite float64 'weight' >= 0, got {None if w is None else w.tolist()}")
                 try:
-                    total += ErrorFeedbackCompressor.decompress(frame, numel, seed, config, device=flat.device)
+                    parts.append(ErrorFeedbackCompressor.decompress(frame, numel, seed, config, device=flat.device))
                 except ValueError as exc:
                     raise SyncError(f"undecodable sync payload from {m}: {exc}") from None
+                weights.append(w.item())
+            norm = sum(weights)
+            total = torch.zeros_like(flat)
+            for part, w in zip(parts, weights):
+                total += part * (w / norm if norm > 0 else 1 / len(group))
         except Exception as exc:
             compressor.error = saved
             if isinstance(exc, SyncError):

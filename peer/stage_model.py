@@ -9,6 +9,7 @@ plain single-device torch: compression, transport and sync live elsewhere.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +73,11 @@ class StageModel(nn.Module):
         return hidden
 
 
-def parameter_checksum(model: nn.Module) -> str:
+def parameter_checksum(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
     """sha256 over every parameter's bytes in name order: equal iff replicas are bit-identical."""
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
+    named = weights.named_parameters() if isinstance(weights, nn.Module) else weights.items()
+    for name, param in sorted(named, key=lambda item: item[0]):
         digest.update(name.encode())
         digest.update(param.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

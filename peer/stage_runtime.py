@@ -65,6 +65,7 @@ class StageRuntime:
         self.compute_seconds = 0.0     # time in forward/backward: throughput = samples_done / compute_seconds
         self.anchor: torch.Tensor | None = None  # delta sync: the weights all replicas last agreed on (fp32, CPU)
         self.stepped_round = 0         # delta sync: the round whose local step is done (a sync retry must not step again)
+        self.unsynced_tokens = 0       # delta sync: loss tokens behind params - anchor (the weight of this replica's delta)
         self.state_lock = asyncio.Lock()  # held while stepping and while serving the state to a joiner
         self._guard = threading.Lock()
 
@@ -192,15 +193,17 @@ class StageRuntime:
     def reset_anchor(self) -> None:
         """Make the current weights the replicas' last agreed copy (delta sync)."""
         self.anchor = self.flat_params()
+        self.unsynced_tokens = 0
 
     def checksum(self) -> str:
-        return parameter_checksum(self.model)
+        """Of the agreed weights: with delta sync each replica's own weights also hold its unsent residual."""
+        return parameter_checksum(self.agreed_weights())
 
     # ------------------------------------------------------------ state transfer
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Weights (HF names) and AdamW state as tensors, plus the scalars as JSON-able extras."""
-        tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
+        tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.agreed_weights().items()}
         names = {id(p): name for name, p in self.model.named_parameters()}
         steps = {}
         for p, state in self.optimizer.state.items():
@@ -214,6 +217,19 @@ class StageRuntime:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def agreed_weights(self) -> dict[str, torch.Tensor]:
+        """The weights every replica shares: the anchor under delta sync, else the weights themselves.
+
+        This is what checkpoints, checksums and state hand-offs carry; a replica's private
+        residual (what its error feedback has not sent yet) stays with it."""
+        if self.anchor is None:
+            return self.weights()
+        out, offset = {}, 0
+        for name, p in self.model.named_parameters():
+            out[name] = self.anchor[offset : offset + p.numel()].view(p.shape).to(p.dtype)
+            offset += p.numel()
+        return out
 
     def import_state(self, tensors: dict[str, torch.Tensor], extras: dict[str, Any] | None, next_round: int) -> None:
         """Load weights (and optimizer state if present), checking names, shapes and finiteness first."""
@@ -247,7 +263,10 @@ class StageRuntime:
                     "exp_avg_sq": tensors[f"{OPTIM_PREFIX}{name}.exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
                 }
         self.discard_gradients()
-        self.anchor = anchor.clone() if anchor is not None else self.flat_params()
+        self.anchor = None
+        if self.train.sync_compression == "cocktail":
+            self.anchor = anchor.clone() if anchor is not None else self.flat_params()
+        self.unsynced_tokens = 0
         self.next_round = next_round
         self.closed_round = next_round - 1
         self.stepped_round = next_round - 1

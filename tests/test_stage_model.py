@@ -132,3 +132,24 @@ def test_checksum_sees_a_single_bit():
 def test_bad_layer_range_is_refused():
     with pytest.raises(ValueError, match="do not fit"):
         StageModel(tiny_config(), 2, 9)
+
+
+def test_delta_sync_shares_the_anchor_and_keeps_the_residual_private():
+    """Checksums, state hand-offs and checkpoints carry the agreed weights, not a replica's own residual."""
+    from peer.stage_runtime import StageRuntime
+    from proto.run_config import TrainConfig
+
+    torch.manual_seed(0)
+    train = TrainConfig(sync_compression="cocktail")
+    a = StageRuntime(tiny_config(), train, 0, 2, torch.device("cpu"))
+    b = StageRuntime(tiny_config(), train, 0, 2, torch.device("cpu"))
+    b.load_flat_params(a.flat_params())
+    assert a.checksum() == b.checksum()
+    a.reset_anchor()
+    b.reset_anchor()
+    a.load_flat_params(a.anchor + 0.01 * torch.randn_like(a.anchor))  # a's private, unsent progress
+    assert a.checksum() == b.checksum() != parameter_checksum(a.model)
+    tensors, extras = a.export_state()
+    c = StageRuntime(tiny_config(), train, 0, 2, torch.device("cpu"))
+    c.import_state(tensors, extras, next_round=5)
+    assert torch.equal(c.flat_params(), b.anchor) and torch.equal(c.anchor, b.anchor)
