@@ -6,7 +6,10 @@ change since the sample's last visit, against caches both ends keep in step: see
 per source peer, since each pair of peers shares its own cache; a sample's first
 visit goes at ``activation_first_bits`` (its rows travel as a separate quantized block) so
 the caches start close to the truth, while revisits go at ``activation_bits``. Activation
-gradients backward are sent plain or directly quantized (4 or 8 bits).
+gradients backward are sent plain or directly quantized (2, 4 or 8 bits), with
+``boundary_block`` values per scale. When activations are compressed, what travels beside
+them is packed losslessly too: token ids in the narrowest integer type their values fit, a
+0/1 loss mask as bits (at fp32 and int64 they would cost a quarter of a 2-bit frame).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from .activation_cache import (
     decode_direct,
     encode_direct,
 )
-from .quantization import QuantConfig
+from .quantization import QuantConfig, pack_codes, unpack_codes
 
 GRAD_PREFIX = "gq."
 FIRST_PREFIX = "aqf."  # AQ-SGD rows on their first visit, at --activation-first-bits
 FIRST_ROWS = FIRST_PREFIX + "rows"
+MASK_BITS = "loss_mask.bits"
+NARROW_INTS = ("target_ids", "prefix_lengths")  # int64 fields a frame may carry narrower
 __all__ = ["BoundaryCodec", "MissingEntries", "Outgoing"]
 
 
@@ -73,9 +78,10 @@ class BoundaryCodec:
         mode = self.train.activation_compression
         if mode == "none":
             return {"hidden": out.hidden, **out.extras}
-        bits = QuantConfig(bits=self.train.activation_bits)
+        bits = self._quant(self.train.activation_bits)
+        extras = pack_extras(out.extras)
         if mode == "direct":
-            return {**encode_direct(out.hidden, bits), **out.extras}
+            return {**encode_direct(out.hidden, bits), **extras}
         if dest not in self._senders:
             cache = self._cache("to", dest)
             self._senders[dest] = (AQSGDSender(cache, PREFIX), AQSGDSender(cache, FIRST_PREFIX))
@@ -84,14 +90,17 @@ class BoundaryCodec:
         old = [i for i in range(len(out.sample_ids)) if i not in set(new)]
         tensors: dict[str, torch.Tensor] = {}
         out.pending = []
-        for sender, rows, config in ((revisit, old, bits), (first, new, QuantConfig(bits=self.train.activation_first_bits))):
+        for sender, rows, config in ((revisit, old, bits), (first, new, self._quant(self.train.activation_first_bits))):
             if rows:
                 part, pending = sender.encode([out.sample_ids[i] for i in rows], out.hidden[rows], config)
                 tensors.update(part)
                 out.pending.append(pending)
         if new and old:
             tensors[FIRST_ROWS] = torch.tensor(new, dtype=torch.int64)
-        return {**tensors, **out.extras}
+        return {**tensors, **extras}
+
+    def _quant(self, bits: int) -> QuantConfig:
+        return QuantConfig(bits=bits, block=self.train.boundary_block)
 
     def acknowledged(self, dest: str, out: Outgoing) -> None:
         for pending in out.pending or ():
@@ -153,7 +162,7 @@ class BoundaryCodec:
     def encode_gradient(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.train.gradient_bits:
             return {"grad": grad}
-        return encode_direct(grad, QuantConfig(bits=self.train.gradient_bits), prefix=GRAD_PREFIX)
+        return encode_direct(grad, self._quant(self.train.gradient_bits), prefix=GRAD_PREFIX)
 
     def decode_gradient(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         if "grad" in tensors:
@@ -168,3 +177,36 @@ class BoundaryCodec:
     def close(self) -> None:
         for pair in (*self._senders.values(), *self._receivers.values()):
             pair[0].cache.close()
+
+
+def pack_extras(extras: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Losslessly narrower: int64 ids as int16/int32 when their values fit, a 0/1 loss mask as bits."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in extras.items():
+        if name == "loss_mask" and t.numel() and bool(((t == 0) | (t == 1)).all()):
+            out[MASK_BITS] = pack_codes(t.reshape(-1), 1)
+        elif name in NARROW_INTS and t.dtype == torch.int64 and t.numel():
+            low, high = int(t.min()), int(t.max())
+            narrow = next((d for d in (torch.int16, torch.int32) if torch.iinfo(d).min <= low and high <= torch.iinfo(d).max), None)
+            out[name] = t.to(narrow) if narrow is not None else t
+        else:
+            out[name] = t
+    return out
+
+
+def unpack_extras(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``pack_extras``: ids back to int64, the mask back to float32 [batch, seq] (shape of target_ids)."""
+    out = dict(tensors)
+    for name in NARROW_INTS:
+        if name in out and out[name].dtype in (torch.int16, torch.int32):
+            out[name] = out[name].to(torch.int64)
+    bits = out.pop(MASK_BITS, None)
+    if bits is not None:
+        targets = out.get("target_ids")
+        if targets is None or "loss_mask" in out:
+            raise FrameError(f"{MASK_BITS} needs target_ids (for its shape) and no loss_mask beside it; got {sorted(tensors)}")
+        numel = targets.numel()
+        if bits.dtype != torch.uint8 or bits.shape != (-(-numel // 8),):
+            raise FrameError(f"{MASK_BITS} must be {-(-numel // 8)} uint8 bytes for target_ids {list(targets.shape)}, got {bits.dtype} {list(bits.shape)}")
+        out["loss_mask"] = unpack_codes(bits, 1, numel).view(targets.shape).to(torch.float32)
+    return out

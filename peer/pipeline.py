@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 from proto import codec
 from proto import hometrain_pb2 as pb
 
-from .boundary_codec import BoundaryCodec, MissingEntries, Outgoing
+from .boundary_codec import BoundaryCodec, MissingEntries, Outgoing, unpack_extras
 from .stage_runtime import StageRuntime
 from .transport import FrameTransport, Tensors, fp32_equivalent
 
@@ -234,6 +234,7 @@ class Pipeline:
             hidden = self.boundary.decode_activations(sender.to_base58(), list(header.sample_ids), tensors)
         except MissingEntries as exc:
             return pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, json=json.dumps({"missing": exc.sample_ids})), {}
+        tensors = unpack_extras(tensors)
         self._check_inputs(hidden, tensors)
         loss_sum, tokens, grad = await self.run_stage(header, hidden, tensors)
         reply = pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,

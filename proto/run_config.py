@@ -52,6 +52,7 @@ class TrainConfig:
     activation_bits: int = opt(4, "Bits per activation value when compressed: 2, 4 or 8.")
     activation_first_bits: int = opt(8, "AQ-SGD: bits for a frame holding a sample's first visit (it fills both caches).")
     gradient_bits: int = opt(0, "Activation gradients backward: 0 (fp32/compute dtype), 2, 4 or 8 bits.")
+    boundary_block: int = opt(64, "Values sharing one scale when activations or their gradients are quantized: a power of two, 64..4096 (larger: fewer bytes on scales, coarser).")
     sync_compression: str = opt("none", "Replica sync: none (exact gradient sum) or cocktail (parameter deltas: random subset, top-k, low-bit, error feedback).")
     sync_random_ratio: float = opt(0.1, "cocktail: share of coordinates in the shared random subset.")
     sync_topk_ratio: float = opt(0.2, "cocktail: share of the random subset kept by magnitude.")
@@ -76,6 +77,8 @@ class TrainConfig:
         for name in ("activation_bits", "activation_first_bits", "sync_bits"):
             if getattr(self, name) not in (2, 4, 8):
                 raise ConfigError(f"--{name.replace('_', '-')} must be 2, 4 or 8, got {getattr(self, name)}")
+        if self.boundary_block not in tuple(2**i for i in range(6, 13)):
+            raise ConfigError(f"--boundary-block must be a power of two from 64 to 4096, got {self.boundary_block}")
         if self.gradient_bits not in (0, 2, 4, 8):
             raise ConfigError(f"--gradient-bits must be 0, 2, 4 or 8, got {self.gradient_bits}")
         if not 0 < self.sync_random_ratio <= 1 or not 0 < self.sync_topk_ratio <= 1:

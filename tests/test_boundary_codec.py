@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from peer.activation_cache import MissingEntries
-from peer.boundary_codec import FIRST_ROWS, BoundaryCodec, Outgoing
+from peer.boundary_codec import FIRST_ROWS, MASK_BITS, BoundaryCodec, Outgoing, pack_extras, unpack_extras
+from proto.codec import FrameError
 from proto.run_config import TrainConfig
 
 
@@ -75,3 +76,47 @@ def test_gradients_quantized_when_asked():
     assert "grad" not in tensors
     assert (b.decode_gradient(tensors) - grad).norm() / grad.norm() < 0.15
     assert torch.equal(codecs()[0].decode_gradient({"grad": grad}), grad)
+
+
+def frame_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_extras_travel_packed_and_decode_to_what_was_sent():
+    targets = torch.randint(0, 1000, (3, 5))
+    mask = (torch.rand(3, 5) > 0.4).float()
+    extras = {"target_ids": targets, "loss_mask": mask, "prefix_lengths": torch.tensor([0, 2, 5])}
+    a, b = codecs(activation_compression="direct", activation_bits=2)
+    tensors = a.encode_activations("B", Outgoing([1, 2, 3], torch.randn(3, 5, 16), extras))
+    assert tensors["target_ids"].dtype == torch.int16 and MASK_BITS in tensors and "loss_mask" not in tensors
+    got = unpack_extras(tensors)
+    for name, value in extras.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+    # Ids that need 32 bits, or a weighted mask, still arrive exactly.
+    wide = {"target_ids": torch.tensor([[0, 50_000]]), "loss_mask": torch.tensor([[0.5, 1.0]])}
+    got = unpack_extras(pack_extras(wide))
+    assert got["target_ids"].dtype == torch.int64 and torch.equal(got["target_ids"], wide["target_ids"])
+    assert torch.equal(got["loss_mask"], wide["loss_mask"])
+    # Uncompressed runs send the extras as they are (the fp32/int64 reference).
+    plain = codecs()[0].encode_activations("B", Outgoing([1, 2, 3], torch.randn(3, 5, 16), extras))
+    assert plain["target_ids"].dtype == torch.int64 and plain["loss_mask"].dtype == torch.float32
+
+
+def test_malformed_packed_mask_is_refused():
+    tensors = pack_extras({"target_ids": torch.zeros(2, 9, dtype=torch.int64), "loss_mask": torch.ones(2, 9)})
+    tensors[MASK_BITS] = tensors[MASK_BITS][:1]
+    with pytest.raises(FrameError, match="uint8 bytes"):
+        unpack_extras(tensors)
+
+
+def test_larger_boundary_blocks_spend_fewer_bytes_on_scales():
+    hidden, grad = torch.randn(4, 64, 128), torch.randn(4, 64, 128)
+    sizes = {}
+    for block in (64, 256):
+        a, b = codecs(activation_compression="direct", activation_bits=2, gradient_bits=2, boundary_block=block)
+        acts, decoded = send(a, b, [1, 2, 3, 4], hidden)
+        grads = a.encode_gradient(grad)
+        sizes[block] = frame_bytes(acts) + frame_bytes(grads)
+        assert (decoded - hidden).norm() / hidden.norm() < 0.6
+        assert (b.decode_gradient(grads) - grad).norm() / grad.norm() < 0.6
+    assert sizes[256] < 0.9 * sizes[64], sizes
