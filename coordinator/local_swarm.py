@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from proto.lifecycle import ask_for_death_signal
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR"}
 
 
@@ -54,10 +56,11 @@ class LocalSwarm:
 
     def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
         # Each process leads its own group: the DHT helpers hivemind forks go down with it in kill().
+        # And each dies with this process, so a demo or benchmark killed outright leaves no swarm behind.
         if self.log_dir is None:
-            return subprocess.Popen(cmd, env=ENV, start_new_session=True)
+            return subprocess.Popen(cmd, env=ENV, start_new_session=True, preexec_fn=ask_for_death_signal)
         log = open(self.log_dir / f"{name}.log", "ab")
-        return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ask_for_death_signal)
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:

@@ -16,7 +16,8 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
-def _ask_for_death_signal() -> None:
+def ask_for_death_signal() -> None:
+    """Have this process receive SIGKILL when its parent dies (Linux; elsewhere nothing)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux or no prctl: nothing to do
@@ -26,4 +27,4 @@ def _ask_for_death_signal() -> None:
 def die_with_parent() -> None:
     """Make children forked from now on receive SIGKILL when this process dies (Linux only)."""
     if sys.platform.startswith("linux"):
-        os.register_at_fork(after_in_child=_ask_for_death_signal)
+        os.register_at_fork(after_in_child=ask_for_death_signal)
