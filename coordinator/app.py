@@ -21,7 +21,7 @@ from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 from proto.run_config import ConfigError, CoordinatorConfig
 
-from .assignment import stage_layer_ranges
+from .assignment import stage_layer_ranges, stage_needs
 from .checkpoint import (
     checkpoint_dir_name,
     load_signing_key,
@@ -34,7 +34,7 @@ from .dataset import build_mixer, tokenizer_documents, tokenizer_special_tokens
 from .http_server import StatusHTTPServer
 from .membership import Membership
 from .metrics import WIRE_KINDS, CoordinatorMetrics
-from .model_presets import initial_state, parameter_count, preset_config, pretrained_state
+from .model_presets import initial_state, parameter_count, preset_config, pretrained_state, stage_parameter_counts
 from .rounds import RoundEngine
 from .service import CoordinatorService
 from .store import RoundRecord, Store
@@ -151,7 +151,8 @@ class CoordinatorApp:
     async def start(self) -> None:
         cfg = self.config
         await asyncio.get_running_loop().run_in_executor(None, self._prepare_run)
-        self.membership = Membership(cfg.stages, cfg.heartbeat_timeout)
+        counts = stage_parameter_counts(self.model_config, self.layer_ranges)
+        self.membership = Membership(cfg.stages, cfg.heartbeat_timeout, stage_needs(counts, self.model_config.n_embd, cfg.train_config()))
         self.engine = RoundEngine(cfg, self.store, self.data, self.membership, self._publish, self.layer_ranges)
         self.engine.on_round_recorded.append(self._on_round)
         self.engine.on_sample_dropped.append(self.metrics.samples_dropped.inc)

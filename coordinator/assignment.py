@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from proto.run_config import TrainConfig
+
 
 def stage_layer_ranges(n_layer: int, stages: int) -> list[tuple[int, int]]:
     """Split ``n_layer`` blocks into ``stages`` contiguous ranges whose sizes differ by at most one.
@@ -25,47 +27,125 @@ def stage_layer_ranges(n_layer: int, stages: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Replica:
-    """What the assignment policy knows of one live peer."""
+    """What the assignment policy knows of one live peer (0 means not known yet)."""
 
     stage: int
-    throughput: float  # samples/s the peer measured for its stage; 0 when not yet measured
+    throughput: float       # samples/s the peer measured for its stage
+    free_memory: int = 0    # bytes free on its device when it joined
+    bandwidth: float = 0.0  # bytes/s its link carried in its large transfers
 
 
-def choose_stage(replicas: Sequence[Replica], num_stages: int, requested: int = -1) -> int:
-    """Stage for a newcomer: the one with the least total throughput (an empty stage first).
+@dataclass(frozen=True)
+class StageNeeds:
+    """What one replica of a stage costs: device memory, and bytes on its link per trained sample."""
 
-    Unmeasured replicas count as the median measured throughput, or 1.0 when nothing is
-    measured, so a stage of fresh peers is not mistaken for an empty one. Ties go to the
-    lower stage index. ``requested`` (>= 0) wins if it names a valid stage.
+    memory: int
+    bytes_per_sample: float
+
+
+def stage_needs(parameters: Sequence[int], d_model: int, train: TrainConfig) -> list[StageNeeds]:
+    """What one replica of each stage needs, from its parameter count and the run's settings.
+
+    Memory: weights, gradients and both AdamW moments in the compute dtype (activations come on
+    top). Link: every boundary the stage touches carries a sample's activations one way and
+    their gradients the other, at their wire width; replica sync adds the stage's bytes per
+    round spread over the round's samples.
     """
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[train.compute_dtype]
+    activation = train.activation_bits / 8 if train.activation_compression != "none" else width
+    gradient = train.gradient_bits / 8 if train.gradient_bits else width
+    per_boundary = train.seq_len * d_model * (activation + gradient)
+    if train.sync_compression == "cocktail":  # random-subset mask bits plus the kept values, on rounds that sync
+        kept = train.sync_random_ratio * train.sync_topk_ratio
+        per_parameter = (train.sync_random_ratio / 8 + kept * train.sync_bits / 8) * (1 - train.p_skip)
+    else:  # reduce-scatter then all-gather of fp32 sums
+        per_parameter = 4.0
+    last = len(parameters) - 1
+    return [StageNeeds(memory=4 * width * count,
+                       bytes_per_sample=((k > 0) + (k < last)) * per_boundary + per_parameter * count / train.global_batch_size)
+            for k, count in enumerate(parameters)]
+
+
+def fits(replica: Replica, need: StageNeeds | None) -> bool:
+    return need is None or not replica.free_memory or replica.free_memory >= need.memory
+
+
+def capacity(replica: Replica, need: StageNeeds | None, default: float = 1.0) -> float:
+    """Samples/s the replica can deliver to its stage: its compute throughput (``default`` when
+    unmeasured), capped by the samples/s its link can carry for that stage."""
+    compute = replica.throughput if replica.throughput > 0 else default
+    if need is None or replica.bandwidth <= 0 or need.bytes_per_sample <= 0:
+        return compute
+    return min(compute, replica.bandwidth / need.bytes_per_sample)
+
+
+def _need(needs: Sequence[StageNeeds] | None, stage: int) -> StageNeeds | None:
+    return needs[stage] if needs is not None else None
+
+
+def choose_stage(replicas: Sequence[Replica], num_stages: int, requested: int = -1,
+                 newcomer: Replica | None = None, needs: Sequence[StageNeeds] | None = None) -> int:
+    """Stage for a newcomer: among the stages its memory fits, the one with the least total
+    capacity (an empty stage first).
+
+    Capacity is measured throughput capped by link bandwidth (``capacity``); unmeasured
+    replicas count as the median measured throughput, or 1.0 when nothing is measured, so a
+    stage of fresh peers is not mistaken for an empty one. Ties go to the lower stage index.
+    ``requested`` (>= 0) wins if it names a valid stage. Raises ValueError when the newcomer's
+    free memory fits no stage (or not the requested one).
+    """
+    if needs is not None and len(needs) != num_stages:
+        raise ValueError(f"needs lists {len(needs)} stages, the run has {num_stages}")
+    newcomer = newcomer or Replica(-1, 0.0)
     if 0 <= requested < num_stages:
+        if not fits(newcomer, _need(needs, requested)):
+            raise ValueError(f"stage {requested} needs {_gib(needs[requested].memory)} of device memory and this device has "
+                             f"{_gib(newcomer.free_memory)} free: ask for another stage, or join with a larger device")
         return requested
+    allowed = [k for k in range(num_stages) if fits(newcomer, _need(needs, k))]
+    if not allowed:
+        smallest = min(n.memory for n in needs)
+        raise ValueError(f"the smallest stage needs {_gib(smallest)} of device memory and this device has "
+                         f"{_gib(newcomer.free_memory)} free: join with a larger device, or run with more --stages")
     measured = sorted(r.throughput for r in replicas if r.throughput > 0)
     default = measured[len(measured) // 2] if measured else 1.0
     totals = [0.0] * num_stages
     counts = [0] * num_stages
     for r in replicas:
         if 0 <= r.stage < num_stages:
-            totals[r.stage] += r.throughput if r.throughput > 0 else default
+            totals[r.stage] += capacity(r, _need(needs, r.stage), default)
             counts[r.stage] += 1
-    return min(range(num_stages), key=lambda k: (counts[k] > 0, totals[k], k))
+    return min(allowed, key=lambda k: (counts[k] > 0, totals[k], k))
 
 
-def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int) -> tuple[str, int] | None:
+def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int,
+                   needs: Sequence[StageNeeds] | None = None) -> tuple[str, int] | None:
     """Refill an empty stage: move one peer there from the best-covered stage, or None.
 
-    The donor is the stage with the most total throughput among those with at least two
-    replicas (so it keeps one); from it, the slowest replica moves, so the donor loses as
-    little as possible. Unmeasured replicas count as 1.0. Ties go to lower stage, then id.
+    The donor is the stage with the most total capacity among those with at least two
+    replicas (so it keeps one) and a replica whose memory fits the empty stage; from it, the
+    replica that will deliver the empty stage the most capacity moves (so a fast peer on a slow
+    link does not end up where the link limits it), and among equals the one the donor misses
+    least. Unmeasured replicas count as 1.0. Ties go to lower stage, then id.
     """
-    by_stage: dict[int, list[tuple[str, float]]] = {k: [] for k in range(num_stages)}
+    by_stage: dict[int, list[tuple[str, Replica]]] = {k: [] for k in range(num_stages)}
     for peer_id, r in replicas:
         if 0 <= r.stage < num_stages:
-            by_stage[r.stage].append((peer_id, r.throughput if r.throughput > 0 else 1.0))
+            by_stage[r.stage].append((peer_id, r))
     empty = [k for k, members in by_stage.items() if not members]
-    donors = [k for k, members in by_stage.items() if len(members) >= 2]
-    if not empty or not donors:
+    if not empty:
         return None
-    donor = max(donors, key=lambda k: (sum(t for _, t in by_stage[k]), -k))
-    mover = min(by_stage[donor], key=lambda m: (m[1], m[0]))[0]
-    return mover, empty[0]
+    target = empty[0]
+    need = _need(needs, target)
+    donors = [k for k, members in by_stage.items() if len(members) >= 2 and any(fits(r, need) for _, r in members)]
+    if not donors:
+        return None
+    donor = max(donors, key=lambda k: (sum(capacity(r, _need(needs, k)) for _, r in by_stage[k]), -k))
+    candidates = [(peer_id, r) for peer_id, r in by_stage[donor] if fits(r, need)]
+    mover = max(candidates, key=lambda m: (capacity(m[1], need) - capacity(m[1], _need(needs, donor)), -capacity(m[1], _need(needs, donor)),
+                                           [-ord(c) for c in m[0]]))[0]
+    return mover, target
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"

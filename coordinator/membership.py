@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from proto import hometrain_pb2 as pb
 
-from .assignment import Replica, choose_stage, plan_rebalance
+from .assignment import Replica, StageNeeds, choose_stage, plan_rebalance
 
 
 @dataclass
@@ -25,6 +25,8 @@ class PeerRecord:
     last_seen: float = field(default_factory=time.time)
     next_round: int = 0          # round its weights are ready to accumulate (0: still loading)
     throughput: float = 0.0
+    free_memory: int = 0         # bytes free on its device at Join (0: not reported)
+    bandwidth: float = 0.0       # bytes/s its link carried in large transfers (0: not measured yet)
     loads: int = 0               # weight loads the peer has completed
     reload_below: int = 0        # the peer must reload until it reports more loads than this
     adopt_round: int = 0         # nonzero: the peer is told to continue as of this round
@@ -49,6 +51,8 @@ class PeerRecord:
             "joined": self.joined,
             "next_round": self.next_round,
             "throughput": self.throughput,
+            "free_memory": self.free_memory,
+            "link_bytes_per_second": self.bandwidth,
             "microbatches": self.microbatches_done,
             "bytes_sent": dict(self.bytes_sent),
             "bytes_received": dict(self.bytes_received),
@@ -58,15 +62,17 @@ class PeerRecord:
 class Membership:
     """The peer table. Mutated only on the coordinator's event loop."""
 
-    def __init__(self, num_stages: int, heartbeat_timeout: float) -> None:
+    def __init__(self, num_stages: int, heartbeat_timeout: float, needs: list[StageNeeds] | None = None) -> None:
         self.num_stages = num_stages
         self.heartbeat_timeout = heartbeat_timeout
+        self.needs = needs  # per stage: memory and link bytes per sample of one replica (None: not considered)
         self.peers: dict[str, PeerRecord] = {}
 
-    def add(self, name: str, device: str, throughput: float, requested_stage: int) -> PeerRecord:
-        replicas = [Replica(p.stage, p.throughput) for p in self.live()]
-        stage = choose_stage(replicas, self.num_stages, requested_stage)
-        record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, throughput=throughput)
+    def add(self, name: str, device: str, throughput: float, requested_stage: int, free_memory: int = 0) -> PeerRecord:
+        """Admit a peer to the stage the policy picks; ValueError if its memory fits no stage."""
+        newcomer = Replica(-1, throughput, free_memory)
+        stage = choose_stage([_replica(p) for p in self.live()], self.num_stages, requested_stage, newcomer, self.needs)
+        record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, throughput=throughput, free_memory=free_memory)
         self.peers[record.peer_id] = record
         return record
 
@@ -101,6 +107,7 @@ class Membership:
         if record.adopt_round and stats.next_round == record.adopt_round:
             record.adopt_round = 0  # the peer confirmed it continues as of that round
         record.throughput = stats.throughput or record.throughput
+        record.bandwidth = stats.link_bytes_per_second or record.bandwidth
         record.microbatches_done = stats.microbatches_done
         record.bytes_sent = dict(stats.bytes_sent)
         record.bytes_received = dict(stats.bytes_received)
@@ -122,7 +129,7 @@ class Membership:
     def rebalance(self) -> tuple[PeerRecord, int, int] | None:
         """Move a peer into a stage left without replicas; returns (peer, from, to) or None."""
         live = sorted(self.live(), key=lambda p: p.peer_id)
-        plan = plan_rebalance([(p.peer_id, Replica(p.stage, p.throughput)) for p in live], self.num_stages)
+        plan = plan_rebalance([(p.peer_id, _replica(p)) for p in live], self.num_stages, self.needs)
         if plan is None:
             return None
         record = self.peers[plan[0]]
@@ -147,3 +154,7 @@ class Membership:
             key = (p.stage, pb.PeerState.Name(p.state).lower())
             out[key] = out.get(key, 0) + 1
         return out
+
+
+def _replica(record: PeerRecord) -> Replica:
+    return Replica(record.stage, record.throughput, record.free_memory, record.bandwidth)

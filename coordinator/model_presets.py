@@ -25,10 +25,18 @@ def preset_config(name: str, vocab_size: int, eos_token_id: int, max_positions: 
 
 def parameter_count(config: GPTJConfig) -> int:
     """Parameters of a GPT-J with this config (embedding, blocks, ln_f, lm_head with bias)."""
+    return sum(stage_parameter_counts(config, [(0, config.n_layer)]))
+
+
+def stage_parameter_counts(config: GPTJConfig, ranges: list[tuple[int, int]]) -> list[int]:
+    """Parameters of each stage: its blocks, plus the embedding on the first and ln_f + lm_head on the last."""
     d, v = config.n_embd, config.vocab_size
     inner = config.n_inner or 4 * d
     block = 2 * d + 4 * d * d + d * inner + inner + inner * d + d
-    return v * d + config.n_layer * block + 2 * d + d * v + v
+    counts = [(end - start) * block for start, end in ranges]
+    counts[0] += v * d
+    counts[-1] += 2 * d + d * v + v
+    return counts
 
 
 def initial_state(config: GPTJConfig, seed: int) -> dict[str, torch.Tensor]:

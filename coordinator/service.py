@@ -66,7 +66,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if request.requested_stage >= self.membership.num_stages:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
                                f"--stage {request.requested_stage} does not exist: this run has stages 0..{self.membership.num_stages - 1}")
-        record = self.membership.add(request.name, request.device, request.throughput, request.requested_stage)
+        try:
+            record = self.membership.add(request.name, request.device, request.throughput, request.requested_stage, request.free_memory_bytes)
+        except ValueError as exc:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory", str(exc))
+            raise  # unreachable: abort raises
         reply = pb.JoinReply()
         reply.CopyFrom(self.join_template)
         reply.peer_id = record.peer_id

@@ -227,6 +227,7 @@ class PeerNode:
             microbatches_done=self.runtime.microbatches_done, bytes_sent=dict(c.sent), bytes_received=dict(c.received),
             uncompressed_bytes_sent=dict(c.uncompressed_sent), uncompressed_bytes_received=dict(c.uncompressed_received),
             next_round=self.runtime.next_round, throughput=self.throughput, loads=self.runtime.loads,
+            link_bytes_per_second=self.transport.link.bytes_per_second,
         )
 
     async def _send_heartbeat(self) -> pb.HeartbeatReply:

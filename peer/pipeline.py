@@ -164,7 +164,7 @@ class Pipeline:
                     tensors = self.boundary.encode_activations(target, payload) if isinstance(payload, Outgoing) else payload
                     reply_header, reply = await self.transport.call(
                         PeerID.from_base58(target), handler, header, tensors, "activations", receive_kind,
-                        timeout=max(1.0, deadline - time.monotonic()),
+                        timeout=max(1.0, deadline - time.monotonic()), measure_link=False,
                     )
                     missing = json.loads(reply_header.json).get("missing") if reply_header.json else None
                     if not missing:

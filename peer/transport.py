@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping
@@ -51,6 +52,23 @@ class WireCounters:
         self.uncompressed_received[kind] += uncompressed
 
 
+@dataclass
+class LinkMeter:
+    """Bytes/s this peer's link carried, from calls that moved at least ``min_bytes`` (smaller ones
+    measure latency, not bandwidth); a moving average, 0 until the first such call. The time
+    includes the remote handler's work, so the figure errs low."""
+
+    min_bytes: int = 256 * 1024
+    smoothing: float = 0.3
+    bytes_per_second: float = 0.0
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes < self.min_bytes or seconds <= 0:
+            return
+        rate = nbytes / seconds
+        self.bytes_per_second = rate if not self.bytes_per_second else (1 - self.smoothing) * self.bytes_per_second + self.smoothing * rate
+
+
 class FrameTransport:
     """Sends frames to other peers' handlers and serves this peer's handlers."""
 
@@ -60,12 +78,15 @@ class FrameTransport:
         self.max_frame_bytes = max_frame_bytes
         self.frames_rejected = 0
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs it announced (from the stage directory)
+        self.link = LinkMeter()
 
     async def call(
         self, peer: PeerID, handler: str, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor],
-        send_kind: str, receive_kind: str, timeout: float,
+        send_kind: str, receive_kind: str, timeout: float, measure_link: bool = True,
     ) -> tuple[pb.FrameHeader, Tensors]:
-        """Send a frame to ``handler`` at ``peer`` and return its answer (raises on error or timeout)."""
+        """Send a frame to ``handler`` at ``peer`` and return its answer (raises on error or timeout).
+
+        ``measure_link=False`` for calls whose answer waits on remote compute (pipeline hops)."""
 
         async def requests():
             for message in codec.encode_frame(header, tensors):
@@ -75,7 +96,9 @@ class FrameTransport:
             responses = await self.p2p.iterate_protobuf_handler(peer, handler, requests(), pb.Frame)
             return await codec.decode_frame(responses, max_bytes=self.max_frame_bytes)
 
-        self.counters.count_sent(send_kind, codec.frame_nbytes(tensors), header.raw_bytes or fp32_equivalent(tensors))
+        sent = codec.frame_nbytes(tensors)
+        self.counters.count_sent(send_kind, sent, header.raw_bytes or fp32_equivalent(tensors))
+        started = time.monotonic()
         try:
             reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
         except Exception as exc:
@@ -87,6 +110,8 @@ class FrameTransport:
             await self.p2p._client.connect(peer, [Multiaddr(a) for a in addresses])
             reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
         self.counters.count_received(receive_kind, nbytes, reply_header.raw_bytes or fp32_equivalent(reply))
+        if measure_link:
+            self.link.observe(sent + nbytes, time.monotonic() - started)
         return reply_header, reply
 
     async def serve(self, name: str, handler: Handler, receive_kind: str, send_kind: str) -> None:

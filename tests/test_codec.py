@@ -84,3 +84,14 @@ def test_non_finite_and_wrong_shapes_are_refused():
         codec.require_shape("m", torch.zeros(2, 3), (2, 4))
     with pytest.raises(codec.FrameError, match="dtype"):
         codec.require_shape("m", torch.zeros(2, 3), (2, 3), torch.int64)
+
+
+def test_link_meter_ignores_small_calls_and_averages_large_ones():
+    from peer.transport import LinkMeter
+
+    meter = LinkMeter(min_bytes=1000, smoothing=0.5)
+    meter.observe(999, 0.001)  # too small to say anything about bandwidth
+    assert meter.bytes_per_second == 0
+    meter.observe(4000, 1.0)
+    meter.observe(2000, 1.0)
+    assert meter.bytes_per_second == 3000

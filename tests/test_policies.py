@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from coordinator.assignment import Replica, choose_stage, stage_layer_ranges
+from coordinator.assignment import Replica, StageNeeds, capacity, choose_stage, plan_rebalance, stage_layer_ranges, stage_needs
+from proto.run_config import TrainConfig
 from peer.pipeline import choose_next_hop
 
 
@@ -46,6 +47,55 @@ def test_stage_layer_ranges_refuses_impossible_splits(stages):
 )
 def test_choose_stage(replicas, requested, expected):
     assert choose_stage(replicas, 2, requested) == expected
+
+
+GIB = 2**30
+NEEDS = [StageNeeds(memory=10 * GIB, bytes_per_sample=1e6), StageNeeds(memory=4 * GIB, bytes_per_sample=1e6)]
+
+
+def test_newcomer_only_goes_where_its_memory_fits():
+    small = Replica(-1, 1.0, free_memory=6 * GIB)
+    assert choose_stage([], 2, newcomer=small, needs=NEEDS) == 1           # stage 0 is empty but needs 10 GiB
+    assert choose_stage([], 2, newcomer=Replica(-1, 1.0, free_memory=0), needs=NEEDS) == 0  # unknown memory: not excluded
+    with pytest.raises(ValueError, match="stage 0 needs 10.0 GiB .* 6.0 GiB free"):
+        choose_stage([], 2, requested=0, newcomer=small, needs=NEEDS)
+    with pytest.raises(ValueError, match="smallest stage needs 4.0 GiB .* 1.0 GiB free"):
+        choose_stage([], 2, newcomer=Replica(-1, 1.0, free_memory=GIB), needs=NEEDS)
+
+
+def test_link_bandwidth_caps_what_a_replica_counts_for():
+    # Stage 0 has a fast GPU on a 1 MB/s link: 1 sample/s at 1 MB per sample, not 10.
+    slow_link = Replica(0, 10.0, bandwidth=1e6)
+    assert capacity(slow_link, NEEDS[0]) == 1.0 and capacity(slow_link, None) == 10.0
+    replicas = [slow_link, Replica(1, 3.0, bandwidth=1e9)]
+    assert choose_stage(replicas, 2, needs=NEEDS) == 0  # 1 < 3 samples/s once the link is counted
+    assert choose_stage(replicas, 2) == 1               # by compute alone stage 1 looked weaker
+
+
+def test_rebalance_moves_a_peer_that_fits_and_gains_most():
+    # Stage 1 empty; stage 0 has three replicas. "big" is the slowest, but only "mid" and "fast" fit stage 1's 4 GiB.
+    replicas = [("fast", Replica(0, 9.0, free_memory=20 * GIB)), ("mid", Replica(0, 5.0, free_memory=8 * GIB)),
+                ("big", Replica(0, 2.0, free_memory=3 * GIB))]
+    assert plan_rebalance(replicas, 2) == ("big", 1)           # without needs: the slowest moves
+    assert plan_rebalance(replicas, 2, NEEDS) == ("mid", 1)    # with them: the slowest that fits
+    # A replica whose link limits it less on the empty stage moves first.
+    needs = [StageNeeds(1, 4e6), StageNeeds(1, 1e6)]
+    linked = [("a", Replica(0, 4.0, bandwidth=4e6)), ("b", Replica(0, 1.0, bandwidth=1e9))]
+    assert plan_rebalance(linked, 2, needs) == ("a", 1)       # 1 -> 4 samples/s for a; b would stay at 1
+    assert plan_rebalance([("x", Replica(0, 1.0, free_memory=GIB)), ("y", Replica(0, 1.0, free_memory=GIB))], 2, NEEDS) is None
+    assert plan_rebalance([("x", Replica(0, 1.0)), ("y", Replica(1, 1.0))], 2, NEEDS) is None  # nothing empty
+
+
+def test_stage_needs_follow_the_run_settings():
+    counts = [1000, 2000, 1000]
+    plain = stage_needs(counts, 64, TrainConfig(seq_len=32))
+    assert [n.memory for n in plain] == [16000, 32000, 16000]  # fp32 weights, grads, two moments
+    boundary = 32 * 64 * 8  # fp32 activations forward + fp32 gradients back, per sample
+    assert plain[0].bytes_per_sample == pytest.approx(boundary + 4 * 1000 / 16)
+    assert plain[1].bytes_per_sample == pytest.approx(2 * boundary + 4 * 2000 / 16)  # a middle stage has two boundaries
+    small = stage_needs(counts, 64, TrainConfig(seq_len=32, compute_dtype="bfloat16", activation_compression="direct", activation_bits=4,
+                                                gradient_bits=4, sync_compression="cocktail"))
+    assert small[0].memory == 8000 and all(c.bytes_per_sample < p.bytes_per_sample / 7 for c, p in zip(small, plain))
 
 
 def test_next_hop_skips_banned_and_weights_by_throughput():

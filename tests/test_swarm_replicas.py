@@ -52,6 +52,9 @@ def test_late_joiner_gets_a_stage_and_replicas_stay_identical(swarm):
             assert len(set(checksums)) == 1, f"round {r['round']} stage {stage}: replicas differ {checksums}"
     late = [r for r in rounds if r["round"] > joined_at + 1]
     assert any(len(r["checksums"][str(newcomer["stage"])]) == 2 for r in late), "the newcomer never averaged with its stage"
+    # Replicas that averaged (and the newcomer, which fetched a stage's state) measured their links.
+    links = {p["name"]: p["link_bytes_per_second"] for p in swarm.status()["peers"] if p["state"] == "online"}
+    assert sum(rate > 0 for rate in links.values()) >= 3, links
 
 
 def test_ctrl_c_leaves_within_five_seconds(swarm):
