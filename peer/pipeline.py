@@ -246,7 +246,7 @@ class Pipeline:
         runtime = self.runtime
         runtime.in_flight += 1
         try:
-            ctx = await runtime.run_timed(runtime.forward, header.round, inputs, batch["prefix_lengths"], batch["loss_mask"])
+            ctx = await runtime.run_timed(runtime.forward, header.round, inputs, batch["prefix_lengths"], batch["loss_mask"], header.microbatch)
             if runtime.model.is_last:
                 return await runtime.run_timed(runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
             next_header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,

@@ -10,6 +10,7 @@ accumulation and the step never interleave.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from proto.run_config import TrainConfig
 
 from .stage_model import StageModel, parameter_checksum, summed_token_loss
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 OPTIM_PREFIX = "optim."
 
@@ -36,6 +39,7 @@ class ForwardContext:
     inputs: torch.Tensor
     outputs: torch.Tensor
     tokens: int          # loss tokens of the microbatch
+    microbatch: int = -1  # its index in the round (-1: not tracked)
 
 
 class StaleRoundError(FrameError):
@@ -61,6 +65,7 @@ class StageRuntime:
         self.in_flight = 0             # microbatches between forward and backward on this stage
         self.microbatches_done = 0
         self.round_tokens = 0          # loss tokens this replica trained in the round (its local gradient divisor)
+        self.accumulated: set[tuple[int, int]] = set()  # (round, microbatch) whose parameter gradients are accumulated
         self.samples_done = 0
         self.compute_seconds = 0.0     # time in forward/backward: throughput = samples_done / compute_seconds
         self.anchor: torch.Tensor | None = None  # delta sync: the weights all replicas last agreed on (fp32, CPU)
@@ -108,14 +113,15 @@ class StageRuntime:
                 f"stage is accumulating round {self.next_round if self.next_round > self.closed_round else 'none'}, received a frame of round {round}"
             )
 
-    def forward(self, round: int, inputs: torch.Tensor, prefix_lengths: torch.Tensor, loss_mask: torch.Tensor) -> ForwardContext:
+    def forward(self, round: int, inputs: torch.Tensor, prefix_lengths: torch.Tensor, loss_mask: torch.Tensor,
+                microbatch: int = -1) -> ForwardContext:
         """Forward with autograd; the input is a leaf so its gradient can be sent back."""
         self.require_round(round)
         inputs = inputs.to(self.device)
         if inputs.is_floating_point():
-            inputs = inputs.to(self.dtype).requires_grad_(True)
+            inputs = inputs.detach().to(self.dtype).requires_grad_(True)  # a leaf of its own, whoever holds the tensor
         outputs = self.model(inputs, prefix_lengths.to(self.device))
-        return ForwardContext(round, inputs, outputs, int(loss_mask.sum().item()))
+        return ForwardContext(round, inputs, outputs, int(loss_mask.sum().item()), microbatch)
 
     @torch.no_grad()
     def infer(self, inputs: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
@@ -128,7 +134,10 @@ class StageRuntime:
     def backward(self, ctx: ForwardContext, output_grad: torch.Tensor) -> torch.Tensor | None:
         """Accumulate parameter gradients; return the gradient of the stage input (None at stage 0)."""
         self.require_round(ctx.round)
-        ctx.outputs.backward(output_grad.to(device=self.device, dtype=ctx.outputs.dtype))
+        grad = output_grad.to(device=self.device, dtype=ctx.outputs.dtype)
+        if self._accumulated_before(ctx):
+            return self._input_gradient(ctx, ctx.outputs, grad)
+        ctx.outputs.backward(grad)
         self._count(ctx)
         return ctx.inputs.grad if ctx.inputs.is_floating_point() else None
 
@@ -136,15 +145,34 @@ class StageRuntime:
         """Last stage: summed token loss of the logits, its backward; returns (loss_sum, tokens, input grad)."""
         self.require_round(ctx.round)
         loss = summed_token_loss(ctx.outputs, targets.to(self.device), loss_mask.to(self.device))
-        loss.backward()
-        self._count(ctx)
-        grad = ctx.inputs.grad if ctx.inputs.is_floating_point() else None
+        if self._accumulated_before(ctx):
+            grad = self._input_gradient(ctx, loss, None)
+        else:
+            loss.backward()
+            self._count(ctx)
+            grad = ctx.inputs.grad if ctx.inputs.is_floating_point() else None
         return float(loss.item()), int(loss_mask.sum().item()), grad
+
+    def _accumulated_before(self, ctx: ForwardContext) -> bool:
+        """Whether this stage already holds the microbatch's parameter gradients for the round.
+
+        A route that breaks upstream after this stage's backward makes the sender reroute the
+        microbatch, and it can come through here again: its input gradient is needed once more,
+        its parameter gradients must not be added twice."""
+        return ctx.microbatch >= 0 and (ctx.round, ctx.microbatch) in self.accumulated
+
+    def _input_gradient(self, ctx: ForwardContext, outputs: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+        log.info("microbatch %d of round %d came through again (its route broke upstream): input gradient only", ctx.microbatch, ctx.round)
+        if not ctx.inputs.is_floating_point():
+            return None
+        return torch.autograd.grad(outputs, ctx.inputs, grad)[0]
 
     def _count(self, ctx: ForwardContext) -> None:
         self.microbatches_done += 1
         self.samples_done += ctx.inputs.shape[0]
         self.round_tokens += ctx.tokens
+        if ctx.microbatch >= 0:
+            self.accumulated.add((ctx.round, ctx.microbatch))
 
     # ------------------------------------------------------------ step
 
@@ -168,6 +196,7 @@ class StageRuntime:
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.round_tokens = 0
+        self.accumulated.clear()
 
     def restart_at(self, next_round: int) -> None:
         """Continue as of ``next_round`` with the current weights, dropping unfinished gradients."""

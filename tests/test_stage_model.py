@@ -153,3 +153,38 @@ def test_delta_sync_shares_the_anchor_and_keeps_the_residual_private():
     c = StageRuntime(tiny_config(), train, 0, 2, torch.device("cpu"))
     c.import_state(tensors, extras, next_round=5)
     assert torch.equal(c.flat_params(), b.anchor) and torch.equal(c.anchor, b.anchor)
+
+
+def test_a_microbatch_that_comes_through_again_adds_its_gradients_once():
+    """An upstream route break reroutes a microbatch this stage already did: input gradient again, parameters once."""
+    from peer.stage_runtime import StageRuntime
+    from proto.run_config import TrainConfig
+
+    torch.manual_seed(0)
+    rt = StageRuntime(tiny_config(), TrainConfig(), 2, 4, torch.device("cpu"))
+    rt.next_round = 1
+    hidden, prefix = torch.randn(2, 8, 32), torch.tensor([0, 3])
+    targets, mask = torch.randint(0, 300, (2, 8)), torch.ones(2, 8)
+
+    def once(microbatch):
+        ctx = rt.forward(1, hidden, prefix, mask, microbatch)
+        return rt.loss_backward(ctx, targets, mask)
+
+    loss, tokens, grad = once(3)
+    after_first, tokens_first = rt.flat_gradients(), rt.round_tokens
+    again_loss, again_tokens, again_grad = once(3)
+    assert torch.equal(rt.flat_gradients(), after_first) and rt.round_tokens == tokens_first == 16
+    assert again_loss == loss and again_tokens == tokens and torch.allclose(again_grad, grad)
+    once(4)  # another microbatch does accumulate
+    assert rt.round_tokens == 32 and not torch.equal(rt.flat_gradients(), after_first)
+    rt.discard_gradients()
+    once(3)  # a new round's microbatch 3 is new again
+    assert rt.round_tokens == 16
+    # Middle stages: the same through backward() with an output gradient.
+    mid = StageRuntime(tiny_config(), TrainConfig(), 1, 2, torch.device("cpu"))
+    mid.next_round = 1
+    out_grad = torch.randn(2, 8, 32)
+    first = mid.backward(mid.forward(1, hidden, prefix, mask, 0), out_grad)
+    snapshot = mid.flat_gradients()
+    second = mid.backward(mid.forward(1, hidden, prefix, mask, 0), out_grad)
+    assert torch.allclose(first, second) and torch.equal(mid.flat_gradients(), snapshot)
