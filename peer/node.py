@@ -44,6 +44,8 @@ STATE_HANDLER = "hometrain.state"
 ANNOUNCE_EVERY = 10.0
 STATUS_EVERY = 10.0
 UPLOAD_CHUNK = 1 << 20
+REPLICA_PASSES = 3          # passes over the stage's replicas for their state before falling back to the checkpoint
+REPLICA_RETRY_SECONDS = 2.0
 
 
 class PeerNode:
@@ -153,22 +155,29 @@ class PeerNode:
         deadline = time.monotonic() + self.train.sync_timeout
         while self.runtime.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        replicas = await self.directory.replicas(self.stage, max_age=0)
-        others = [p for p in replicas if p != self.dht_id]
-        random.shuffle(others)
-        for replica in others:
-            try:
-                header, tensors = await self.transport.call(
-                    PeerID.from_base58(replica), STATE_HANDLER,
-                    pb.FrameHeader(kind=pb.STATE_REQUEST, run_id=self.run_id, stage=self.stage), {},
-                    "control", "state", timeout=300,
-                )
-                extras = json.loads(header.json or "{}")
-                await self.runtime.run(self.runtime.import_state, tensors, extras, header.round)
-                log.info("loaded stage %d weights and optimizer state of round %d from replica %s", self.stage, header.round - 1, replica[-8:])
-                return
-            except Exception as exc:
-                log.warning("replica %s could not give its state (%s); trying the next source", replica[-8:], exc)
+        # A replica may be busy loading too, or just gone with its record not yet expired: a few passes
+        # before the checkpoint, since weights older than the stage's send this peer straight back here.
+        for attempt in range(REPLICA_PASSES):
+            replicas = await self.directory.replicas(self.stage, max_age=0)
+            others = [p for p in replicas if p != self.dht_id]
+            if not others:
+                break
+            random.shuffle(others)
+            for replica in others:
+                try:
+                    header, tensors = await self.transport.call(
+                        PeerID.from_base58(replica), STATE_HANDLER,
+                        pb.FrameHeader(kind=pb.STATE_REQUEST, run_id=self.run_id, stage=self.stage), {},
+                        "control", "state", timeout=300,
+                    )
+                    extras = json.loads(header.json or "{}")
+                    await self.runtime.run(self.runtime.import_state, tensors, extras, header.round)
+                    log.info("loaded stage %d weights and optimizer state of round %d from replica %s", self.stage, header.round - 1, replica[-8:])
+                    return
+                except Exception as exc:
+                    log.warning("replica %s could not give its state (%s); trying the next source", replica[-8:], exc)
+            if attempt + 1 < REPLICA_PASSES:
+                await asyncio.sleep(REPLICA_RETRY_SECONDS)
         names = set(self.runtime.weights())
         bars: dict[str, tqdm] = {}
 
