@@ -24,16 +24,18 @@ from pathlib import Path
 from coordinator.local_swarm import LocalSwarm
 
 TRAINING_KINDS = ("activations", "gradients", "sync")
+DIRECT4 = ["--activation-compression", "direct", "--activation-bits", "4", "--gradient-bits", "4"]
+DIRECT2 = ["--activation-compression", "direct", "--activation-bits", "2", "--gradient-bits", "2"]
+BLOCK256 = ["--boundary-block", "256"]
+COCKTAIL = ["--sync-compression", "cocktail"]
 SETTINGS: dict[str, list[str]] = {
     "uncompressed": [],
     "aqsgd2/8+g8 (no sync compr.)": ["--activation-compression", "aqsgd", "--activation-bits", "2", "--activation-first-bits", "8",
                                      "--gradient-bits", "8"],
-    "direct2+g4+cocktail.3x.3": ["--activation-compression", "direct", "--activation-bits", "2", "--gradient-bits", "4",
-                                 "--sync-compression", "cocktail", "--sync-random-ratio", "0.3", "--sync-topk-ratio", "0.3"],
-    "direct2+g4+cocktail+skip.5": ["--activation-compression", "direct", "--activation-bits", "2", "--gradient-bits", "4",
-                                   "--sync-compression", "cocktail", "--p-skip", "0.5", "--resync-every", "10"],
-    "direct2+g2+cocktail2+skip.75": ["--activation-compression", "direct", "--activation-bits", "2", "--gradient-bits", "2",
-                                     "--sync-compression", "cocktail", "--sync-bits", "2", "--p-skip", "0.75", "--resync-every", "10"],
+    "direct4+g4 (no sync compr.)": DIRECT4,
+    "direct4+g4/256+cocktail.3x.3": [*DIRECT4, *BLOCK256, *COCKTAIL, "--sync-random-ratio", "0.3", "--sync-topk-ratio", "0.3"],
+    "direct4+g4/256+cocktail": [*DIRECT4, *BLOCK256, *COCKTAIL],
+    "direct2+g2/256+cocktail2+skip.75": [*DIRECT2, *BLOCK256, *COCKTAIL, "--sync-bits", "2", "--p-skip", "0.75", "--resync-every", "10"],
 }
 
 
@@ -71,12 +73,12 @@ def main() -> None:
     base_wire, base_tokens, base_loss = results["uncompressed"]
     base_total = sum(base_wire[k]["bytes"] for k in TRAINING_KINDS) / base_tokens
     print(f"\n2 stages x 2 replicas, tiny GPT-J, {args.rounds} rounds; bytes sent per trained token")
-    print(f"{'setting':32s} {'activations':>11s} {'gradients':>10s} {'sync':>10s} {'total':>10s} {'reduction':>9s} {'state+ctl':>9s} {'loss':>7s} {'gap':>7s}")
+    print(f"{'setting':34s} {'activations':>11s} {'gradients':>10s} {'sync':>10s} {'total':>10s} {'reduction':>9s} {'state+ctl':>9s} {'loss':>7s} {'gap':>7s}")
     for name, (wire, tokens, loss) in results.items():
         per = {k: wire[k]["bytes"] / tokens for k in TRAINING_KINDS}
         total = sum(per.values())
         other = (wire["state"]["bytes"] + wire["control"]["bytes"]) / tokens
-        print(f"{name:32s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
+        print(f"{name:34s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
               f"{base_total / total:8.1f}x {other:9.1f} {loss:7.4f} {100 * (loss - base_loss) / base_loss:+6.2f}%")
     print(f"\nAQ-SGD (2-bit changes, 8-bit first visits), 2 stages x 1 replica, a small dataset ({epochs['windows']} samples, "
           f"drawn with replacement) for {args.epochs} epochs: activation bytes sent per epoch")
