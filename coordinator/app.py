@@ -43,6 +43,7 @@ from .tokenizer import load_or_train
 log = logging.getLogger(__name__)
 
 GRPC_MAX_MESSAGE = 64 << 20
+GRPC_BIND_SECONDS = 10.0
 
 
 class CoordinatorApp:
@@ -175,11 +176,22 @@ class CoordinatorApp:
         self._point_at_latest_checkpoint()
         self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
         options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
-        self.grpc_server = grpc.aio.server(options=options)
-        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
-        self.grpc_port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        # A coordinator restarted right after a crash may find its port still held for a moment.
+        deadline = time.monotonic() + GRPC_BIND_SECONDS
+        while True:
+            server = grpc.aio.server(options=options)
+            pb_grpc.add_CoordinatorServicer_to_server(self.service, server)
+            try:
+                self.grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            except RuntimeError:  # some grpc versions raise instead of returning 0
+                self.grpc_port = 0
+            if self.grpc_port or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC: is another coordinator running? pick --port")
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC (tried for {GRPC_BIND_SECONDS:.0f}s): "
+                          "is another coordinator running? stop it or pick --port")
+        self.grpc_server = server
         await self.grpc_server.start()
         log.info("run %s: round %d, %d stages %s, hometrain %s", self.run_id, self.engine.round, cfg.stages, self.layer_ranges, PACKAGE_VERSION)
         log.info("control plane on %s:%d; status page http://%s:%d/", cfg.public_host, self.grpc_port, cfg.public_host, self.http.port)
@@ -224,9 +236,13 @@ class CoordinatorApp:
             await asyncio.sleep(0.2)
 
     async def shutdown(self) -> None:
-        await self.grpc_server.stop(grace=1.0)
-        self.http.stop()
-        self.dht.shutdown()
+        """Stop what start() got to start, in reverse order."""
+        if getattr(self, "grpc_server", None) is not None:
+            await self.grpc_server.stop(grace=1.0)
+        if getattr(self, "http", None) is not None:
+            self.http.stop()
+        if getattr(self, "dht", None) is not None:
+            self.dht.shutdown()
         self.store.close()
 
     # ------------------------------------------------------------ reporting

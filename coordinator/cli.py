@@ -25,8 +25,8 @@ def _serve(config: CoordinatorConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, app.stop_requested.set)
-        await app.start()
-        try:
+        try:  # shut down whatever started even if start() failed: a live DHT child would keep the process from exiting
+            await app.start()
             await app.serve_until_done()
         finally:
             await app.shutdown()
