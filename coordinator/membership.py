@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from proto import hometrain_pb2 as pb
 
 from .assignment import Replica, StageNeeds, choose_stage, plan_rebalance
+
+MAX_MADDRS = 8          # addresses kept per peer (the rest are dropped)
+MAX_MADDR_CHARS = 256
 
 
 @dataclass
@@ -27,6 +31,7 @@ class PeerRecord:
     throughput: float = 0.0
     free_memory: int = 0         # bytes free on its device at Join (0: not reported)
     bandwidth: float = 0.0       # bytes/s its link carried in large transfers (0: not measured yet)
+    maddrs: list[str] = field(default_factory=list)  # where other peers can dial it
     loads: int = 0               # weight loads the peer has completed
     reload_below: int = 0        # the peer must reload until it reports more loads than this
     adopt_round: int = 0         # nonzero: the peer is told to continue as of this round
@@ -93,9 +98,10 @@ class Membership:
             p.state = pb.GONE
         return gone
 
-    def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str) -> None:
+    def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str, maddrs: Sequence[str] = ()) -> None:
         record.last_seen = time.time()
         record.dht_peer_id = dht_peer_id or record.dht_peer_id
+        record.maddrs = [m for m in maddrs if len(m) <= MAX_MADDR_CHARS][:MAX_MADDRS] or record.maddrs
         reloaded = stats.loads > record.loads  # its weights changed under it: its round may have gone back
         record.loads = stats.loads
         if record.state == pb.JOINING and record.dht_peer_id and stats.next_round > 0 and stats.loads > record.reload_below:

@@ -84,7 +84,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         record = self.membership.get(request.peer_id)
         if record is None:
             return pb.HeartbeatReply(known=False)
-        self.membership.update_stats(record, request.stats, request.dht_peer_id)
+        self.membership.update_stats(record, request.stats, request.dht_peer_id, request.maddrs)
         reply = pb.HeartbeatReply(known=True)
         self._count(request, reply)
         await self.engine.tick()

@@ -59,6 +59,7 @@ class PeerNode:
         self.tasks: set[asyncio.Task] = set()
         self.rounds_seen: dict[str, set] = {"feed": set(), "sync": set(), "upload": set()}
         self.current_round = 0
+        self.stage_peers: list[pb.StagePeer] = []  # other online replicas of this stage, from the last round state
         self.throughput = 0.0  # samples per compute-second of this peer's stage (kept across stage moves)
         self.compressor: ErrorFeedbackCompressor | None = None  # cocktail sync: this replica's error feedback
         self._rejoin_lock = asyncio.Lock()
@@ -158,11 +159,9 @@ class PeerNode:
         # A replica may be busy loading too, or just gone with its record not yet expired: a few passes
         # before the checkpoint, since weights older than the stage's send this peer straight back here.
         for attempt in range(REPLICA_PASSES):
-            replicas = await self.directory.replicas(self.stage, max_age=0)
-            others = [p for p in replicas if p != self.dht_id]
+            others = await self._state_sources()
             if not others:
                 break
-            random.shuffle(others)
             for replica in others:
                 try:
                     header, tensors = await self.transport.call(
@@ -197,6 +196,21 @@ class PeerNode:
                 bar.close()
         await self.runtime.run(self.runtime.import_state, tensors, None, round + 1)
         log.info("loaded stage %d weights from the checkpoint of round %d (%s)", self.stage, round, self.checkpoint_url)
+
+    async def _state_sources(self) -> list[str]:
+        """Replicas to copy the stage's state from: those the coordinator says are at the current
+        round first, then the rest it knows, then any the DHT shows (each group shuffled)."""
+        known = [p for p in self.stage_peers if p.dht_peer_id != self.dht_id]
+        current = [p.dht_peer_id for p in known if p.next_round == self.current_round]
+        behind = [p.dht_peer_id for p in known if p.next_round != self.current_round]
+        try:
+            found = [p for p in await self.directory.replicas(self.stage, max_age=0) if p != self.dht_id and p not in current + behind]
+        except Exception as exc:
+            log.debug("stage directory lookup failed: %s", exc)
+            found = []
+        for group in (current, behind, found):
+            random.shuffle(group)
+        return current + behind + found
 
     async def _move_to(self, stage: int, layer_start: int, layer_end: int) -> None:
         """The coordinator moved this peer to another stage (one was left empty): rebuild and reload."""
@@ -240,7 +254,7 @@ class PeerNode:
         )
 
     async def _send_heartbeat(self) -> pb.HeartbeatReply:
-        request = pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats())
+        request = pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats(), maddrs=self.maddrs)
         return await self.client.call("Heartbeat", request, timeout=10)
 
     async def _heartbeat(self) -> None:
@@ -336,6 +350,10 @@ class PeerNode:
                 continue
             known_round, known_phase, known_attempt = state.round, state.phase, state.sync_attempt
             self.current_round = state.round
+            self.stage_peers = list(state.stage_peers)
+            for other in self.stage_peers:  # dialable even before (or without) the DHT showing their records
+                if other.maddrs:
+                    self.transport.addresses[other.dht_peer_id] = list(other.maddrs)
             if state.checkpoint_url:
                 self.checkpoint_url, self.checkpoint_round = state.checkpoint_url, state.checkpoint_round
             if state.phase == pb.STOPPED:
