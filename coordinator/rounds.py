@@ -407,9 +407,10 @@ class RoundEngine:
         state = pb.RoundState(round=self.round, phase=self.phase, stage=peer.stage, layer_start=a, layer_end=b,
                               message=self.waiting_reason, adopt_round=peer.adopt_round,
                               checkpoint_url=self.latest_checkpoint[0], checkpoint_round=self.latest_checkpoint[1])
-        others = [p for p in self.membership.online(peer.stage) if p.peer_id != peer.peer_id and p.dht_peer_id]
-        for other in sorted(others, key=lambda p: (-p.next_round, p.dht_peer_id)):
-            state.stage_peers.add(dht_peer_id=other.dht_peer_id, maddrs=other.maddrs, next_round=other.next_round)
+        for stage, field in ((peer.stage, state.stage_peers), (peer.stage + 1, state.next_stage_peers)):
+            others = [p for p in self.membership.online(stage) if p.peer_id != peer.peer_id and p.dht_peer_id]
+            for other in sorted(others, key=lambda p: (-p.next_round, p.dht_peer_id)):
+                field.add(dht_peer_id=other.dht_peer_id, maddrs=other.maddrs, next_round=other.next_round, throughput=other.throughput)
         cur = self.current
         state.reload_state = peer.state == pb.JOINING and peer.loads > 0 and peer.loads <= peer.reload_below
         if cur is not None and self.phase in (pb.SYNC, pb.PUBLISH):

@@ -354,6 +354,8 @@ class PeerNode:
             for other in self.stage_peers:  # dialable even before (or without) the DHT showing their records
                 if other.maddrs:
                     self.transport.addresses[other.dht_peer_id] = list(other.maddrs)
+            self.directory.learn(state.stage + 1, {p.dht_peer_id: {"throughput": p.throughput, "maddrs": list(p.maddrs)}
+                                                   for p in state.next_stage_peers})
             if state.checkpoint_url:
                 self.checkpoint_url, self.checkpoint_round = state.checkpoint_url, state.checkpoint_round
             if state.phase == pb.STOPPED:

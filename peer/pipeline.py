@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FORWARD_HANDLER = "hometrain.forward"
 INFER_HANDLER = "hometrain.infer"
 RECORD_TTL = 30.0
+TOLD_MAX_AGE = 15.0  # seconds the coordinator's list of a stage stands in for the DHT's records
 
 
 def stage_key(run_id: str, stage: int) -> str:
@@ -62,6 +63,16 @@ class StageDirectory:
         self.run_id = run_id
         self.addresses = addresses if addresses is not None else {}  # filled with each record's "maddrs"
         self._cache: dict[int, tuple[float, dict[str, dict[str, Any]]]] = {}
+        self._told: dict[int, tuple[float, dict[str, dict[str, Any]]]] = {}  # stage -> (when, records) from the coordinator
+
+    def learn(self, stage: int, records: dict[str, dict[str, Any]]) -> None:
+        """The coordinator's list of a stage's online peers (id -> throughput, maddrs). While recent,
+        it is what ``replicas`` returns: the coordinator drops dead peers sooner than DHT records
+        expire, and a peer whose DHT view is partitioned (after restarts) still finds the stage."""
+        self._told[stage] = (time.monotonic(), records)
+        for peer_id, info in records.items():
+            if info.get("maddrs"):
+                self.addresses[peer_id] = list(info["maddrs"])[:8]
 
     async def announce(self, stage: int, peer_id: str, info: dict[str, Any]) -> None:
         await self.dht.store(stage_key(self.run_id, stage), info, get_dht_time() + RECORD_TTL, subkey=peer_id, return_future=True)
@@ -71,7 +82,11 @@ class StageDirectory:
         await self.dht.store(stage_key(self.run_id, stage), {"leaving": True}, get_dht_time() + RECORD_TTL, subkey=peer_id, return_future=True)
 
     async def replicas(self, stage: int, max_age: float = 1.0) -> dict[str, dict[str, Any]]:
-        """Live records of ``stage`` (peer id -> info), cached for ``max_age`` seconds."""
+        """Live records of ``stage`` (peer id -> info): the coordinator's recent list if there is one,
+        else the DHT's records, cached for ``max_age`` seconds."""
+        told = self._told.get(stage)
+        if told and told[1] and time.monotonic() - told[0] < TOLD_MAX_AGE:
+            return told[1]
         cached = self._cache.get(stage)
         if cached and time.monotonic() - cached[0] < max_age:
             return cached[1]

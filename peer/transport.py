@@ -105,7 +105,7 @@ class FrameTransport:
             # libp2p may not know where the peer is (it joined through another bootstrap node, or
             # came back on a new address): dial the addresses it announced, then try once more.
             addresses = self.addresses.get(peer.to_base58())
-            if not addresses or not any(hint in str(exc) for hint in ("routing: not found", "failed to dial")):
+            if not addresses or not any(hint in str(exc) for hint in ("routing: not found", "failed to dial", "Connect failed")):
                 raise
             await self.p2p._client.connect(peer, [Multiaddr(a) for a in addresses])
             reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)

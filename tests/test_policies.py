@@ -109,3 +109,35 @@ def test_next_hop_skips_banned_and_weights_by_throughput():
     assert choose_next_hop(candidates, {"a": 10.0, "b": 10.0, "c": 10.0}, 5.0, rng) is None
     assert choose_next_hop(candidates, {"a": 1.0, "b": 1.0, "c": 1.0}, 5.0, rng) is not None  # bans expired
     assert choose_next_hop({}, {}, 0.0, rng) is None
+
+
+def test_directory_prefers_the_coordinators_recent_list_over_the_dht(monkeypatch):
+    import asyncio
+
+    import peer.pipeline as pipeline
+
+    class FakeDHT:  # answers like a partitioned DHT: no records at all
+        def __init__(self):
+            self.gets = 0
+
+        async def _nothing(self):
+            return None
+
+        def get(self, *args, **kwargs):
+            self.gets += 1
+            return self._nothing()
+
+    dht = FakeDHT()
+    addresses: dict[str, list[str]] = {}
+    directory = pipeline.StageDirectory(dht, "run", addresses)
+    assert asyncio.run(directory.replicas(1, max_age=0)) == {} and dht.gets == 1
+    directory.learn(1, {"peer-a": {"throughput": 2.0, "maddrs": ["/ip4/127.0.0.1/tcp/4001"]}})
+    assert addresses["peer-a"] == ["/ip4/127.0.0.1/tcp/4001"]  # dialable even if the DHT never shows it
+    assert asyncio.run(directory.replicas(1, max_age=0)) == {"peer-a": {"throughput": 2.0, "maddrs": ["/ip4/127.0.0.1/tcp/4001"]}}
+    assert dht.gets == 1
+    directory.learn(1, {})  # the coordinator knows nobody there: the DHT may
+    asyncio.run(directory.replicas(1, max_age=0))
+    assert dht.gets == 2
+    directory.learn(1, {"peer-a": {"throughput": 2.0, "maddrs": []}})
+    monkeypatch.setattr(pipeline, "TOLD_MAX_AGE", 0.0)  # an old list (coordinator down) no longer counts
+    assert asyncio.run(directory.replicas(1, max_age=0)) == {} and dht.gets == 3
