@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping
 
 import torch
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from proto import codec
@@ -50,6 +50,12 @@ class WireCounters:
     def count_received(self, kind: str, nbytes: int, uncompressed: int) -> None:
         self.received[kind] += nbytes
         self.uncompressed_received[kind] += uncompressed
+
+
+def dialable(maddr: str) -> str:
+    """The transport part of a multiaddr: p2pd refuses a connect whose addresses end in /p2p/<id>
+    ('length greater than remaining number of bytes in buffer'), and announced addresses do."""
+    return maddr.split("/p2p/", 1)[0]
 
 
 @dataclass
@@ -104,10 +110,11 @@ class FrameTransport:
         except Exception as exc:
             # libp2p may not know where the peer is (it joined through another bootstrap node, or
             # came back on a new address): dial the addresses it announced, then try once more.
+            # (Not when it answered with an error, or took the whole timeout: neither is about finding it.)
             addresses = self.addresses.get(peer.to_base58())
-            if not addresses or not any(hint in str(exc) for hint in ("routing: not found", "failed to dial", "Connect failed")):
+            if not addresses or isinstance(exc, (P2PHandlerError, asyncio.TimeoutError, codec.FrameError)):
                 raise
-            await self.p2p._client.connect(peer, [Multiaddr(a) for a in addresses])
+            await self.p2p._client.connect(peer, [Multiaddr(dialable(a)) for a in addresses])
             reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
         self.counters.count_received(receive_kind, nbytes, reply_header.raw_bytes or fp32_equivalent(reply))
         if measure_link:

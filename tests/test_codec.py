@@ -95,3 +95,10 @@ def test_link_meter_ignores_small_calls_and_averages_large_ones():
     meter.observe(4000, 1.0)
     meter.observe(2000, 1.0)
     assert meter.bytes_per_second == 3000
+
+
+def test_announced_addresses_are_dialled_without_their_peer_id():
+    from peer.transport import dialable
+
+    assert dialable("/ip4/127.0.0.1/tcp/37365/p2p/12D3KooWL9q96AJFpitWdc9STkfSDsVvtpCHp2dqua5v7rYFndK1") == "/ip4/127.0.0.1/tcp/37365"
+    assert dialable("/ip4/10.0.0.2/tcp/4001") == "/ip4/10.0.0.2/tcp/4001"
