@@ -141,7 +141,8 @@ class RoundEngine:
         Peers ahead of the coordinator mean it died after they stepped but before it recorded the
         round: those rounds are recorded as recovered (no loss) so no number is reused. In a stage,
         a peer behind the others reloads from them; if nobody in its stage is at the round, the
-        most advanced peers adopt the round (their weights are the best the stage has).
+        most advanced peers adopt the round (their weights are the best the stage has), unless
+        the newest checkpoint is more advanced: then they reload (from it) first.
         """
         online = self.membership.online()
         directives = self.directives
@@ -156,7 +157,8 @@ class RoundEngine:
             if not peers or all(p.next_round == self.round for p in peers):
                 continue
             at_round = [p for p in peers if p.next_round == self.round]
-            best = max(p.next_round for p in peers)
+            # Weights older than the newest checkpoint are not the best the stage has: reload that instead.
+            best = max(max(p.next_round for p in peers), self.latest_checkpoint[1] + 1)
             for p in peers:
                 if p.next_round == self.round:
                     continue

@@ -169,6 +169,10 @@ class PeerNode:
                         pb.FrameHeader(kind=pb.STATE_REQUEST, run_id=self.run_id, stage=self.stage), {},
                         "control", "state", timeout=300,
                     )
+                    if header.round <= self.checkpoint_round:
+                        log.info("replica %s holds round %d, older than the checkpoint of round %d; trying the next source",
+                                 replica[-8:], header.round - 1, self.checkpoint_round)
+                        continue
                     extras = json.loads(header.json or "{}")
                     await self.runtime.run(self.runtime.import_state, tensors, extras, header.round)
                     log.info("loaded stage %d weights and optimizer state of round %d from replica %s", self.stage, header.round - 1, replica[-8:])
