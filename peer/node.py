@@ -175,6 +175,10 @@ class PeerNode:
                         continue
                     extras = json.loads(header.json or "{}")
                     await self.runtime.run(self.runtime.import_state, tensors, extras, header.round)
+                    got = await self.runtime.run(self.runtime.checksum)
+                    if got != extras.get("checksum"):
+                        self.runtime.next_round = 0  # not usable: the next source (or the checkpoint) replaces it
+                        raise codec.FrameError(f"state checksum {got[:12]} does not match the {str(extras.get('checksum'))[:12]} the replica sent")
                     log.info("loaded stage %d weights and optimizer state of round %d from replica %s", self.stage, header.round - 1, replica[-8:])
                     return
                 except Exception as exc:
@@ -241,6 +245,7 @@ class PeerNode:
             raise codec.FrameError("this peer is still loading its own weights")
         async with self.runtime.state_lock:  # never mid-step: the copy is of one round
             state, extras = await self.runtime.run(self.runtime.export_state)
+            extras["checksum"] = await self.runtime.run(self.runtime.checksum)  # the receiver verifies what it loaded
             next_round = self.runtime.next_round
         log.info("sent stage %d state of round %d to %s", self.stage, next_round - 1, sender.to_base58()[-8:])
         return pb.FrameHeader(kind=pb.STATE, run_id=self.run_id, stage=self.stage, round=next_round, json=json.dumps(extras)), state
