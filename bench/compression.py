@@ -11,7 +11,7 @@ shows the activation bytes of each epoch: first visits go at --activation-first-
 fill both caches, later visits send 2-bit changes. The mixer draws samples with replacement,
 so an "epoch" is a dataset's worth of samples, not each sample exactly once.
 
-    python bench/compression.py [--rounds 60] [--only NAME ...] [--epochs 3]
+    python bench/compression.py [--rounds 60] [--only NAME ...] [--epochs 3] [--diagnostics]
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ SETTINGS: dict[str, list[str]] = {
     "direct4+g4/256+cocktail": [*DIRECT4, *BLOCK256, *COCKTAIL],
     "direct2+g2/256+cocktail2+skip.75": [*DIRECT2, *BLOCK256, *COCKTAIL, "--sync-bits", "2", "--p-skip", "0.75", "--resync-every", "10"],
 }
+# Where the loss goes (--diagnostics): each cost alone.
+DIAGNOSTICS: dict[str, list[str]] = {
+    "direct2+g2 (no sync compr.)": DIRECT2,
+    "direct2+g2/256 (no sync compr.)": [*DIRECT2, *BLOCK256],
+    "cocktail dense 8-bit (delta form)": [*COCKTAIL, "--sync-random-ratio", "1", "--sync-topk-ratio", "1", "--sync-bits", "8"],
+    "cocktail alone": COCKTAIL,
+}
 
 
 def run_swarm(state: Path, rounds: int, flags: list[str], extra: list[str] = ()) -> tuple[dict, list[dict]]:
@@ -56,19 +63,22 @@ def run_swarm(state: Path, rounds: int, flags: list[str], extra: list[str] = ())
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--only", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, choices=[*SETTINGS, *DIAGNOSTICS])
+    parser.add_argument("--diagnostics", action="store_true", help="run the settings that isolate each cost instead")
+    parser.add_argument("--epochs", type=int, default=3, help="0 skips the AQ-SGD epochs table")
     args = parser.parse_args()
-    names = ["uncompressed", *[n for n in args.only if n != "uncompressed"]]
+    settings = {**SETTINGS, **DIAGNOSTICS}
+    chosen = args.only if args.only is not None else list(DIAGNOSTICS if args.diagnostics else SETTINGS)
+    names = ["uncompressed", *[n for n in chosen if n != "uncompressed"]]
     results = {}
     with tempfile.TemporaryDirectory(prefix="hometrain-bench-") as tmp:
         for name in names:
-            status, rounds = run_swarm(Path(tmp) / name, args.rounds, SETTINGS[name])
+            status, rounds = run_swarm(Path(tmp) / name.replace("/", "_"), args.rounds, settings[name])
             tokens = sum(r["tokens"] for r in rounds)
             losses = [r["loss"] for r in rounds if r["loss"] is not None]
             results[name] = (status["wire"], tokens, sum(losses[-5:]) / len(losses[-5:]))
             print(f"ran {name}: {len(rounds)} rounds, {tokens} tokens", flush=True)
-        epochs = epoch_table(Path(tmp) / "epochs", args.epochs)
+        epochs = epoch_table(Path(tmp) / "epochs", args.epochs) if args.epochs else None
 
     base_wire, base_tokens, base_loss = results["uncompressed"]
     base_total = sum(base_wire[k]["bytes"] for k in TRAINING_KINDS) / base_tokens
@@ -80,6 +90,8 @@ def main() -> None:
         other = (wire["state"]["bytes"] + wire["control"]["bytes"]) / tokens
         print(f"{name:34s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
               f"{base_total / total:8.1f}x {other:9.1f} {loss:7.4f} {100 * (loss - base_loss) / base_loss:+6.2f}%")
+    if epochs is None:
+        return
     print(f"\nAQ-SGD (2-bit changes, 8-bit first visits), 2 stages x 1 replica, a small dataset ({epochs['windows']} samples, "
           f"drawn with replacement) for {args.epochs} epochs: activation bytes sent per epoch")
     print(f"{'epoch':>5s} {'rounds':>9s} {'bytes':>10s} {'fp32 bytes':>11s} {'ratio':>7s}")

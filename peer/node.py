@@ -436,10 +436,10 @@ class PeerNode:
         are averaged into the anchor, which is bit-identical on every replica after every
         sync (checksums, checkpoints and hand-offs carry it). Each replica's weights stay the
         anchor plus what its own delta did not send, so its progress is never held back by
-        the compression, only shared late (resetting the weights to the anchor instead lagged
-        by 7-11 loss points in bench/compression.py). Only this form survives randomly skipped
-        syncs without a full-precision re-alignment: the local steps of skipped rounds are
-        simply part of the next delta.
+        the compression, only shared late (resetting the weights to the anchor instead cost 4
+        to 7 more points of loss gap at the same settings of bench/compression.py). Only this
+        form survives randomly skipped syncs without a full-precision re-alignment: the local
+        steps of skipped rounds are simply part of the next delta.
 
         If the group cannot finish (a member vanished), nothing is applied: the coordinator
         starts another attempt without the missing member, or has this replica reload.
