@@ -123,10 +123,10 @@ def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int,
     """Refill an empty stage: move one peer there from the best-covered stage, or None.
 
     The donor is the stage with the most total capacity among those with at least two
-    replicas (so it keeps one) and a replica whose memory fits the empty stage; from it, the
-    replica that will deliver the empty stage the most capacity moves (so a fast peer on a slow
-    link does not end up where the link limits it), and among equals the one the donor misses
-    least. Unmeasured replicas count as 1.0. Ties go to lower stage, then id.
+    replicas (so it keeps one) and a replica whose memory fits the empty stage; from it moves
+    the fitting replica that gains most by moving (its capacity there minus its capacity here:
+    a peer whose link limits it less in the empty stage), among equals the slowest (the one the
+    donor misses least). Unmeasured replicas count as 1.0. Ties go to lower stage, then id.
     """
     by_stage: dict[int, list[tuple[str, Replica]]] = {k: [] for k in range(num_stages)}
     for peer_id, r in replicas:
@@ -142,8 +142,8 @@ def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int,
         return None
     donor = max(donors, key=lambda k: (sum(capacity(r, _need(needs, k)) for _, r in by_stage[k]), -k))
     candidates = [(peer_id, r) for peer_id, r in by_stage[donor] if fits(r, need)]
-    mover = max(candidates, key=lambda m: (capacity(m[1], need) - capacity(m[1], _need(needs, donor)), -capacity(m[1], _need(needs, donor)),
-                                           [-ord(c) for c in m[0]]))[0]
+    here = {peer_id: capacity(r, _need(needs, donor)) for peer_id, r in candidates}
+    mover = min(candidates, key=lambda m: (here[m[0]] - capacity(m[1], need), here[m[0]], m[0]))[0]
     return mover, target
 
 
