@@ -56,6 +56,11 @@ class CoordinatorApp:
         self.metrics = CoordinatorMetrics()
         self.stop_requested = asyncio.Event()
         self._last_tokens_per_second: float | None = None
+        # Set by start() as it gets to them; shutdown() stops those that exist.
+        self.store: Store | None = None
+        self.dht: hivemind.DHT | None = None
+        self.http: StatusHTTPServer | None = None
+        self.grpc_server: grpc.aio.Server | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -237,13 +242,14 @@ class CoordinatorApp:
 
     async def shutdown(self) -> None:
         """Stop what start() got to start, in reverse order."""
-        if getattr(self, "grpc_server", None) is not None:
+        if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
-        if getattr(self, "http", None) is not None:
+        if self.http is not None:
             self.http.stop()
-        if getattr(self, "dht", None) is not None:
+        if self.dht is not None:
             self.dht.shutdown()
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
     # ------------------------------------------------------------ reporting
 
