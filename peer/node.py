@@ -207,12 +207,15 @@ class PeerNode:
 
     async def _state_sources(self) -> list[str]:
         """Replicas to copy the stage's state from: those the coordinator says are at the current
-        round first, then the rest it knows, then any the DHT shows (each group shuffled)."""
+        round first, then the rest it knows, then any the DHT shows (each group shuffled). Those it
+        knows to be no newer than the checkpoint are left out: their state would be refused after
+        the whole transfer."""
         known = [p for p in self.stage_peers if p.dht_peer_id != self.dht_id]
         current = [p.dht_peer_id for p in known if p.next_round == self.current_round]
-        behind = [p.dht_peer_id for p in known if p.next_round != self.current_round]
+        behind = [p.dht_peer_id for p in known if p.next_round != self.current_round and p.next_round > self.checkpoint_round]
         try:
-            found = [p for p in await self.directory.replicas(self.stage, max_age=0) if p != self.dht_id and p not in current + behind]
+            found = [p for p in await self.directory.replicas(self.stage, max_age=0)
+                     if p != self.dht_id and p not in {k.dht_peer_id for k in known}]
         except Exception as exc:
             log.debug("stage directory lookup failed: %s", exc)
             found = []
@@ -361,8 +364,7 @@ class PeerNode:
             self.current_round = state.round
             self.stage_peers = list(state.stage_peers)
             for other in self.stage_peers:  # dialable even before (or without) the DHT showing their records
-                if other.maddrs:
-                    self.transport.addresses[other.dht_peer_id] = list(other.maddrs)
+                self.directory.remember(other.dht_peer_id, list(other.maddrs))
             self.directory.learn(state.stage + 1, {p.dht_peer_id: {"throughput": p.throughput, "maddrs": list(p.maddrs)}
                                                    for p in state.next_stage_peers})
             if state.checkpoint_url:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FORWARD_HANDLER = "hometrain.forward"
 INFER_HANDLER = "hometrain.infer"
 RECORD_TTL = 30.0
+MAX_ADDRESSES = 8   # multiaddrs kept per peer
 TOLD_MAX_AGE = 15.0  # seconds the coordinator's list of a stage stands in for the DHT's records
 
 
@@ -71,8 +72,12 @@ class StageDirectory:
         expire, and a peer whose DHT view is partitioned (after restarts) still finds the stage."""
         self._told[stage] = (time.monotonic(), records)
         for peer_id, info in records.items():
-            if info.get("maddrs"):
-                self.addresses[peer_id] = list(info["maddrs"])[:8]
+            self.remember(peer_id, info.get("maddrs"))
+
+    def remember(self, peer_id: str, maddrs: Any) -> None:
+        """Where ``peer_id`` can be dialled, if ``maddrs`` is a non-empty list of strings (the first few kept)."""
+        if isinstance(maddrs, list) and maddrs and all(isinstance(m, str) for m in maddrs):
+            self.addresses[peer_id] = maddrs[:MAX_ADDRESSES]
 
     async def announce(self, stage: int, peer_id: str, info: dict[str, Any]) -> None:
         await self.dht.store(stage_key(self.run_id, stage), info, get_dht_time() + RECORD_TTL, subkey=peer_id, return_future=True)
@@ -97,9 +102,7 @@ class StageDirectory:
                 info = item.value
                 if isinstance(peer_id, str) and isinstance(info, dict) and not info.get("leaving"):
                     records[peer_id] = info
-                    maddrs = info.get("maddrs")
-                    if isinstance(maddrs, list) and all(isinstance(m, str) for m in maddrs):
-                        self.addresses[peer_id] = maddrs[:8]
+                    self.remember(peer_id, info.get("maddrs"))
         self._cache[stage] = (time.monotonic(), records)
         return records
 
