@@ -6,12 +6,18 @@ loss tokens trained; "reduction" compares activations + gradients + sync with th
 uncompressed run (state transfer at start-up and control messages are shown apart). Final
 loss is the mean of the last 5 rounds; the gap is relative to the uncompressed run.
 
-A second table trains AQ-SGD on a small dataset for several epochs (samples repeat) and
+Two tables: from random init, and continued training (GPT-JT's and CocktailSGD's case: an
+existing model trained further). For the second, one uncompressed run trains
+--pretrain-rounds first; every setting then starts from its last checkpoint (--init-from,
+fresh optimizer) on data it has not seen (another seed, causal LM from the start).
+
+A third table trains AQ-SGD on a small dataset for several epochs (samples repeat) and
 shows the activation bytes of each epoch: first visits go at --activation-first-bits and
 fill both caches, later visits send 2-bit changes. The mixer draws samples with replacement,
 so an "epoch" is a dataset's worth of samples, not each sample exactly once.
 
-    python bench/compression.py [--rounds 60] [--only NAME ...] [--epochs 3] [--diagnostics]
+    python bench/compression.py [--rounds 60] [--pretrain-rounds 240] [--no-scratch] [--only NAME ...]
+                                [--epochs 3] [--diagnostics]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from coordinator.checkpoint import checkpoint_dir_name
 from coordinator.local_swarm import LocalSwarm
 
 TRAINING_KINDS = ("activations", "gradients", "sync")
@@ -46,43 +53,44 @@ DIAGNOSTICS: dict[str, list[str]] = {
 }
 
 
-def run_swarm(state: Path, rounds: int, flags: list[str], extra: list[str] = ()) -> tuple[dict, list[dict]]:
-    """Train ``rounds`` rounds with 4 peers; returns the final status and the round records."""
-    swarm = LocalSwarm(state, "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(10 * rounds),
-                       "--linger", *extra, *flags, log_dir=state / "logs")
+def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool = False) -> tuple[dict, list[dict]]:
+    """Train ``rounds`` rounds with 4 peers; returns the final status and the round records.
+    With ``keep_checkpoint`` the run publishes a checkpoint of its last round and waits for it."""
+    every = rounds if keep_checkpoint else 10 * rounds
+    swarm = LocalSwarm(state, "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(every),
+                       "--linger", *flags, log_dir=state / "logs")
     try:
         for _ in range(4):
             swarm.add_peer("--serve-after-run")
         swarm.wait_for(lambda: swarm.status()["round"] >= rounds, 1800, f"{rounds} rounds")
+        if keep_checkpoint:
+            swarm.wait_for(lambda: final_checkpoint(state, rounds).is_dir(), 300, f"the checkpoint of round {rounds}")
         time.sleep(2.5)  # one more heartbeat from every peer carries the final byte counters
         return swarm.status(), swarm.rounds()
     finally:
         swarm.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--only", nargs="*", default=None, choices=[*SETTINGS, *DIAGNOSTICS])
-    parser.add_argument("--diagnostics", action="store_true", help="run the settings that isolate each cost instead")
-    parser.add_argument("--epochs", type=int, default=3, help="0 skips the AQ-SGD epochs table")
-    args = parser.parse_args()
-    settings = {**SETTINGS, **DIAGNOSTICS}
-    chosen = args.only if args.only is not None else list(DIAGNOSTICS if args.diagnostics else SETTINGS)
-    names = ["uncompressed", *[n for n in chosen if n != "uncompressed"]]
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="hometrain-bench-") as tmp:
-        for name in names:
-            status, rounds = run_swarm(Path(tmp) / name.replace("/", "_"), args.rounds, settings[name])
-            tokens = sum(r["tokens"] for r in rounds)
-            losses = [r["loss"] for r in rounds if r["loss"] is not None]
-            results[name] = (status["wire"], tokens, sum(losses[-5:]) / len(losses[-5:]))
-            print(f"ran {name}: {len(rounds)} rounds, {tokens} tokens", flush=True)
-        epochs = epoch_table(Path(tmp) / "epochs", args.epochs) if args.epochs else None
+def final_checkpoint(state: Path, rounds: int) -> Path:
+    return state / "checkpoints" / checkpoint_dir_name(rounds)
 
+
+def compare(tmp: Path, names: list[str], settings: dict[str, list[str]], rounds: int, common: list[str] = ()) -> dict:
+    """Run every named setting (plus ``common`` flags) for ``rounds``; bytes by kind, tokens and final loss of each."""
+    results = {}
+    for name in names:
+        status, records = run_swarm(tmp / name.replace("/", "_"), rounds, [*common, *settings[name]])
+        tokens = sum(r["tokens"] for r in records)
+        losses = [r["loss"] for r in records if r["loss"] is not None]
+        results[name] = (status["wire"], tokens, sum(losses[-5:]) / len(losses[-5:]))
+        print(f"ran {name}: {len(records)} rounds, {tokens} tokens", flush=True)
+    return results
+
+
+def print_table(title: str, results: dict) -> None:
     base_wire, base_tokens, base_loss = results["uncompressed"]
     base_total = sum(base_wire[k]["bytes"] for k in TRAINING_KINDS) / base_tokens
-    print(f"\n2 stages x 2 replicas, tiny GPT-J, {args.rounds} rounds; bytes sent per trained token")
+    print(f"\n{title}; bytes sent per trained token")
     print(f"{'setting':34s} {'activations':>11s} {'gradients':>10s} {'sync':>10s} {'total':>10s} {'reduction':>9s} {'state+ctl':>9s} {'loss':>7s} {'gap':>7s}")
     for name, (wire, tokens, loss) in results.items():
         per = {k: wire[k]["bytes"] / tokens for k in TRAINING_KINDS}
@@ -90,6 +98,40 @@ def main() -> None:
         other = (wire["state"]["bytes"] + wire["control"]["bytes"]) / tokens
         print(f"{name:34s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
               f"{base_total / total:8.1f}x {other:9.1f} {loss:7.4f} {100 * (loss - base_loss) / base_loss:+6.2f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--only", nargs="*", default=None, choices=[*SETTINGS, *DIAGNOSTICS])
+    parser.add_argument("--diagnostics", action="store_true", help="run the settings that isolate each cost instead")
+    parser.add_argument("--pretrain-rounds", type=int, default=240,
+                        help="continued-training table: train uncompressed this long first, then every setting from that model (0 skips it)")
+    parser.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True, help="the table of runs from random init")
+    parser.add_argument("--epochs", type=int, default=3, help="0 skips the AQ-SGD epochs table")
+    args = parser.parse_args()
+    settings = {**SETTINGS, **DIAGNOSTICS}
+    chosen = args.only if args.only is not None else list(DIAGNOSTICS if args.diagnostics else SETTINGS)
+    names = ["uncompressed", *[n for n in chosen if n != "uncompressed"]]
+    scratch = continued = epochs = None
+    with tempfile.TemporaryDirectory(prefix="hometrain-bench-") as tmp:
+        if args.scratch:
+            scratch = compare(Path(tmp) / "scratch", names, settings, args.rounds)
+        if args.pretrain_rounds:
+            pretrained = Path(tmp) / "pretrain"
+            run_swarm(pretrained, args.pretrain_rounds, [], keep_checkpoint=True)
+            print(f"ran the uncompressed pre-training: {args.pretrain_rounds} rounds", flush=True)
+            # The GPT-JT case: go on training an existing model, on data it has not seen (another
+            # seed), causal from the start, with a fresh optimizer as --init-from gives.
+            common = ["--init-from", str(final_checkpoint(pretrained, args.pretrain_rounds)), "--tokenizer", str(pretrained / "tokenizer"),
+                      "--seed", "1", "--ul2-tokens", "0"]
+            continued = compare(Path(tmp) / "continued", names, settings, args.rounds, common)
+        epochs = epoch_table(Path(tmp) / "epochs", args.epochs) if args.epochs else None
+
+    if scratch:
+        print_table(f"2 stages x 2 replicas, tiny GPT-J from random init, {args.rounds} rounds", scratch)
+    if continued:
+        print_table(f"The same, continuing the model of {args.pretrain_rounds} uncompressed rounds, {args.rounds} rounds", continued)
     if epochs is None:
         return
     print(f"\nAQ-SGD (2-bit changes, 8-bit first visits), 2 stages x 1 replica, a small dataset ({epochs['windows']} samples, "
