@@ -180,7 +180,8 @@ def compression_line(train: dict) -> str:
     sync = train.get("sync_compression", "none")
     if sync == "cocktail":
         sync = (f"cocktail (random {train.get('sync_random_ratio')}, top-k {train.get('sync_topk_ratio')}, "
-                f"{train.get('sync_bits')}-bit, skip p={train.get('p_skip')}, resync every {train.get('resync_every')})")
+                f"{train.get('sync_bits')}-bit, skip p={train.get('p_skip')}, resync every {train.get('resync_every')}, "
+                f"exact for the first {train.get('sync_warmup_rounds', 0)} rounds)")
     else:
         sync = "exact gradient sum"
     return _e(f"compression: activations {acts} · gradients {grads} · replica sync {sync}")

@@ -441,7 +441,8 @@ class PeerNode:
         the compression, only shared late (resetting the weights to the anchor instead cost 4
         to 7 more points of loss gap at the same settings of bench/compression.py). Only this
         form survives randomly skipped syncs without a full-precision re-alignment: the local
-        steps of skipped rounds are simply part of the next delta.
+        steps of skipped rounds are simply part of the next delta. Cocktail's first
+        ``sync_warmup_rounds`` rounds sum gradients exactly, the anchor following the weights.
 
         If the group cannot finish (a member vanished), nothing is applied: the coordinator
         starts another attempt without the missing member, or has this replica reload.
@@ -458,7 +459,7 @@ class PeerNode:
         report = pb.StepReport(peer_id=self.peer_id, round=round, synced=True)
         async with runtime.state_lock:
             try:
-                if train.sync_compression == "cocktail":
+                if train.compresses_sync(round):
                     how = await self._delta_sync(round, group, attempt)
                     report.diverged = how == "skipped"
                 else:
@@ -482,6 +483,8 @@ class PeerNode:
             await runtime.run(runtime.apply_step, summed, tokens)
         else:
             await runtime.run(runtime.discard_gradients)
+        if runtime.anchor is not None:  # cocktail's warm-up: the exact weights are what the replicas agree on
+            await runtime.run(runtime.reset_anchor)
         return f"group of {len(group)}, {tokens} tokens"
 
     async def _delta_sync(self, round: int, group: list[str], attempt: int) -> str:

@@ -59,6 +59,10 @@ class TrainConfig:
     sync_bits: int = opt(4, "cocktail: bits per kept value (2, 4 or 8).")
     p_skip: float = opt(0.0, "cocktail: probability that a stage skips a round's sync and keeps training locally (same draw on every replica).")
     resync_every: int = opt(0, "cocktail: never skip the sync of rounds divisible by N, so replicas re-align at least that often (0: no such rule).")
+    sync_warmup_rounds: int = opt(
+        0, "cocktail: rounds 1..N sum gradients exactly, uncompressed, before the compressed delta sync starts (as CocktailSGD "
+        "warms up: compression costs most early in training from random init)."
+    )
 
     def __post_init__(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
@@ -89,6 +93,14 @@ class TrainConfig:
             raise ConfigError(f"--p-skip {self.p_skip} needs --sync-compression cocktail: skipped rounds are caught up by the next parameter-delta sync")
         if self.resync_every < 0:
             raise ConfigError(f"--resync-every must be >= 0, got {self.resync_every}")
+        if self.sync_warmup_rounds < 0:
+            raise ConfigError(f"--sync-warmup-rounds must be >= 0, got {self.sync_warmup_rounds}")
+        if self.sync_warmup_rounds > 0 and self.sync_compression != "cocktail":
+            raise ConfigError(f"--sync-warmup-rounds {self.sync_warmup_rounds} needs --sync-compression cocktail: without it every round's sync is exact")
+
+    def compresses_sync(self, round: int) -> bool:
+        """Whether ``round`` syncs compressed parameter deltas (cocktail, past the warm-up) rather than summing gradients exactly."""
+        return self.sync_compression == "cocktail" and round > self.sync_warmup_rounds
 
     @property
     def microbatches_per_round(self) -> int:

@@ -39,6 +39,17 @@ def test_bad_values_name_the_flag():
         TrainConfig(compute_dtype="int8")
 
 
+def test_cocktail_sync_starts_after_its_warmup():
+    train = TrainConfig(sync_compression="cocktail", sync_warmup_rounds=3)
+    assert [train.compresses_sync(r) for r in range(1, 6)] == [False, False, False, True, True]
+    assert TrainConfig(sync_compression="cocktail").compresses_sync(1)
+    assert not TrainConfig().compresses_sync(100)
+    with pytest.raises(ConfigError, match="--sync-warmup-rounds 5 needs --sync-compression cocktail"):
+        TrainConfig(sync_warmup_rounds=5)
+    with pytest.raises(ConfigError, match="--sync-warmup-rounds must be >= 0"):
+        TrainConfig(sync_compression="cocktail", sync_warmup_rounds=-1)
+
+
 def test_train_config_travels_as_json():
     cfg = parse(CoordinatorConfig, ["--lr", "0.5", "--seq-len", "32"])
     train = TrainConfig.from_json(cfg.train_config().to_json())
