@@ -50,6 +50,8 @@ DIAGNOSTICS: dict[str, list[str]] = {
     "direct2+g2/256 (no sync compr.)": [*DIRECT2, *BLOCK256],
     "cocktail dense 8-bit (delta form)": [*COCKTAIL, "--sync-random-ratio", "1", "--sync-topk-ratio", "1", "--sync-bits", "8"],
     "cocktail alone": COCKTAIL,
+    # For long runs from random init (e.g. --rounds 300): exact sums first, as CocktailSGD warms up.
+    "direct4+g4/256+cocktail after 240 exact": [*DIRECT4, *BLOCK256, *COCKTAIL, "--sync-warmup-rounds", "240"],
 }
 
 
@@ -91,12 +93,12 @@ def print_table(title: str, results: dict) -> None:
     base_wire, base_tokens, base_loss = results["uncompressed"]
     base_total = sum(base_wire[k]["bytes"] for k in TRAINING_KINDS) / base_tokens
     print(f"\n{title}; bytes sent per trained token")
-    print(f"{'setting':34s} {'activations':>11s} {'gradients':>10s} {'sync':>10s} {'total':>10s} {'reduction':>9s} {'state+ctl':>9s} {'loss':>7s} {'gap':>7s}")
+    print(f"{'setting':40s} {'activations':>11s} {'gradients':>10s} {'sync':>10s} {'total':>10s} {'reduction':>9s} {'state+ctl':>9s} {'loss':>7s} {'gap':>7s}")
     for name, (wire, tokens, loss) in results.items():
         per = {k: wire[k]["bytes"] / tokens for k in TRAINING_KINDS}
         total = sum(per.values())
         other = (wire["state"]["bytes"] + wire["control"]["bytes"]) / tokens
-        print(f"{name:34s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
+        print(f"{name:40s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
               f"{base_total / total:8.1f}x {other:9.1f} {loss:7.4f} {100 * (loss - base_loss) / base_loss:+6.2f}%")
 
 
