@@ -50,7 +50,9 @@ DIAGNOSTICS: dict[str, list[str]] = {
     "direct2+g2/256 (no sync compr.)": [*DIRECT2, *BLOCK256],
     "cocktail dense 8-bit (delta form)": [*COCKTAIL, "--sync-random-ratio", "1", "--sync-topk-ratio", "1", "--sync-bits", "8"],
     "cocktail alone": COCKTAIL,
-    # For long runs from random init (e.g. --rounds 300): exact sums first, as CocktailSGD warms up.
+}
+# Only by name (--only), for long runs from random init (e.g. --rounds 300): exact sums first, as CocktailSGD warms up.
+WARMUP: dict[str, list[str]] = {
     "direct4+g4/256+cocktail after 240 exact": [*DIRECT4, *BLOCK256, *COCKTAIL, "--sync-warmup-rounds", "240"],
 }
 
@@ -105,14 +107,14 @@ def print_table(title: str, results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--only", nargs="*", default=None, choices=[*SETTINGS, *DIAGNOSTICS])
+    parser.add_argument("--only", nargs="*", default=None, choices=[*SETTINGS, *DIAGNOSTICS, *WARMUP])
     parser.add_argument("--diagnostics", action="store_true", help="run the settings that isolate each cost instead")
     parser.add_argument("--pretrain-rounds", type=int, default=240,
                         help="continued-training table: train uncompressed this long first, then every setting from that model (0 skips it)")
     parser.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True, help="the table of runs from random init")
     parser.add_argument("--epochs", type=int, default=3, help="0 skips the AQ-SGD epochs table")
     args = parser.parse_args()
-    settings = {**SETTINGS, **DIAGNOSTICS}
+    settings = {**SETTINGS, **DIAGNOSTICS, **WARMUP}
     chosen = args.only if args.only is not None else list(DIAGNOSTICS if args.diagnostics else SETTINGS)
     names = ["uncompressed", *[n for n in chosen if n != "uncompressed"]]
     scratch = continued = epochs = None
