@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from coordinator.checkpoint import checkpoint_dir_name
 from coordinator.local_swarm import LocalSwarm
 
 TRAINING_KINDS = ("activations", "gradients", "sync")
@@ -59,7 +58,7 @@ WARMUP: dict[str, list[str]] = {
 
 def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool = False) -> tuple[dict, list[dict]]:
     """Train ``rounds`` rounds with 4 peers; returns the final status and the round records.
-    With ``keep_checkpoint`` the run publishes a checkpoint of its last round and waits for it."""
+    With ``keep_checkpoint`` the run publishes a checkpoint of its last round and waits until the status lists it."""
     every = rounds if keep_checkpoint else 10 * rounds
     swarm = LocalSwarm(state, "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(every),
                        "--linger", *flags, log_dir=state / "logs")
@@ -68,15 +67,11 @@ def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool 
             swarm.add_peer("--serve-after-run")
         swarm.wait_for(lambda: swarm.status()["round"] >= rounds, 1800, f"{rounds} rounds")
         if keep_checkpoint:
-            swarm.wait_for(lambda: final_checkpoint(state, rounds).is_dir(), 300, f"the checkpoint of round {rounds}")
+            swarm.wait_for(lambda: any(c["round"] == rounds for c in swarm.status()["checkpoints"]), 300, f"the checkpoint of round {rounds}")
         time.sleep(2.5)  # one more heartbeat from every peer carries the final byte counters
         return swarm.status(), swarm.rounds()
     finally:
         swarm.stop()
-
-
-def final_checkpoint(state: Path, rounds: int) -> Path:
-    return state / "checkpoints" / checkpoint_dir_name(rounds)
 
 
 def compare(tmp: Path, names: list[str], settings: dict[str, list[str]], rounds: int, common: list[str] = ()) -> dict:
@@ -123,11 +118,12 @@ def main() -> None:
             scratch = compare(Path(tmp) / "scratch", names, settings, args.rounds)
         if args.pretrain_rounds:
             pretrained = Path(tmp) / "pretrain"
-            run_swarm(pretrained, args.pretrain_rounds, [], keep_checkpoint=True)
+            status, _ = run_swarm(pretrained, args.pretrain_rounds, [], keep_checkpoint=True)
+            checkpoint = next(c["path"] for c in status["checkpoints"] if c["round"] == args.pretrain_rounds)
             print(f"ran the uncompressed pre-training: {args.pretrain_rounds} rounds", flush=True)
             # The GPT-JT case: go on training an existing model, on data it has not seen (another
             # seed), causal from the start, with a fresh optimizer as --init-from gives.
-            common = ["--init-from", str(final_checkpoint(pretrained, args.pretrain_rounds)), "--tokenizer", str(pretrained / "tokenizer"),
+            common = ["--init-from", checkpoint, "--tokenizer", str(pretrained / "tokenizer"),
                       "--seed", "1", "--ul2-tokens", "0"]
             continued = compare(Path(tmp) / "continued", names, settings, args.rounds, common)
         epochs = epoch_table(Path(tmp) / "epochs", args.epochs) if args.epochs else None
