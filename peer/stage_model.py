@@ -4,6 +4,11 @@ Stage 0 also holds the token embedding; the last stage holds ln_f and lm_head. P
 names are exactly the Hugging Face GPT-J names (``transformer.h.3.attn.q_proj.weight``), so
 a stage loads from and uploads to a published checkpoint without any renaming. The module is
 plain single-device torch: compression, transport and sync live elsewhere.
+
+Rotary position embeddings are computed once per forward, by transformers' own
+``GPTJRotaryEmbedding`` as ``GPTJModel`` does, and handed to every block: a stage is the
+same slice of ``GPTJForCausalLM``, bit for bit. The table is a non-persistent buffer, so it
+is in no state dict, checksum or checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPTJConfig
-from transformers.models.gptj.modeling_gptj import GPTJBlock
+from transformers.models.gptj.modeling_gptj import GPTJBlock, GPTJRotaryEmbedding
 
 
 def attention_bias(seq_len: int, prefix_lengths: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -55,6 +60,7 @@ class StageModel(nn.Module):
         self.transformer = nn.Module()
         if self.is_first:
             self.transformer.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.rotary = GPTJRotaryEmbedding(config)
         self.transformer.h = nn.ModuleDict({str(i): GPTJBlock(config, layer_idx=i) for i in range(layer_start, layer_end)})
         if self.is_last:
             self.transformer.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -66,8 +72,9 @@ class StageModel(nn.Module):
         batch, seq_len = hidden.shape[:2]
         position_ids = torch.arange(seq_len, device=hidden.device)[None].expand(batch, seq_len)
         bias = attention_bias(seq_len, prefix_lengths, torch.float32, hidden.device)
+        position_embeddings = self.rotary(hidden, position_ids)
         for block in self.transformer.h.values():
-            hidden = block(hidden, attention_mask=bias, position_ids=position_ids)[0]
+            hidden = block(hidden, attention_mask=bias, position_ids=position_ids, position_embeddings=position_embeddings)
         if self.is_last:
             hidden = self.lm_head(self.transformer.ln_f(hidden))
         return hidden
