@@ -11,13 +11,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from proto.run_config import ConfigError, opt
+from proto.run_config import ConfigError, ConsoleConfig, opt
 
 from .local_swarm import LocalSwarm
 
+EXIT_STALLED = 3  # coordinator serve's exit status when --stall-limit stopped the run
+
+DEMO_STALL_LIMIT = 4
+"""A demo whose rounds train nothing this many times in a row stops with an error (1 + 2 + 4 s of backoff)."""
+
 
 @dataclass(kw_only=True)
-class DemoConfig:
+class DemoConfig(ConsoleConfig):
     """`coordinator demo` settings."""
 
     peers: int = opt(3, "Peers to start (CPU, one torch thread each).")
@@ -36,15 +41,20 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig) -> int:
     state_dir = Path(config.state_dir or tempfile.mkdtemp(prefix="hometrain-demo-"))
-    args = ["--model", "tiny", "--stages", str(config.stages), "--rounds", str(config.rounds),
-            "--checkpoint-every", str(config.checkpoint_every), "--seed", str(config.seed)]
+    console = ["--log-format", config.log_format] + (["--quiet"] if config.quiet else [])
+    args = ["--model", "tiny", "--stages", str(config.stages), "--rounds", str(config.rounds), "--stall-limit", str(DEMO_STALL_LIMIT),
+            "--checkpoint-every", str(config.checkpoint_every), "--seed", str(config.seed), *console]
     swarm = None
     try:
         swarm = LocalSwarm(state_dir, *args, http_port=config.http_port, port=config.port)
         for _ in range(config.peers):
-            swarm.add_peer()
+            swarm.add_peer(*console)
         print(f"\nhometrain demo: status page {swarm.url}  (run dir {state_dir}; Ctrl-C stops)\n", flush=True)
-        return swarm.wait()
+        code = swarm.wait()
+        if code == EXIT_STALLED:
+            print(f"coordinator demo: training stalled: its rounds trained nothing {DEMO_STALL_LIMIT} times in a row; "
+                  "the errors above say where (stage, peer) and why", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("\nstopping the demo swarm...", flush=True)
         return 0

@@ -54,13 +54,14 @@ class LocalSwarm:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/"
 
-    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         # Each process leads its own group: the DHT helpers hivemind forks go down with it in kill().
         # And each dies with this process, so a demo or benchmark killed outright leaves no swarm behind.
+        env = {**ENV, **(env or {})}
         if self.log_dir is None:
-            return subprocess.Popen(cmd, env=ENV, start_new_session=True, preexec_fn=ask_for_death_signal)
+            return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=ask_for_death_signal)
         log = open(self.log_dir / f"{name}.log", "ab")
-        return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ask_for_death_signal)
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ask_for_death_signal)
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
@@ -71,17 +72,21 @@ class LocalSwarm:
             pass
         proc.wait()
 
-    def add_peer(self, *args: str) -> subprocess.Popen:
+    def add_peer(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``peer join`` (named peer-N) with extra flags ``args`` and environment ``env``."""
         name = f"peer-{len(self.peers)}"
         cmd = [sys.executable, "-m", "peer", "join", "--coordinator", f"127.0.0.1:{self.port}", "--gpu", "cpu",
                "--threads", "1", "--host", "127.0.0.1", "--name", name, *args]
-        proc = self._spawn(cmd, name)
+        proc = self._spawn(cmd, name, env)
         self.peers.append(proc)
         return proc
 
-    def get(self, path: str) -> Any:
+    def get_text(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            return json.loads(response.read())
+            return response.read().decode()
+
+    def get(self, path: str) -> Any:
+        return json.loads(self.get_text(path))
 
     def status(self) -> dict | None:
         try:

@@ -36,6 +36,7 @@ class PeerRecord:
     reload_below: int = 0        # the peer must reload until it reports more loads than this
     adopt_round: int = 0         # nonzero: the peer is told to continue as of this round
     microbatches_done: int = 0
+    microbatches_failed: int = 0  # its own stage's work raised on these
     bytes_sent: dict[str, int] = field(default_factory=dict)
     bytes_received: dict[str, int] = field(default_factory=dict)
     uncompressed_sent: dict[str, int] = field(default_factory=dict)
@@ -59,6 +60,7 @@ class PeerRecord:
             "free_memory": self.free_memory,
             "link_bytes_per_second": self.bandwidth,
             "microbatches": self.microbatches_done,
+            "microbatches_failed": self.microbatches_failed,
             "bytes_sent": dict(self.bytes_sent),
             "bytes_received": dict(self.bytes_received),
         }
@@ -100,6 +102,11 @@ class Membership:
 
     def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str, maddrs: Sequence[str] = ()) -> None:
         record.last_seen = time.time()
+        if dht_peer_id and dht_peer_id != record.dht_peer_id:
+            # A peer restarted with its --state-dir keeps its DHT identity: its old record is that same node.
+            for other in self.live():
+                if other is not record and other.dht_peer_id == dht_peer_id:
+                    other.state = pb.GONE
         record.dht_peer_id = dht_peer_id or record.dht_peer_id
         record.maddrs = [m for m in maddrs if len(m) <= MAX_MADDR_CHARS][:MAX_MADDRS] or record.maddrs
         reloaded = stats.loads > record.loads  # its weights changed under it: its round may have gone back
@@ -115,6 +122,7 @@ class Membership:
         record.throughput = stats.throughput or record.throughput
         record.bandwidth = stats.link_bytes_per_second or record.bandwidth
         record.microbatches_done = stats.microbatches_done
+        record.microbatches_failed = stats.microbatches_failed
         record.bytes_sent = dict(stats.bytes_sent)
         record.bytes_received = dict(stats.bytes_received)
         record.uncompressed_sent = dict(stats.uncompressed_bytes_sent)

@@ -37,6 +37,10 @@ class CoordinatorMetrics:
         self.checkpoint_bytes = Gauge("hometrain_checkpoint_bytes", "Size of the last checkpoint.", registry=r)
         self.checkpoints = Counter("hometrain_checkpoints", "Checkpoints published.", registry=r)
         self.rpc_errors = Counter("hometrain_rpc_errors", "Control-plane requests refused or failed, by kind.", ["kind"], registry=r)
+        self.microbatch_failures = Counter(
+            "hometrain_microbatch_failures", "Microbatches that failed because a stage's work raised (or its hop failed), by the "
+            "stage it failed at.", ["stage"], registry=r)
+        self.stalled = Gauge("hometrain_training_stalled", "1 while rounds train nothing (every microbatch failed or none finished in time).", registry=r)
         self.control_bytes = Counter("hometrain_control_bytes", "Control-plane message bytes, by direction.", ["direction"], registry=r)
         self.data_phase = Gauge("hometrain_data_phase", "Index of the data phase in force (0: first; see /api/status data.phases).", registry=r)
         self.data_tokens = Gauge(

@@ -6,6 +6,12 @@ target is reached or its deadline passes, tells each stage's replicas who averag
 and by how many tokens to divide, collects their post-step checksums, records the round in
 the store and, every ``checkpoint_every`` rounds, gathers every stage's tensors into a
 published checkpoint. All mutation happens on one asyncio loop; peers long-poll for changes.
+
+A round that trained nothing (every microbatch failed, or none finished in time) is not a
+round: nothing is synced or recorded, the engine says that training is stalled and why (the
+error, and the stage and peer it came from), waits (1, 2, 4 ... up to 60 s) and opens the same
+round again (its next "opening"; frames and reports carry which). So a swarm that cannot
+train neither burns round numbers nor hides it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,38 @@ from proto.manifest import sha256_bytes
 from proto.run_config import CoordinatorConfig
 
 from .membership import Membership, PeerRecord
+
+STALL_BACKOFF_MAX = 60.0
+
+
+@dataclass
+class Failure:
+    """The latest microbatch that failed, and where (the stage and peer whose work raised, when known)."""
+
+    round: int
+    microbatch: int
+    error: str
+    stage: int | None          # None: the reporting stage-0 peer could not tell
+    peer: str                  # coordinator id of the peer it came from ("" if unknown)
+    name: str
+    reported_by: str
+    time: float
+
+    def describe(self) -> str:
+        where = f"stage {self.stage}" if self.stage is not None else "somewhere in the pipeline"
+        who = f", peer {self.name or self.peer}" if self.peer else ""
+        return f"{where}{who}: {self.error}"
+
+
+@dataclass
+class Stall:
+    """Openings of the current round in a row that trained nothing."""
+
+    round: int
+    attempts: int
+    since: float
+    retry_at: float
+    cause: str
 from .mixer import DataMixer, MicrobatchInfo
 from .store import RoundRecord, Store
 
@@ -58,6 +96,8 @@ class OpenRound:
     deadline: float = 0.0                                        # seconds after `started` the round closes
     tokens_before: int = 0                                       # loss tokens trained before this round: picks the data phase
     infos: dict[int, MicrobatchInfo] = field(default_factory=dict)  # index -> where its samples came from (in flight)
+    attempt: int = 0                                             # which opening of the round (it opens again after training nothing)
+    failed: int = 0                                              # microbatches reported failed (a subset of dropped)
 
 
 class RoundEngine:
@@ -92,6 +132,11 @@ class RoundEngine:
         self.max_sync_attempts = 3
         self.data_tokens = self._load_data_tokens()
         self.on_round_recorded.append(self._save_data_tokens)
+        self.open_attempt = 0                        # openings of self.round so far, minus one
+        self.stall: Stall | None = None              # set while rounds train nothing
+        self.last_failure: Failure | None = None     # the latest microbatch failure, stalled or not
+        self.gave_up = False                         # --stall-limit reached: the run stopped
+        self.on_failure: list[Callable[[Failure], None]] = []
 
     # ------------------------------------------------------------ state changes
 
@@ -181,16 +226,55 @@ class RoundEngine:
             self.waiting_reason = f"finished: {self.config.rounds} rounds trained"
             await self._set_phase(pb.STOPPED)
             return
+        if self.stall is not None and now < self.stall.retry_at:
+            self.waiting_reason = self._stall_reason(now)
+            return
         await self._reconcile(now)
         missing = [k for k in range(self.membership.num_stages) if len(self._ready_replicas(k)) < self.config.min_replicas]
         if missing:
             self.waiting_reason = f"waiting for peers on stage(s) {missing}"
             return
-        self.waiting_reason = ""
+        self.waiting_reason = self._stall_reason(now) if self.stall is not None else ""
         self.current = OpenRound(self.round, now, self.config.microbatches_per_round, deadline=self._deadline(),
-                                 tokens_before=self.store.totals()["tokens"])
-        log.info("round %d open: %d microbatches of %d samples, deadline %.0fs", self.round, self.current.target, self.config.micro_batch_size, self.current.deadline)
+                                 tokens_before=self.store.totals()["tokens"], attempt=self.open_attempt)
+        again = f" (opening {self.open_attempt + 1}: the last trained nothing)" if self.open_attempt else ""
+        log.info("round %d open%s: %d microbatches of %d samples, deadline %.0fs", self.round, again, self.current.target,
+                 self.config.micro_batch_size, self.current.deadline)
         await self._set_phase(pb.OPEN)
+
+    # ------------------------------------------------------------ stalls
+
+    def _stall_reason(self, now: float) -> str:
+        stall = self.stall
+        assert stall is not None
+        wait = f"; next try in {stall.retry_at - now:.0f}s" if stall.retry_at > now else "; trying again"
+        return f"stalled: round {stall.round} trained nothing {stall.attempts} time(s) in a row ({stall.cause}){wait}"
+
+    async def _stalled(self, cur: OpenRound, now: float) -> None:
+        """The opening ``cur`` trained nothing: back off, then open the same round again (or give up)."""
+        if self.last_failure is not None and self.last_failure.round == cur.number and cur.failed:
+            cause = f"{cur.failed} of {cur.target} microbatches failed; last: {self.last_failure.describe()}"
+        else:
+            cause = f"no microbatch finished within the round's deadline of {cur.deadline:.0f}s"
+        attempts = self.stall.attempts + 1 if self.stall is not None else 1
+        backoff = min(STALL_BACKOFF_MAX, 2.0 ** (attempts - 1))
+        self.stall = Stall(cur.number, attempts, self.stall.since if self.stall is not None else cur.started, now + backoff, cause)
+        self.current = None
+        self.open_attempt += 1
+        if self.config.stall_limit and attempts >= self.config.stall_limit:
+            self.gave_up = True
+            self.waiting_reason = f"stopped: round {cur.number} trained nothing {attempts} time(s) in a row (--stall-limit): {cause}"
+            log.error("%s", self.waiting_reason)
+            await self._set_phase(pb.STOPPED)
+            return
+        self.waiting_reason = self._stall_reason(now)
+        log.error("round %d trained nothing (%s); opening it again in %.0fs", cur.number, cause, backoff)
+        await self._set_phase(pb.WAITING)
+
+    def record_failure(self, failure: Failure) -> None:
+        self.last_failure = failure
+        for callback in self.on_failure:
+            callback(failure)
 
     def _deadline(self) -> float:
         """Adaptive: a multiple of the median recent round, within [deadline_floor, round_timeout]."""
@@ -216,6 +300,12 @@ class RoundEngine:
             for _ in range(missing):
                 self._notify_dropped(1)
             cur.in_flight.clear()
+        if cur.done == 0:
+            await self._stalled(cur, now)
+            return
+        if self.stall is not None:
+            log.info("round %d trains again after %d opening(s) that trained nothing", cur.number, self.stall.attempts)
+            self.stall = None
         cur.closed_at = now
         for stage in range(self.membership.num_stages):
             group = self._ready_replicas(stage)
@@ -320,6 +410,7 @@ class RoundEngine:
 
     async def _next_round(self) -> None:
         self.round += 1
+        self.open_attempt = 0
         self.current = None
         await self._set_phase(pb.WAITING)
         await self._maybe_open(time.time())
@@ -346,9 +437,10 @@ class RoundEngine:
         for callback in self.on_sample_dropped:
             callback(count * self.config.micro_batch_size)
 
-    def next_microbatch(self, peer: PeerRecord, round: int) -> pb.Microbatch:
+    def next_microbatch(self, peer: PeerRecord, round: int, attempt: int = 0) -> pb.Microbatch:
         cur = self.current
-        if self.phase != pb.OPEN or cur is None or round != cur.number or peer.stage != 0 or peer.next_round != cur.number:
+        if (self.phase != pb.OPEN or cur is None or round != cur.number or attempt != cur.attempt or peer.stage != 0
+                or peer.next_round != cur.number):
             return pb.Microbatch(available=False, round=self.round)
         if cur.next_index >= cur.target:
             return pb.Microbatch(available=False, round=cur.number)
@@ -357,14 +449,15 @@ class RoundEngine:
         cur.in_flight[index] = peer.peer_id
         mb, cur.infos[index] = self.data.microbatch_with_info(cur.number, index, self.config.micro_batch_size, cur.tokens_before)
         return pb.Microbatch(
-            available=True, round=cur.number, index=index, sample_ids=mb.sample_ids,
+            available=True, round=cur.number, index=index, sample_ids=mb.sample_ids, open_attempt=cur.attempt,
             input_ids=codec.to_message(mb.input_ids), target_ids=codec.to_message(mb.target_ids),
             loss_mask=codec.to_message(mb.loss_mask), prefix_lengths=codec.to_message(mb.prefix_lengths),
         )
 
     async def report_progress(self, peer: PeerRecord, report: pb.ProgressReport) -> bool:
         cur = self.current
-        if self.phase != pb.OPEN or cur is None or report.round != cur.number or cur.in_flight.get(report.microbatch_index) != peer.peer_id:
+        if (self.phase != pb.OPEN or cur is None or report.round != cur.number or report.open_attempt != cur.attempt
+                or cur.in_flight.get(report.microbatch_index) != peer.peer_id):
             return False  # late: the round closed (the sample was counted as dropped then)
         del cur.in_flight[report.microbatch_index]
         info = cur.infos.pop(report.microbatch_index, None)
@@ -377,10 +470,26 @@ class RoundEngine:
             cur.samples += self.config.micro_batch_size
         else:
             cur.dropped += 1
+            cur.failed += 1
             self._notify_dropped(1)
-            log.warning("round %d microbatch %d dropped by %s: %s", cur.number, report.microbatch_index, peer.peer_id, report.error)
+            failure = self._failure(peer, report)
+            self.record_failure(failure)
+            if cur.failed == 1 or cur.failed == cur.target:
+                log.warning("round %d: microbatch %d failed (%s)%s", cur.number, report.microbatch_index, failure.describe(),
+                            "; every one of this opening did" if cur.failed == cur.target else "")
         await self.tick()
         return True
+
+    def _failure(self, reporter: PeerRecord, report: pb.ProgressReport) -> Failure:
+        """Where a failed microbatch broke: the stage and peer a StageFailure names, else the reporter's word."""
+        origin = None
+        if report.HasField("failure"):
+            origin = next((p for p in self.membership.peers.values() if p.dht_peer_id and p.dht_peer_id == report.failure.peer), None)
+        stage = report.failure.stage if report.HasField("failure") else None
+        error = (report.failure.error if report.HasField("failure") else report.error) or "no error text"
+        return Failure(round=report.round, microbatch=report.microbatch_index, error=error[:500], stage=stage,
+                       peer=origin.peer_id if origin else (report.failure.peer[-12:] if report.HasField("failure") else ""),
+                       name=origin.name if origin else "", reported_by=reporter.peer_id, time=time.time())
 
     async def report_step(self, peer: PeerRecord, report: pb.StepReport) -> None:
         cur = self.current
@@ -407,7 +516,7 @@ class RoundEngine:
     def round_state_for(self, peer: PeerRecord) -> pb.RoundState:
         a, b = self.layer_ranges[peer.stage]
         state = pb.RoundState(round=self.round, phase=self.phase, stage=peer.stage, layer_start=a, layer_end=b,
-                              message=self.waiting_reason, adopt_round=peer.adopt_round,
+                              message=self.waiting_reason, adopt_round=peer.adopt_round, open_attempt=self.open_attempt,
                               checkpoint_url=self.latest_checkpoint[0], checkpoint_round=self.latest_checkpoint[1])
         for stage, field in ((peer.stage, state.stage_peers), (peer.stage + 1, state.next_stage_peers)):
             others = [p for p in self.membership.online(stage) if p.peer_id != peer.peer_id and p.dht_peer_id]
@@ -426,14 +535,36 @@ class RoundEngine:
     def _attempt(self) -> int:
         return self.current.sync_attempt if self.current is not None else 0
 
-    async def wait_for_change(self, known_round: int, known_phase: int, known_attempt: int, timeout: float) -> None:
-        """Long poll: return when (round, phase, sync attempt) differs from what the caller knows, or on timeout."""
+    def stall_status(self, now: float) -> dict | None:
+        """JSON for /api/status: why training is stalled and what comes next, or None while it trains."""
+        stall = self.stall
+        if stall is None:
+            return None
+        failure = self.last_failure if self.last_failure is not None and self.last_failure.round == stall.round else None
+        return {
+            "round": stall.round, "attempts": stall.attempts, "since": stall.since, "cause": stall.cause,
+            "retry_in_seconds": max(0.0, stall.retry_at - now) if self.phase == pb.WAITING else 0.0,
+            "gave_up": self.gave_up, "error": failure.error if failure else None,
+            "stage": failure.stage if failure else None, "peer": failure.peer if failure else None,
+            "peer_name": failure.name if failure else None,
+        }
+
+    def failure_status(self) -> dict | None:
+        f = self.last_failure
+        if f is None:
+            return None
+        return {"round": f.round, "microbatch": f.microbatch, "error": f.error, "stage": f.stage, "peer": f.peer,
+                "peer_name": f.name, "reported_by": f.reported_by, "time": f.time}
+
+    async def wait_for_change(self, known_round: int, known_phase: int, known_attempt: int, timeout: float, known_opening: int = 0) -> None:
+        """Long poll: return when (round, phase, sync attempt, opening) differs from what the caller knows, or on timeout."""
         directives = self.directives
+        known = (known_round, known_phase, known_attempt, known_opening)
         async with self.changed:
             try:
                 await asyncio.wait_for(
                     self.changed.wait_for(
-                        lambda: (self.round, self.phase, self._attempt()) != (known_round, known_phase, known_attempt) or self.directives != directives
+                        lambda: (self.round, self.phase, self._attempt(), self.open_attempt) != known or self.directives != directives
                     ),
                     timeout,
                 )

@@ -27,6 +27,8 @@ th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}th{background:#f0
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .plots{display:flex;flex-wrap:wrap;gap:1em}svg{background:#fff;border:1px solid #ddd}
 .muted{color:#888}
+.alert{border:2px solid #c33;background:#fdecec;border-radius:6px;padding:.6em .9em;margin:.6em 0}
+.alert b{color:#a00}.alert code{white-space:pre-wrap}
 """
 
 
@@ -187,6 +189,35 @@ def compression_line(train: dict) -> str:
     return _e(f"compression: activations {acts} · gradients {grads} · replica sync {sync}")
 
 
+def _where(d: dict) -> str:
+    """'stage 1, peer alice (3f2a...)' from a failure's stage, peer and peer name."""
+    parts = []
+    if d.get("stage") is not None:
+        parts.append(f"stage {_e(d.get('stage'))}")
+    if d.get("peer"):
+        name = d.get("peer_name")
+        parts.append(f"peer {_e(name)} ({_e(d.get('peer'))})" if name else f"peer {_e(d.get('peer'))}")
+    return ", ".join(parts) or "the pipeline"
+
+
+def trouble_banner(status: dict) -> str:
+    """A red box while training is stalled (what failed, where, what comes next); else the latest failure, if recent."""
+    stalled, failure = _d(status.get("stalled")), _d(status.get("last_failure"))
+    now = _num(status.get("now"), time.time())
+    if stalled:
+        what = "stopped" if stalled.get("gave_up") else "stalled"
+        nxt = "" if stalled.get("gave_up") else (
+            f" Next try in {_fmt(stalled.get('retry_in_seconds'), '.0f')} s." if _num(stalled.get("retry_in_seconds")) > 0 else " Trying again now.")
+        error = (f"<br>Failing at {_where(stalled)}: <code>{_e(stalled.get('error'))}</code>" if stalled.get("error")
+                 else f"<br>{_e(stalled.get('cause'))}")
+        return (f"<div class='alert' id='stalled'><b>Training is {what}:</b> round {_e(stalled.get('round'))} trained nothing "
+                f"{_e(stalled.get('attempts'))} time(s) in a row, since {_ago(now, stalled.get('since'))}.{nxt}{error}</div>")
+    if failure and now - _num(failure.get("time")) < 300:
+        return (f"<p class='reason' id='last-failure'>microbatch {_e(failure.get('microbatch'))} of round {_e(failure.get('round'))} "
+                f"failed {_ago(now, failure.get('time'))} at {_where(failure)}: <code>{_e(failure.get('error'))}</code></p>")
+    return ""
+
+
 def render_page(status: dict, rounds: list[dict]) -> str:
     """The full HTML page for one status snapshot and the per-round history (oldest first)."""
     s = _d(status)
@@ -209,7 +240,8 @@ def render_page(status: dict, rounds: list[dict]) -> str:
     model_line = (f"{_e(model.get('preset', '?'))} · {_e(model.get('n_layer', '?'))} layers · "
                   f"d={_e(model.get('n_embd', '?'))} · {_fmt(model.get('parameters'))} parameters") if model else ""
     header = (f"<h1>hometrain run {_e(s.get('run', '–'))} <span class='badge {_e(phase)}'>{_e(phase)}</span></h1>"
-              + (f"<p class='reason'>{_e(reason)}</p>" if reason else "")
+              + trouble_banner(s)
+              + (f"<p class='reason'>{_e(reason)}</p>" if reason and not s.get("stalled") else "")
               + (f"<p class='muted'>{model_line}</p>" if model_line else "")
               + (f"<p class='muted' id='compression'>{compression_line(_d(s.get('train')))}</p>" if s.get("train") else "")
               + "<div class='summary'>" + "".join(f"<span><b>{k}:</b> {v}</span>" for k, v in summary) + "</div>")
@@ -231,7 +263,8 @@ def render_page(status: dict, rounds: list[dict]) -> str:
                   _td(_e(p.get("device"))), _td(_e(p.get("state"))),
                   _td(_fmt(p.get("throughput"), ",.2f"), True),
                   _td(human_bytes(p["link_bytes_per_second"]) + "/s" if p.get("link_bytes_per_second") else "–", True),
-                  _td(_fmt(p.get("microbatches", 0)), True),
+                  _td(_fmt(p.get("microbatches", 0)) + (f" <span class='warn'>({_fmt(p['microbatches_failed'])} failed)</span>"
+                                                          if p.get("microbatches_failed") else ""), True),
                   _td(human_bytes(_sum(p.get("bytes_sent"))), True),
                   _td(human_bytes(_sum(p.get("bytes_received"))), True), _td(_ago(now, p.get("last_seen")))]
                  for p in s.get("peers") or [] if isinstance(p, dict)]

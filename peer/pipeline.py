@@ -25,7 +25,8 @@ from proto import codec
 from proto import hometrain_pb2 as pb
 
 from .boundary_codec import BoundaryCodec, MissingEntries, Outgoing, unpack_extras
-from .stage_runtime import StageRuntime
+from .failures import FailureLog, StageFailed, describe
+from .stage_runtime import StageRuntime, StaleRoundError
 from .transport import FrameTransport, Tensors, fp32_equivalent
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,11 @@ class Pipeline:
     """Runs microbatches through this peer's stage and on to the next ones."""
 
     def __init__(
-        self, runtime: StageRuntime, transport: FrameTransport, router: Router, boundary: BoundaryCodec, run_id: str, stage: int, hop_timeout: float
+        self, runtime: StageRuntime, transport: FrameTransport, router: Router, boundary: BoundaryCodec, run_id: str, stage: int,
+        hop_timeout: float, failures: FailureLog,
     ) -> None:
         self.runtime = runtime
+        self.failures = failures
         self.boundary = boundary
         self.transport = transport
         self.router = router
@@ -162,12 +165,15 @@ class Pipeline:
 
         An ``Outgoing`` payload is encoded for each destination (compressed activations); plain
         tensors go as they are. A receiver that lacks a sample's AQ-SGD entry says so and gets
-        the frame again, those samples quantized directly.
+        the frame again, those samples quantized directly. A receiver whose stage work failed
+        (there or further on) answers with a ``StageFailure``: another replica is tried, without
+        banning it (it is reachable), and if none succeeds that failure is raised as ``StageFailed``.
         """
         if isinstance(payload, Outgoing):
             header.raw_bytes = fp32_equivalent({"hidden": payload.hidden, **payload.extras})
         tried: set[str] = set()
         errors = []
+        failed: StageFailed | None = None
         deadline = time.monotonic() + self.hop_timeout
         while len(tried) < self.max_attempts and time.monotonic() < deadline:
             target = await self.router.choose(header.stage, exclude=tried)
@@ -191,6 +197,12 @@ class Pipeline:
                     self.boundary.missing(target, payload, [int(m) for m in missing])
                 else:
                     raise codec.FrameError("receiver still lacks cached activations after a direct re-send")
+                if reply_header.HasField("failure"):
+                    if isinstance(payload, Outgoing):
+                        self.boundary.failed(target, payload)
+                    failed = StageFailed(reply_header.failure)
+                    errors.append(f"{target[-8:]}: {failed}")
+                    continue
                 if isinstance(payload, Outgoing):
                     self.boundary.acknowledged(target, payload)
                 self.router.succeeded(target)
@@ -201,6 +213,8 @@ class Pipeline:
                 seconds = self.router.ban(target)
                 errors.append(f"{target[-8:]}: {type(exc).__name__}: {str(exc)[:200]}")
                 log.warning("hop to stage %d peer %s failed (%s); banned %.0fs, rerouting", header.stage, target[-8:], errors[-1], seconds)
+        if failed is not None:
+            raise failed
         raise NoRouteError(f"no stage-{header.stage} peer took microbatch {header.microbatch} of round {header.round}: {'; '.join(errors) or 'none announced'}")
 
     def _check_header(self, header: pb.FrameHeader) -> None:
@@ -209,7 +223,7 @@ class Pipeline:
                 f"expected a FORWARD frame of run {self.run_id} for stage {self.stage}, "
                 f"received {pb.FrameKind.Name(header.kind)} of run {header.run_id!r} for stage {header.stage}"
             )
-        self.runtime.require_round(header.round)
+        self.runtime.require_round(header.round, header.open_attempt)
 
     def _check_inputs(self, hidden: torch.Tensor, tensors: Tensors) -> None:
         if hidden.dim() != 3 or not hidden.is_floating_point():
@@ -254,21 +268,38 @@ class Pipeline:
             return pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, json=json.dumps({"missing": exc.sample_ids})), {}
         tensors = unpack_extras(tensors)
         self._check_inputs(hidden, tensors)
-        loss_sum, tokens, grad = await self.run_stage(header, hidden, tensors)
+        try:
+            loss_sum, tokens, grad = await self.run_stage(header, hidden, tensors)
+        except (StageFailed, NoRouteError) as exc:  # said to the sender as a failure of this route, not of this hop
+            failure = exc.failure if isinstance(exc, StageFailed) else pb.StageFailure(
+                stage=self.stage, peer=self.failures.peer_id, error=describe(exc))
+            return pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
+                                  stage=self.stage - 1, failure=failure), {}
         reply = pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
                                stage=self.stage - 1, loss_sum=loss_sum, tokens=tokens, raw_bytes=fp32_equivalent({"grad": grad}))
         return reply, self.boundary.encode_gradient(grad)
+
+    async def _compute(self, what: str, header: pb.FrameHeader, fn, *args):
+        """This stage's own work on the compute thread; what it raises (but a refused frame) is a StageFailure."""
+        try:
+            return await self.runtime.run_timed(fn, *args)
+        except (StaleRoundError, codec.FrameError):
+            raise
+        except Exception as exc:
+            raise self.failures.record(self.stage, f"the {what} of microbatch {header.microbatch} of round {header.round}", exc,
+                                       self.runtime.microbatches_done) from exc
 
     async def run_stage(self, header: pb.FrameHeader, inputs: torch.Tensor, batch: Tensors) -> tuple[float, int, torch.Tensor | None]:
         """Forward through this stage, on through the rest of the pipeline, and backward; returns (loss_sum, tokens, input grad)."""
         runtime = self.runtime
         runtime.in_flight += 1
         try:
-            ctx = await runtime.run_timed(runtime.forward, header.round, inputs, batch["prefix_lengths"], batch["loss_mask"], header.microbatch)
+            ctx = await self._compute("forward", header, runtime.forward, header.round, inputs, batch["prefix_lengths"], batch["loss_mask"],
+                                      header.microbatch, header.open_attempt)
             if runtime.model.is_last:
-                return await runtime.run_timed(runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
+                return await self._compute("loss and backward", header, runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
             next_header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
-                                         stage=self.stage + 1, sample_ids=header.sample_ids)
+                                         stage=self.stage + 1, sample_ids=header.sample_ids, open_attempt=header.open_attempt)
             extras = {name: batch[name] for name in ("target_ids", "loss_mask", "prefix_lengths")}
             outgoing = Outgoing(list(header.sample_ids), ctx.outputs.detach(), extras)
             reply_header, reply = await self.send_forward(next_header, outgoing)
@@ -276,7 +307,7 @@ class Pipeline:
             if grad is None or tuple(grad.shape) != tuple(ctx.outputs.shape):
                 raise codec.FrameError(f"stage {self.stage + 1} returned a gradient of shape {None if grad is None else list(grad.shape)}, expected {list(ctx.outputs.shape)}")
             codec.require_finite({"grad": grad})
-            input_grad = await runtime.run_timed(runtime.backward, ctx, grad)
+            input_grad = await self._compute("backward", header, runtime.backward, ctx, grad)
             return reply_header.loss_sum, reply_header.tokens, input_grad
         finally:
             runtime.in_flight -= 1

@@ -40,6 +40,7 @@ class ForwardContext:
     outputs: torch.Tensor
     tokens: int          # loss tokens of the microbatch
     microbatch: int = -1  # its index in the round (-1: not tracked)
+    attempt: int = 0     # the opening of the round it belongs to
 
 
 class StaleRoundError(FrameError):
@@ -61,6 +62,7 @@ class StageRuntime:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.next_round = 0            # round the weights are ready to accumulate; 0 until loaded
         self.closed_round = 0          # frames of rounds <= this are refused (SYNC began)
+        self.open_attempt = 0          # which opening of next_round the accumulated gradients belong to
         self.loads = 0
         self.in_flight = 0             # microbatches between forward and backward on this stage
         self.microbatches_done = 0
@@ -104,24 +106,31 @@ class StageRuntime:
 
     # ------------------------------------------------------------ microbatches
 
-    def accepts(self, round: int) -> bool:
-        return self.next_round > 0 and round == self.next_round and round > self.closed_round
+    def accepts(self, round: int, attempt: int | None = None) -> bool:
+        """Whether frames of ``round`` (and of its opening ``attempt``, if given) are accumulated now."""
+        return (self.next_round > 0 and round == self.next_round and round > self.closed_round
+                and (attempt is None or attempt >= self.open_attempt))
 
-    def require_round(self, round: int) -> None:
-        if not self.accepts(round):
-            raise StaleRoundError(
-                f"stage is accumulating round {self.next_round if self.next_round > self.closed_round else 'none'}, received a frame of round {round}"
-            )
+    def require_round(self, round: int, attempt: int | None = None) -> None:
+        if not self.accepts(round, attempt):
+            accumulating = f"{self.next_round} (opening {self.open_attempt})" if self.next_round > self.closed_round else "none"
+            raise StaleRoundError(f"stage is accumulating round {accumulating}, received a frame of round {round}"
+                                  + (f" (opening {attempt})" if attempt is not None else ""))
 
     def forward(self, round: int, inputs: torch.Tensor, prefix_lengths: torch.Tensor, loss_mask: torch.Tensor,
-                microbatch: int = -1) -> ForwardContext:
-        """Forward with autograd; the input is a leaf so its gradient can be sent back."""
-        self.require_round(round)
+                microbatch: int = -1, attempt: int = 0) -> ForwardContext:
+        """Forward with autograd; the input is a leaf so its gradient can be sent back.
+
+        The first frame of a later opening of the round (the coordinator opened it again after it
+        trained nothing) drops what earlier openings left: their microbatches were never counted."""
+        self.require_round(round, attempt)
+        if attempt > self.open_attempt:
+            self.keep_only_attempt(attempt)
         inputs = inputs.to(self.device)
         if inputs.is_floating_point():
             inputs = inputs.detach().to(self.dtype).requires_grad_(True)  # a leaf of its own, whoever holds the tensor
         outputs = self.model(inputs, prefix_lengths.to(self.device))
-        return ForwardContext(round, inputs, outputs, int(loss_mask.sum().item()), microbatch)
+        return ForwardContext(round, inputs, outputs, int(loss_mask.sum().item()), microbatch, attempt)
 
     @torch.no_grad()
     def infer(self, inputs: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
@@ -131,9 +140,15 @@ class StageRuntime:
             inputs = inputs.to(self.dtype)
         return self.model(inputs, prefix_lengths.to(self.device))
 
+    def _require_context(self, ctx: ForwardContext) -> None:
+        self.require_round(ctx.round, ctx.attempt)
+        if ctx.attempt != self.open_attempt:
+            raise StaleRoundError(f"microbatch {ctx.microbatch} belongs to opening {ctx.attempt} of round {ctx.round}; "
+                                  f"the stage accumulates opening {self.open_attempt}")
+
     def backward(self, ctx: ForwardContext, output_grad: torch.Tensor) -> torch.Tensor | None:
         """Accumulate parameter gradients; return the gradient of the stage input (None at stage 0)."""
-        self.require_round(ctx.round)
+        self._require_context(ctx)
         grad = output_grad.to(device=self.device, dtype=ctx.outputs.dtype)
         if self._accumulated_before(ctx):
             return self._input_gradient(ctx, ctx.outputs, grad)
@@ -143,7 +158,7 @@ class StageRuntime:
 
     def loss_backward(self, ctx: ForwardContext, targets: torch.Tensor, loss_mask: torch.Tensor) -> tuple[float, int, torch.Tensor | None]:
         """Last stage: summed token loss of the logits, its backward; returns (loss_sum, tokens, input grad)."""
-        self.require_round(ctx.round)
+        self._require_context(ctx)
         loss = summed_token_loss(ctx.outputs, targets.to(self.device), loss_mask.to(self.device))
         if self._accumulated_before(ctx):
             grad = self._input_gradient(ctx, loss, None)
@@ -198,11 +213,23 @@ class StageRuntime:
         self.round_tokens = 0
         self.accumulated.clear()
 
+    def keep_only_attempt(self, attempt: int) -> None:
+        """Gradients accumulated for an earlier opening of the round are stale: drop them."""
+        if attempt != self.open_attempt:
+            self.discard_gradients()
+            self.open_attempt = attempt
+
+    def finish_round(self, round: int) -> None:
+        """``round`` is stepped: accumulate the next one, from its first opening."""
+        self.next_round = round + 1
+        self.open_attempt = 0
+
     def restart_at(self, next_round: int) -> None:
         """Continue as of ``next_round`` with the current weights, dropping unfinished gradients."""
         self.discard_gradients()
         self.next_round = next_round
         self.closed_round = next_round - 1
+        self.open_attempt = 0
 
     def flat_params(self) -> torch.Tensor:
         """All weights as one fp32 CPU vector, in parameter order."""
@@ -298,5 +325,6 @@ class StageRuntime:
         self.unsynced_tokens = 0
         self.next_round = next_round
         self.closed_round = next_round - 1
+        self.open_attempt = 0
         self.stepped_round = next_round - 1
         self.loads += 1

@@ -1,6 +1,9 @@
 """The wire contract shared by peer and coordinator: protobuf messages, tensor codecs, run config."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped whenever a message or its meaning changes; checked at Join and on every frame."""
 
-PACKAGE_VERSION = "0.1.0"
+PACKAGE_VERSION = "0.2.0"
+
+GRPC_MAX_MESSAGE_BYTES = 64 << 20
+"""Largest control-plane message either side sends or accepts (checkpoint uploads are streamed in 1 MiB chunks)."""
