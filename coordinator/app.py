@@ -16,9 +16,10 @@ import hivemind
 import torch
 from transformers import GPTJConfig
 
-from proto import PACKAGE_VERSION
+from proto import GRPC_MAX_MESSAGE_BYTES, PACKAGE_VERSION
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
+from proto.addresses import resolve_ipv4
 from proto.run_config import ConfigError, CoordinatorConfig
 
 from .assignment import stage_layer_ranges, stage_needs
@@ -42,7 +43,6 @@ from .tokenizer import load_or_train
 
 log = logging.getLogger(__name__)
 
-GRPC_MAX_MESSAGE = 64 << 20
 GRPC_BIND_SECONDS = 10.0
 
 
@@ -64,9 +64,23 @@ class CoordinatorApp:
 
     # ------------------------------------------------------------ set-up
 
+    def _check_shape(self) -> None:
+        """Refuse a model and stage count that cannot work before anything is trained or written."""
+        cfg = self.config
+        if cfg.init_from:
+            n_layer = int(json.loads((Path(cfg.init_from) / "config.json").read_text()).get("n_layer", 0))
+            origin = f"--init-from {cfg.init_from}"
+        else:
+            n_layer = preset_config(cfg.model, 1, 0, cfg.seq_len).n_layer
+            origin = f"--model {cfg.model}"
+        if not 1 <= cfg.stages <= n_layer:
+            raise ConfigError(f"--stages {cfg.stages}: {origin} has {n_layer} blocks, so it can be split into 1 to {n_layer} stages")
+
     def _prepare_run(self) -> None:
         """Run id, tokenizer, model config, data and the round-0 checkpoint: created once, reused on restart."""
         cfg = self.config
+        if not (self.state_dir / "coordinator.sqlite").is_file():
+            self._check_shape()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "coordinator.sqlite")
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex[:12]
@@ -92,7 +106,7 @@ class CoordinatorApp:
         else:
             self.model_config = preset_config(cfg.model, len(self.tokenizer), eos, cfg.seq_len)
         if self.model_config.n_positions < cfg.seq_len:
-            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {self.model_config.n_positions} positions")
+            raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's {self.model_config.n_positions} positions")
         if self.model_config.vocab_size < len(self.tokenizer):
             origin = "this run's saved model (--state-dir)" if saved else f"--init-from {cfg.init_from}"
             raise ConfigError(
@@ -101,7 +115,10 @@ class CoordinatorApp:
                 "(or already holds the UL2 tokens), a --init-from checkpoint with a larger vocabulary, or a new --state-dir"
             )
         self.store.set_meta("model_config", self.model_config.to_json_string())
-        self.layer_ranges = stage_layer_ranges(self.model_config.n_layer, cfg.stages)
+        try:
+            self.layer_ranges = stage_layer_ranges(self.model_config.n_layer, cfg.stages)
+        except ValueError as exc:  # a restarted run keeps its model: --stages must still fit it
+            raise ConfigError(str(exc)) from None
         self.data = build_mixer(cfg, self.tokenizer)
         self.data_description = self.data.describe()
         for source in self.data_description["sources"]:
@@ -140,12 +157,21 @@ class CoordinatorApp:
         cfg = self.config
         identity = self.state_dir / "dht_identity.key"
         port = cfg.dht_port or int(self.store.get_meta("dht_port") or 0)
+
+        def announce(port: int) -> list[str] | None:  # --announce-host is where peers reach this machine: the DHT says so too
+            ip = resolve_ipv4(cfg.announce_host) if cfg.announce_host and port else None
+            return [f"/ip4/{ip}/tcp/{port}"] if ip else None
+
         try:
-            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{port}"], identity_path=str(identity), await_ready=True)
+            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{port}"], identity_path=str(identity),
+                               announce_maddrs=announce(port), await_ready=True)
         except Exception as exc:
+            if cfg.dht_port:
+                raise OSError(f"cannot start the DHT node on {cfg.host}:{cfg.dht_port} (--dht-port): {exc}; is another "
+                              "coordinator running? stop it or pick another --dht-port") from None
             log.warning("cannot reuse the DHT identity and port %d (%s); starting a new node: peers that joined "
                         "before this restart must rejoin to see newcomers", port, exc)
-            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.dht_port}"], await_ready=True)
+            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/0"], await_ready=True)
         bound = re.search(r"/tcp/(\d+)", str(dht.get_visible_maddrs()[0]))
         if bound:
             self.store.set_meta("dht_port", bound.group(1))
@@ -162,13 +188,19 @@ class CoordinatorApp:
         self.engine = RoundEngine(cfg, self.store, self.data, self.membership, self._publish, self.layer_ranges)
         self.engine.on_round_recorded.append(self._on_round)
         self.engine.on_sample_dropped.append(self.metrics.samples_dropped.inc)
+        self.engine.on_failure.append(
+            lambda failure: self.metrics.microbatch_failures.labels("unknown" if failure.stage is None else str(failure.stage)).inc())
         self.loop = asyncio.get_running_loop()
 
         self.dht = self._start_dht()
         maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         log.info("DHT bootstrap node: %s", " ".join(maddrs))
 
-        self.http = StatusHTTPServer(cfg.host, cfg.http_port, self._status_threadsafe, self._rounds_json, self._render_metrics, self.checkpoint_root)
+        try:
+            self.http = StatusHTTPServer(cfg.host, cfg.http_port, self._status_threadsafe, self._rounds_json, self._render_metrics, self.checkpoint_root)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.http_port} for the status page and checkpoints (--http-port): "
+                          f"{exc.strerror or exc}; is another coordinator running? stop it or pick another --http-port") from None
         self.http.start()
 
         latest = self.store.checkpoints()[-1]
@@ -180,7 +212,7 @@ class CoordinatorApp:
         )
         self._point_at_latest_checkpoint()
         self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
-        options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
+        options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES)]
         # A coordinator restarted right after a crash may find its port still held for a moment.
         deadline = time.monotonic() + GRPC_BIND_SECONDS
         while True:
@@ -194,8 +226,8 @@ class CoordinatorApp:
                 break
             await asyncio.sleep(0.5)
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC (tried for {GRPC_BIND_SECONDS:.0f}s): "
-                          "is another coordinator running? stop it or pick --port")
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} for gRPC, the control plane (--port; tried for "
+                          f"{GRPC_BIND_SECONDS:.0f}s): is another coordinator running? stop it or pick another --port")
         self.grpc_server = server
         await self.grpc_server.start()
         log.info("run %s: round %d, %d stages %s, hometrain %s", self.run_id, self.engine.round, cfg.stages, self.layer_ranges, PACKAGE_VERSION)
@@ -260,12 +292,15 @@ class CoordinatorApp:
 
     async def _refresh_gauges(self) -> None:
         self.metrics.peers.clear()
+        for stage in range(self.membership.num_stages):  # a stage with nobody online shows 0, not nothing (alerts need it)
+            self.metrics.peers.labels(str(stage), "online").set(0)
         for (stage, state), n in self.membership.counts().items():
             self.metrics.peers.labels(str(stage), state).set(n)
         for direction in ("sent", "received"):
             for kind, value in self._wire_totals(direction).items():
                 self.metrics.wire_bytes.labels(kind, direction).set(value["bytes"])
                 self.metrics.wire_uncompressed_bytes.labels(kind, direction).set(value["uncompressed_bytes"])
+        self.metrics.stalled.set(1 if self.engine.stall is not None else 0)
         data = self.engine.data_progress()
         self.metrics.data_phase.set(data["phase"])
         for source, objectives in data["tokens_per_source_objective"].items():
@@ -299,6 +334,8 @@ class CoordinatorApp:
             "current_round": self.engine.round,
             "phase": pb.RoundPhase.Name(self.engine.phase).lower(),
             "reason": self.engine.waiting_reason,
+            "stalled": self.engine.stall_status(time.time()),
+            "last_failure": self.engine.failure_status(),
             "loss": last[0].loss if last else None,
             "tokens": totals["tokens"],
             "samples": totals["samples"],

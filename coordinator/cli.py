@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import signal
 import sys
 
+from proto.console import quiet_libraries, setup_logging
 from proto.lifecycle import die_with_parent
 from proto.run_config import ConfigError, CoordinatorConfig, add_arguments, load
 
-# gRPC's C core logs an INFO line each time hivemind forks its DHT process; keep the console readable.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+from .demo import EXIT_STALLED, DemoConfig
+
+quiet_libraries()
 die_with_parent()
 
 
 def _serve(config: CoordinatorConfig) -> int:
     from .app import CoordinatorApp
 
-    async def run() -> None:
+    async def run() -> int:
         app = CoordinatorApp(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -30,30 +30,36 @@ def _serve(config: CoordinatorConfig) -> int:
             await app.serve_until_done()
         finally:
             await app.shutdown()
+        return EXIT_STALLED if app.engine.gave_up else 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coordinator", description="Run a hometrain training run's coordinator.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    about = "Coordinate a training run (gRPC control plane, status page, checkpoints)."
+    serve = commands.add_parser("serve", help=about, description=about)
+    serve.add_argument("--config", help="TOML file with the same keys as the flags; flags override it.")
+    add_arguments(serve, CoordinatorConfig)
+    about = "Start a coordinator and local CPU peers training a tiny GPT-J on this machine."
+    demo = commands.add_parser("demo", help=about, description=about)
+    add_arguments(demo, DemoConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="coordinator", description="Run a hometrain training run's coordinator.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="Coordinate a training run (gRPC control plane, status page, checkpoints).")
-    serve.add_argument("--config", help="TOML file with the same keys as the flags; flags override it.")
-    add_arguments(serve, CoordinatorConfig)
-    demo = commands.add_parser("demo", help="Start a coordinator and local CPU peers training a tiny GPT-J.")
-    from .demo import DemoConfig
-
-    add_arguments(demo, DemoConfig)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
     try:
+        config = load(CoordinatorConfig, args, args.config) if args.command == "serve" else load(DemoConfig, args)
+        setup_logging(config, "%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.command == "serve":
-            return _serve(load(CoordinatorConfig, args, args.config))
+            return _serve(config)
         from .demo import run_demo
 
-        return run_demo(load(DemoConfig, args))
+        return run_demo(config)
     except (ConfigError, FileNotFoundError, OSError) as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the event loop's handlers were in place
+        return 130

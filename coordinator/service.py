@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 import grpc
@@ -60,9 +61,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
                                f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
                                f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
-        if self.join_token and request.join_token != self.join_token:
+        if self.join_token and not hmac.compare_digest(request.join_token.encode(), self.join_token.encode()):
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "join_token",
-                               "this run requires a join token and the one given does not match: pass --join-token from the organiser")
+                               "this run requires a join token and the one given does not match: put the organiser's token in a file "
+                               "and pass --join-token-file FILE, or set HOMETRAIN_JOIN_TOKEN")
         if request.requested_stage >= self.membership.num_stages:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
                                f"--stage {request.requested_stage} does not exist: this run has stages 0..{self.membership.num_stages - 1}")
@@ -101,7 +103,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def GetRoundState(self, request: pb.RoundStateRequest, context: grpc.aio.ServicerContext) -> pb.RoundState:
         await self._peer(request.peer_id, context)
-        await self.engine.wait_for_change(request.known_round, request.known_phase, request.known_sync_attempt, min(max(request.wait_seconds, 0.0), 30.0))
+        await self.engine.wait_for_change(request.known_round, request.known_phase, request.known_sync_attempt,
+                                          min(max(request.wait_seconds, 0.0), 30.0), request.known_open_attempt)
         record = await self._peer(request.peer_id, context)
         reply = self.engine.round_state_for(record)
         self._count(request, reply)
@@ -109,7 +112,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def GetMicrobatch(self, request: pb.BatchRequest, context: grpc.aio.ServicerContext) -> pb.Microbatch:
         record = await self._peer(request.peer_id, context)
-        reply = self.engine.next_microbatch(record, request.round)
+        reply = self.engine.next_microbatch(record, request.round, request.open_attempt)
         self._count(request, reply)
         return reply
 

@@ -4,55 +4,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
 
+from proto.console import quiet_libraries, setup_logging
 from proto.lifecycle import die_with_parent
 from proto.run_config import ConfigError, PeerConfig, add_arguments, load
 
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": record.created, "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
-
-
-# gRPC's C core logs an INFO line each time hivemind forks its DHT process; keep the console readable.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+quiet_libraries()
 die_with_parent()
+log = logging.getLogger("peer")
 
 
-def _setup_logging(config: PeerConfig) -> None:
-    handler = logging.StreamHandler()
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.WARNING if config.quiet else logging.INFO, handlers=[handler])
-    logging.getLogger("hivemind").setLevel(logging.WARNING)
-    # A refused frame (stale round, bad input) already reaches its sender as an error it logs; no traceback here.
-    logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.ERROR)
-    # bitsandbytes warns at import about a CPU matmul kernel hometrain never uses (it only quantizes).
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peer", description="Contribute this machine to a hometrain run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    join = commands.add_parser("join", help="Join a run and train until Ctrl-C.", description="Join a run and train until Ctrl-C.")
+    join.add_argument("--config", help="TOML file with the same keys as the flags; flags override it.")
+    add_arguments(join, PeerConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peer", description="Contribute this machine to a hometrain run.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    join = commands.add_parser("join", help="Join a run and train until Ctrl-C.")
-    join.add_argument("--config", help="TOML file with the same keys as the flags; flags override it.")
-    add_arguments(join, PeerConfig)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         config = load(PeerConfig, args, args.config)
     except ConfigError as exc:
         print(f"peer: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config)
-    log = logging.getLogger("peer")
+    setup_logging(config)
+    try:
+        return _join(config)
+    except KeyboardInterrupt:  # Ctrl-C before the event loop's handlers were in place (importing torch, say)
+        return 130
 
+
+def _join(config: PeerConfig) -> int:
     import torch
 
     from .device import DeviceError, probe_device
@@ -77,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
 
         def stop() -> None:
+            if node.stopping.is_set():  # the second Ctrl-C: leave now, without the goodbyes
+                print("peer: stopped without leaving the run cleanly", file=sys.stderr, flush=True)
+                os._exit(130)  # forked helpers (the DHT) are killed with this process (proto.lifecycle)
             log.info("leaving the run (Ctrl-C again to force)")
             node.stopping.set()
-            loop.remove_signal_handler(signal.SIGINT)
 
         loop.add_signal_handler(signal.SIGINT, stop)
         loop.add_signal_handler(signal.SIGTERM, stop)

@@ -13,6 +13,7 @@ import random
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import grpc
 import hivemind
@@ -23,13 +24,15 @@ from transformers import GPTJConfig
 
 from proto import PROTOCOL_VERSION, codec
 from proto import hometrain_pb2 as pb
-from proto.manifest import sha256_bytes
+from proto.addresses import reachable_maddrs, reachable_url
+from proto.manifest import ManifestError, sha256_bytes
 from proto.run_config import PeerConfig, TrainConfig
 from proto.schedule import resyncs, skips_sync, sync_seed
 
-from .control_client import ControlClient
+from .control_client import ControlClient, Stopped, unless_stopped
 from .boundary_codec import BoundaryCodec
 from .device import DeviceInfo
+from .failures import FailureLog, StageFailed, describe
 from .metrics import PeerMetrics
 from .pipeline import Pipeline, Router, StageDirectory
 from .replica_sync import ReplicaSync, SyncError
@@ -46,6 +49,12 @@ STATUS_EVERY = 10.0
 UPLOAD_CHUNK = 1 << 20
 REPLICA_PASSES = 3          # passes over the stage's replicas for their state before falling back to the checkpoint
 REPLICA_RETRY_SECONDS = 2.0
+DOWNLOAD_BACKOFF_MAX = 30.0
+DROP_LOG_EVERY = 10.0       # seconds between warnings about dropped microbatches (the first is said at once)
+
+
+class CannotStart(RuntimeError):
+    """This peer cannot take part (no weights to load, a port in use); the message says what to do."""
 
 
 class PeerNode:
@@ -63,6 +72,16 @@ class PeerNode:
         self.throughput = 0.0  # samples per compute-second of this peer's stage (kept across stage moves)
         self.compressor: ErrorFeedbackCompressor | None = None  # cocktail sync: this replica's error feedback
         self._rejoin_lock = asyncio.Lock()
+        self.coordinator_host = config.coordinator_host  # where announced loopback addresses really are
+        self.client = ControlClient(config.coordinator, self.counters, self.stopping)
+        self.drops = 0                   # microbatches this stage-0 peer fed that were dropped
+        self._drops_logged = (0.0, 0)    # (when, drops) of the last warning about them
+        # Started by run() as it gets to them; _leave() stops those that exist.
+        self.dht: hivemind.DHT | None = None
+        self.runtime: StageRuntime | None = None
+        self.boundary: BoundaryCodec | None = None
+        self.metrics: PeerMetrics | None = None
+        self.directory: StageDirectory | None = None
 
     # ------------------------------------------------------------ start
 
@@ -72,69 +91,98 @@ class PeerNode:
             device=self.device.description, free_memory_bytes=self.device.free_memory_bytes,
             throughput=self.throughput, requested_stage=requested_stage,
         )
-        return await self.client.call("Join", request, retry_for=self.config.connect_timeout)
+        return await self.client.join(request, retry_for=self.config.connect_timeout)
 
     async def run(self) -> int:
-        self.client = ControlClient(self.config.coordinator, self.counters)
+        """Join, train until told to stop (or the run ends), leave; returns the exit status."""
         try:
             join = await self._join(self.config.stage)
+        except Stopped:
+            await self.client.close()
+            return 0
         except grpc.aio.AioRpcError as exc:
             log.error("could not join the run at %s: %s", self.config.coordinator, exc.details() or exc.code().name)
             await self.client.close()
             return 1
+        try:
+            await unless_stopped(self._start(join), self.stopping)  # a long state transfer must not outlast Ctrl-C
+            return await self._train()
+        except Stopped:
+            return 0
+        except (CannotStart, ManifestError) as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            await self._leave()
+
+    async def _start(self, join: pb.JoinReply) -> None:
+        """Everything a joined peer runs: DHT node, stage runtime, data-plane handlers, metrics, its weights."""
         self.peer_id, self.stage, self.run_id = join.peer_id, join.stage, join.run_id
         self.public_key = join.checkpoint_public_key
-        self.checkpoint_url, self.checkpoint_round = join.checkpoint_url, join.checkpoint_round
+        self.checkpoint_url, self.checkpoint_round = reachable_url(join.checkpoint_url, self.coordinator_host), join.checkpoint_round
         self.heartbeat_interval = join.heartbeat_interval or 2.0
         self.train = TrainConfig.from_json(join.train_config_json)
         model_config = GPTJConfig.from_dict(json.loads(join.model_config_json))
         how = "you asked for it with --stage" if self.config.stage >= 0 else "chosen by the coordinator; --stage N asks for another"
         log.info("joined run %s as %s: stage %d of %d, blocks [%d, %d) (%s)", self.run_id, self.peer_id, self.stage, join.num_stages, join.layer_start, join.layer_end, how)
 
-        initial_peers = self.config.initial_peers.split() or list(join.initial_peers)
+        initial_peers = list(self.config.initial_peers) or reachable_maddrs(list(join.initial_peers), self.coordinator_host)
         announce = [f"/ip4/{self.config.announce_host}/tcp/{self.config.p2p_port}"] if self.config.announce_host and self.config.p2p_port else None
+        state_dir = Path(self.config.state_dir) if self.config.state_dir else None
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.p2p_port}"],
             announce_maddrs=announce, await_ready=True,
+            identity_path=str(state_dir / "p2p_identity.key") if state_dir is not None else None,
         )
         self.dht_id = self.dht.peer_id.to_base58()
+        self.failures = FailureLog(self.dht_id)
         p2p = await self.dht.replicate_p2p()
         self.runtime = StageRuntime(model_config, self.train, join.layer_start, join.layer_end, self.device.device)
         self.transport = FrameTransport(p2p, self.counters)
         self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.router = Router(self.directory, rng=random.Random(self.dht_id))
-        cache_dir = self.config.cache_dir or tempfile.mkdtemp(prefix="hometrain-aqsgd-")
+        cache_dir = self.config.cache_dir or (str(state_dir / "activation-cache") if state_dir is not None
+                                              else tempfile.mkdtemp(prefix="hometrain-aqsgd-"))
         self.boundary = BoundaryCodec(self.train, self.config.activation_cache_mb << 20, cache_dir, self.device.device)
-        self.pipeline = Pipeline(self.runtime, self.transport, self.router, self.boundary, self.run_id, self.stage, self.train.round_timeout)
+        self.pipeline = Pipeline(self.runtime, self.transport, self.router, self.boundary, self.run_id, self.stage,
+                                 self.train.round_timeout, self.failures)
         self.sync = ReplicaSync(self.transport, self.run_id, self.dht_id)
         await self.pipeline.start()
         await self.sync.start()
         await self.transport.serve(STATE_HANDLER, self._serve_state, receive_kind="control", send_kind="state")
-        self.metrics = PeerMetrics(self) if self.config.metrics_port else None
-        if self.metrics:
-            self.metrics.start(self.config.metrics_port)
+        if self.config.metrics_port:
+            self.metrics = PeerMetrics(self)
+            try:
+                self.metrics.start(self.config.metrics_port)
+            except OSError as exc:
+                self.metrics = None
+                raise CannotStart(f"cannot serve metrics on port {self.config.metrics_port} (--metrics-port): {exc.strerror or exc}; "
+                                         "pick a free port or 0 to turn metrics off") from None
+        await self._load_weights()
 
-        try:
-            await self._load_weights()
-            await self._heartbeat()
-            await self._announce()
-            self._spawn(self._heartbeat_loop())
-            self._spawn(self._announce_loop())
-            if not self.config.quiet:
-                self._spawn(self._status_loop())
-            round_loop = asyncio.ensure_future(self._round_loop())
-            stop = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait({round_loop, stop}, return_when=asyncio.FIRST_COMPLETED)
-            exit_code = 0
-            if round_loop.done() and round_loop.exception() is not None:
-                log.error("training stopped: %s", round_loop.exception())
+    async def _train(self) -> int:
+        """Heartbeats, DHT records and the round loop, until the run ends or the peer is told to stop."""
+        await self._heartbeat()
+        await self._announce()
+        self._spawn(self._heartbeat_loop())
+        self._spawn(self._announce_loop())
+        if not self.config.quiet:
+            self._spawn(self._status_loop())
+        round_loop = asyncio.ensure_future(self._round_loop())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({round_loop, stop}, return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0
+        if round_loop.done() and not round_loop.cancelled() and round_loop.exception() is not None:
+            exc = round_loop.exception()
+            if not isinstance(exc, Stopped):
+                log.error("training stopped: %s", describe(exc))
                 exit_code = 1
-            round_loop.cancel()
-            stop.cancel()
-            return exit_code
-        finally:
-            await self._leave()
+        round_loop.cancel()
+        stop.cancel()
+        return exit_code
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -195,15 +243,35 @@ class PeerNode:
                                          disable=self.config.quiet or not sys.stderr.isatty(), leave=False)
             bar.update(got - bar.n)
 
-        try:
-            tensors, round = await asyncio.get_running_loop().run_in_executor(
-                None, fetch_checkpoint_tensors, self.checkpoint_url, names, self.public_key, progress
-            )
-        finally:
-            for bar in bars.values():
-                bar.close()
+        tensors, round = await self._download(names, progress, bars)
         await self.runtime.run(self.runtime.import_state, tensors, None, round + 1)
         log.info("loaded stage %d weights from the checkpoint of round %d (%s)", self.stage, round, self.checkpoint_url)
+
+    async def _download(self, names: set[str], progress, bars: dict) -> tuple[dict, int]:
+        """The stage's tensors from the latest checkpoint, retried with backoff until --connect-timeout."""
+        delay, give_up = 1.0, time.monotonic() + self.config.connect_timeout
+        while True:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    None, fetch_checkpoint_tensors, self.checkpoint_url, names, self.public_key, progress)
+            except ConnectionError as exc:
+                left = give_up - time.monotonic()
+                advice = (f"no live replica of stage {self.stage} gave its state, and the checkpoint download failed ({exc}). "
+                          f"Check that this machine can reach the coordinator's HTTP port at {self.checkpoint_url} (a firewall?); "
+                          "an organiser whose machine is behind NAT or a container network starts it with --announce-host ADDRESS")
+                if left < delay:
+                    raise CannotStart(f"giving up after --connect-timeout {self.config.connect_timeout:.0f}s: {advice}") from None
+                log.warning("%s. Retrying in %.0fs (for another %.0fs, --connect-timeout; Ctrl-C stops)", advice, delay, left)
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                    raise Stopped()
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(2 * delay, DOWNLOAD_BACKOFF_MAX)
+            finally:
+                for bar in bars.values():
+                    bar.close()
+                bars.clear()
 
     async def _state_sources(self) -> list[str]:
         """Replicas to copy the stage's state from: those the coordinator says are at the current
@@ -262,12 +330,12 @@ class PeerNode:
             microbatches_done=self.runtime.microbatches_done, bytes_sent=dict(c.sent), bytes_received=dict(c.received),
             uncompressed_bytes_sent=dict(c.uncompressed_sent), uncompressed_bytes_received=dict(c.uncompressed_received),
             next_round=self.runtime.next_round, throughput=self.throughput, loads=self.runtime.loads,
-            link_bytes_per_second=self.transport.link.bytes_per_second,
+            link_bytes_per_second=self.transport.link.bytes_per_second, microbatches_failed=self.failures.count,
         )
 
     async def _send_heartbeat(self) -> pb.HeartbeatReply:
         request = pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats(), maddrs=self.maddrs)
-        return await self.client.call("Heartbeat", request, timeout=10)
+        return await self.client.heartbeat(request)
 
     async def _heartbeat(self) -> None:
         asked_as = self.peer_id
@@ -293,6 +361,8 @@ class PeerNode:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self._heartbeat()
+            except Stopped:
+                return
             except grpc.aio.AioRpcError as exc:
                 log.warning("heartbeat failed: %s", exc.details() or exc.code().name)
 
@@ -321,46 +391,51 @@ class PeerNode:
             except Exception:
                 in_stage = 0
             c = self.counters
+            failed = f" | {self.failures.count} failed here" if self.failures.count else ""
             log.info(
-                "round %d | stage %d | %.2f microbatches/s | up %s down %s | %d peer(s) in stage",
-                self.current_round, self.stage, rate, human_bytes(sum(c.sent.values())), human_bytes(sum(c.received.values())), in_stage,
+                "round %d | stage %d | %.2f microbatches/s | up %s down %s | %d peer(s) in stage%s",
+                self.current_round, self.stage, rate, human_bytes(sum(c.sent.values())), human_bytes(sum(c.received.values())), in_stage, failed,
             )
 
     async def _leave(self) -> None:
         """Withdraw from the DHT and tell the coordinator; bounded so Ctrl-C returns within seconds."""
         for task in list(self.tasks):
             task.cancel()
+        if self.directory is not None:
+            try:
+                await asyncio.wait_for(self.directory.withdraw(self.stage, self.dht_id), 2.0)
+            except Exception as exc:
+                log.debug("withdraw failed: %s", exc)
         try:
-            await asyncio.wait_for(self.directory.withdraw(self.stage, self.dht_id), 2.0)
-        except Exception as exc:
-            log.debug("withdraw failed: %s", exc)
-        try:
-            await self.client.stub.Leave(pb.LeaveRequest(peer_id=self.peer_id), timeout=2.0)
+            await self.client.leave(pb.LeaveRequest(peer_id=self.peer_id), timeout=2.0)
         except grpc.aio.AioRpcError as exc:
             log.debug("leave failed: %s", exc)
-        if self.metrics:
+        if self.metrics is not None:
             self.metrics.stop()
         await self.client.close()
-        self.dht.shutdown()
-        self.runtime.executor.shutdown(wait=False, cancel_futures=True)
-        self.boundary.close()
+        if self.dht is not None:
+            self.dht.shutdown()
+        if self.runtime is not None:
+            self.runtime.executor.shutdown(wait=False, cancel_futures=True)
+        if self.boundary is not None:
+            self.boundary.close()
         log.info("left the run")
 
     # ------------------------------------------------------------ rounds
 
     async def _round_loop(self) -> None:
-        known_round, known_phase, known_attempt = 0, pb.ROUND_PHASE_UNSPECIFIED, 0
+        known_round, known_phase, known_attempt, known_opening = 0, pb.ROUND_PHASE_UNSPECIFIED, 0, 0
         while True:
             try:
                 request = pb.RoundStateRequest(peer_id=self.peer_id, known_round=known_round, known_phase=known_phase,
-                                               known_sync_attempt=known_attempt, wait_seconds=10)
-                state = await self.client.call("GetRoundState", request, timeout=20, retry_for=self.config.connect_timeout)
+                                               known_sync_attempt=known_attempt, known_open_attempt=known_opening, wait_seconds=10)
+                state = await self.client.round_state(request, retry_for=self.config.connect_timeout)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
                 await self._heartbeat()  # rejoins
                 continue
-            known_round, known_phase, known_attempt = state.round, state.phase, state.sync_attempt
+            known_round, known_phase, known_attempt, known_opening = state.round, state.phase, state.sync_attempt, state.open_attempt
             self.current_round = state.round
             self.stage_peers = list(state.stage_peers)
             for other in self.stage_peers:  # dialable even before (or without) the DHT showing their records
@@ -368,7 +443,7 @@ class PeerNode:
             self.directory.learn(state.stage + 1, {p.dht_peer_id: {"throughput": p.throughput, "maddrs": list(p.maddrs)}
                                                    for p in state.next_stage_peers})
             if state.checkpoint_url:
-                self.checkpoint_url, self.checkpoint_round = state.checkpoint_url, state.checkpoint_round
+                self.checkpoint_url, self.checkpoint_round = reachable_url(state.checkpoint_url, self.coordinator_host), state.checkpoint_round
             if state.phase == pb.STOPPED:
                 log.info("the coordinator ended the run (%s)", state.message or "stopped")
                 if self.config.serve_after_run:
@@ -386,10 +461,10 @@ class PeerNode:
                 await self.runtime.run(self.runtime.restart_at, state.adopt_round)
                 await self._heartbeat()
             r = state.round
-            if state.phase == pb.OPEN and self.stage == 0 and self.runtime.next_round == r and self._first("feed", r):
-                self._spawn(self._feed_round(r))
+            if state.phase == pb.OPEN and self.stage == 0 and self.runtime.next_round == r and self._first("feed", (r, state.open_attempt)):
+                self._spawn(self._feed_round(r, state.open_attempt))
             elif state.phase == pb.SYNC and state.in_sync_group and self.runtime.next_round == r and self._first("sync", (r, state.sync_attempt)):
-                self._spawn(self._sync_and_step(r, list(state.sync_group), state.tokens_in_round, state.sync_attempt))
+                self._spawn(self._sync_and_step(r, list(state.sync_group), state.tokens_in_round, state.sync_attempt, state.open_attempt))
             elif state.phase == pb.PUBLISH and state.upload_checkpoint and self._first("upload", r):
                 self._spawn(self._upload(r))
 
@@ -400,12 +475,12 @@ class PeerNode:
         seen.add(round)
         return True
 
-    async def _feed_round(self, round: int) -> None:
-        """Stage 0: pull microbatches for ``round`` and push them through the pipeline, a few at once."""
+    async def _feed_round(self, round: int, attempt: int) -> None:
+        """Stage 0: pull microbatches for opening ``attempt`` of ``round`` and push them through the pipeline, a few at once."""
 
         async def worker() -> None:
-            while self.runtime.accepts(round) and not self.stopping.is_set():
-                mb = await self.client.call("GetMicrobatch", pb.BatchRequest(peer_id=self.peer_id, round=round))
+            while self.runtime.accepts(round, attempt) and not self.stopping.is_set():
+                mb = await self.client.microbatch(pb.BatchRequest(peer_id=self.peer_id, round=round, open_attempt=attempt))
                 if not mb.available:
                     return
                 await self._train_microbatch(mb)
@@ -413,21 +488,34 @@ class PeerNode:
         await asyncio.gather(*(worker() for _ in range(self.train.max_inflight)))
 
     async def _train_microbatch(self, mb: pb.Microbatch) -> None:
-        report = pb.ProgressReport(peer_id=self.peer_id, round=mb.round, microbatch_index=mb.index)
+        report = pb.ProgressReport(peer_id=self.peer_id, round=mb.round, microbatch_index=mb.index, open_attempt=mb.open_attempt)
         try:
             batch = {
                 "input_ids": codec.from_message(mb.input_ids), "target_ids": codec.from_message(mb.target_ids),
                 "loss_mask": codec.from_message(mb.loss_mask), "prefix_lengths": codec.from_message(mb.prefix_lengths),
             }
-            header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=mb.round, microbatch=mb.index, stage=0, sample_ids=mb.sample_ids)
+            header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=mb.round, microbatch=mb.index, stage=0,
+                                    sample_ids=mb.sample_ids, open_attempt=mb.open_attempt)
             loss_sum, tokens, _ = await self.pipeline.run_stage(header, batch["input_ids"], batch)
             report.ok, report.loss_sum, report.tokens = True, loss_sum, tokens
         except Exception as exc:
-            report.ok, report.error = False, f"{type(exc).__name__}: {str(exc)[:500]}"
-            log.warning("microbatch %d of round %d dropped: %s", mb.index, mb.round, report.error)
-        await self.client.call("ReportProgress", report)
+            failure = exc.failure if isinstance(exc, StageFailed) else pb.StageFailure(stage=self.stage, peer=self.dht_id, error=describe(exc))
+            report.ok, report.error = False, str(exc) if isinstance(exc, StageFailed) else failure.error
+            report.failure.CopyFrom(failure)
+            self._log_drop(mb, report.error)
+        await self.client.report_progress(report)
 
-    async def _sync_and_step(self, round: int, group: list[str], tokens: int, attempt: int) -> None:
+    def _log_drop(self, mb: pb.Microbatch, error: str) -> None:
+        """Say that microbatches are dropped: the first at once, then at most every DROP_LOG_EVERY seconds."""
+        self.drops += 1
+        logged_at, logged_drops = self._drops_logged
+        now = time.monotonic()
+        if logged_drops == 0 or now - logged_at >= DROP_LOG_EVERY:
+            more = f" ({self.drops - logged_drops - 1} more since the last warning)" if self.drops - logged_drops > 1 else ""
+            log.warning("microbatch %d of round %d dropped%s: %s", mb.index, mb.round, more, error)
+            self._drops_logged = (now, self.drops)
+
+    async def _sync_and_step(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int) -> None:
         """Close the round locally, sync with the replica group, step, report the checksum.
 
         Two quantities can be synced. Without compression it is the round's summed gradient:
@@ -458,19 +546,21 @@ class PeerNode:
             await asyncio.sleep(0.02)
         report = pb.StepReport(peer_id=self.peer_id, round=round, synced=True)
         async with runtime.state_lock:
+            # Gradients of an earlier opening of the round (this stage saw none of the last one) are stale.
+            await runtime.run(runtime.keep_only_attempt, open_attempt)
             try:
                 if train.compresses_sync(round):
                     how = await self._delta_sync(round, group, attempt)
                     report.diverged = how == "skipped"
                 else:
                     how = await self._gradient_sync(round, group, tokens, attempt)
-                runtime.next_round = round + 1
+                runtime.finish_round(round)
             except SyncError as exc:
                 report.synced, report.error, how = False, str(exc), "failed"
                 log.warning("round %d: sync (attempt %d) failed: %s", round, attempt + 1, exc)
             report.checksum = await runtime.run(runtime.checksum)
         report.stats.CopyFrom(self.stats())
-        await self.client.call("ReportStep", report)
+        await self.client.report_step(report)
         if not self.config.quiet:
             log.info("round %d stepped (%s) checksum %s", round, how, report.checksum[:12])
 

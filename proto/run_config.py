@@ -12,21 +12,54 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its --help text."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, *, secret: bool = False) -> Any:
+    """A dataclass field with a default and its --help text.
+
+    A ``secret`` field never comes from the command line (``ps`` shows every user a command
+    line): it comes from ``--<name>-file FILE``, the environment variable ``HOMETRAIN_<NAME>``
+    or the TOML file, in that order."""
+    return field(default=default, metadata={"help": help, "secret": secret})
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag to change."""
+
+
+def check_port(flag: str, port: int, allow_zero: bool = True) -> None:
+    """Raise ConfigError unless ``port`` is a TCP port (0 means any free one, where allowed)."""
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{flag} must be a TCP port from {low} to 65535{' (0: any free port)' if allow_zero else ''}, got {port}")
+
+
+def split_host_port(flag: str, address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); ConfigError names ``flag`` if it is not one."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host:
+        raise ConfigError(f"{flag} must be HOST:PORT (e.g. coordinator.example.org:50051), got {address!r}")
+    if not port.isdigit():
+        raise ConfigError(f"{flag} {address!r}: the port {port!r} is not a number; expected HOST:PORT, e.g. {host}:50051")
+    check_port(f"{flag} {address!r}:", int(port), allow_zero=False)
+    return host, int(port)
+
+
+@dataclass(kw_only=True)
+class ConsoleConfig:
+    """How a process talks to its terminal or its service manager's journal."""
+
+    quiet: bool = opt(False, "Log warnings and errors only.")
+    log_format: Literal["text", "json"] = opt("text", "Log format: text, or json (one object per line, for services).")
 
 
 @dataclass(kw_only=True)
@@ -47,13 +80,13 @@ class TrainConfig:
     deadline_floor: float = opt(10.0, "The adaptive round deadline is never shorter than this (seconds).")
     sync_timeout: float = opt(30.0, "Seconds replicas wait for each other while averaging gradients before retrying without the missing.")
     max_inflight: int = opt(2, "Microbatches a stage-0 peer keeps in flight at once (pipelining).")
-    compute_dtype: str = opt("float32", "Dtype of stage weights and activations on peers: float32, bfloat16 or float16.")
-    activation_compression: str = opt("none", "Activations forward: none, direct (quantize each frame) or aqsgd (quantize the change since the sample's last visit).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Dtype of stage weights and activations on peers: float32, bfloat16 or float16.")
+    activation_compression: Literal["none", "direct", "aqsgd"] = opt("none", "Activations forward: none, direct (quantize each frame) or aqsgd (quantize the change since the sample's last visit).")
     activation_bits: int = opt(4, "Bits per activation value when compressed: 2, 4 or 8.")
     activation_first_bits: int = opt(8, "AQ-SGD: bits for a frame holding a sample's first visit (it fills both caches).")
     gradient_bits: int = opt(0, "Activation gradients backward: 0 (fp32/compute dtype), 2, 4 or 8 bits.")
     boundary_block: int = opt(64, "Values sharing one scale when activations or their gradients are quantized: a power of two, 64..4096 (larger: fewer bytes on scales, coarser).")
-    sync_compression: str = opt("none", "Replica sync: none (exact gradient sum) or cocktail (parameter deltas: random subset, top-k, low-bit, error feedback).")
+    sync_compression: Literal["none", "cocktail"] = opt("none", "Replica sync: none (exact gradient sum) or cocktail (parameter deltas: random subset, top-k, low-bit, error feedback).")
     sync_random_ratio: float = opt(0.1, "cocktail: share of coordinates in the shared random subset.")
     sync_topk_ratio: float = opt(0.2, "cocktail: share of the random subset kept by magnitude.")
     sync_bits: int = opt(4, "cocktail: bits per kept value (2, 4 or 8).")
@@ -120,21 +153,24 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class CoordinatorConfig(TrainConfig):
+class CoordinatorConfig(TrainConfig, ConsoleConfig):
     """`coordinator serve` settings (a TOML --config may carry the same keys)."""
 
     host: str = opt("0.0.0.0", "Address the gRPC, HTTP and DHT listeners bind to.")
-    announce_host: str = opt("", "Address peers reach this machine at (default: 127.0.0.1 when --host is 0.0.0.0).")
+    announce_host: str = opt(
+        "", "Address peers reach this machine at: it goes into checkpoint URLs and the DHT's announced addresses "
+        "(default: --host, or 127.0.0.1 when that is a wildcard; a peer on another host then uses the address it dialled)."
+    )
     port: int = opt(50051, "gRPC control-plane port.")
     http_port: int = opt(8080, "HTTP port: status page, /api/status, /metrics, checkpoint downloads.")
     dht_port: int = opt(0, "TCP port of the coordinator's DHT node that peers bootstrap from (0: any free port).")
     state_dir: str = opt("run", "Directory of the run's SQLite store, tokenizer and checkpoints.")
-    model: str = opt("tiny", "Model preset: tiny (4 blocks, d_model 128), small (8 blocks, d_model 512) or gptj-6b.")
+    model: Literal["tiny", "small", "gptj-6b"] = opt("tiny", "Model preset: tiny (4 blocks, d_model 128), small (8 blocks, d_model 512) or gptj-6b.")
     init_from: str = opt("", "Start from this Hugging Face GPT-J checkpoint directory instead of random init.")
     stages: int = opt(2, "Pipeline stages the blocks are split into.")
     rounds: int = opt(0, "Stop after this many rounds (0: run until Ctrl-C).")
     checkpoint_every: int = opt(10, "Publish a checkpoint every N rounds.")
-    join_token: str = opt("", "Secret a peer must present to join (empty: anyone may join).")
+    join_token: str = opt("", "Secret a peer must present to join (empty: anyone may join).", secret=True)
     heartbeat_interval: float = opt(2.0, "Seconds between peer heartbeats.")
     heartbeat_timeout: float = opt(10.0, "Seconds without a heartbeat after which a peer is marked gone.")
     vocab_size: int = opt(1024, "Size of the byte-level BPE trained on the built-in corpus (tiny preset).")
@@ -152,9 +188,22 @@ class CoordinatorConfig(TrainConfig):
     instruction_share: float = opt(0.45, "Share of the causal phase's samples drawn from prompt_completion sources (0..1); text sources get the rest.")
     ul2_shares: str = opt("0.25,0.25,0.5", "Shares of UL2's R (regular), X (extreme) and S (prefix LM) denoiser families, as R,X,S.")
     pack_instructions: bool = opt(False, "Pack several instruction records into one causal row (no padding, but no bidirectional prompt).")
+    stall_limit: int = opt(
+        0, "Stop the run, with exit status 3, after a round trained nothing this many times in a row (every microbatch "
+        "failed or none finished in time); 0: keep retrying, backing off up to a minute between attempts."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_literal("--model", self.model, CoordinatorConfig, "model")
+        for flag, port in (("--port", self.port), ("--http-port", self.http_port), ("--dht-port", self.dht_port)):
+            check_port(flag, port)
+        if self.init_from and not (Path(self.init_from) / "config.json").is_file():
+            raise ConfigError(f"--init-from {self.init_from}: no config.json there; point it at a Hugging Face GPT-J checkpoint directory")
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            raise ConfigError(f"--tokenizer {self.tokenizer}: no such directory; point it at a saved Hugging Face tokenizer")
+        if self.stall_limit < 0:
+            raise ConfigError(f"--stall-limit must be >= 0 (0: never give up), got {self.stall_limit}")
         if self.stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {self.stages}")
         if self.checkpoint_every < 1:
@@ -186,6 +235,7 @@ class CoordinatorConfig(TrainConfig):
 
     @property
     def public_host(self) -> str:
+        """The host this coordinator names in checkpoint URLs (peers elsewhere replace a loopback one)."""
         if self.announce_host:
             return self.announce_host
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
@@ -219,14 +269,14 @@ def _check_source(number: int, table: Any) -> dict[str, Any]:
 
 
 @dataclass(kw_only=True)
-class PeerConfig:
+class PeerConfig(ConsoleConfig):
     """`peer join` settings."""
 
     coordinator: str = opt("127.0.0.1:50051", "HOST:PORT of the coordinator's gRPC control plane.")
     gpu: str = opt("auto", "CUDA device index to train on, or 'cpu' (auto: GPU 0 if there is one, else cpu).")
     name: str = opt("", "Public name shown on the status page.")
-    join_token: str = opt("", "Token the organiser gave you, if the run requires one.")
-    initial_peers: str = opt("", "Space-separated DHT multiaddrs to bootstrap from (default: those the coordinator gives).")
+    join_token: str = opt("", "Token the organiser gave you, if the run requires one.", secret=True)
+    initial_peers: tuple[str, ...] = opt((), "DHT multiaddrs to bootstrap from (default: those the coordinator gives).")
     host: str = opt("0.0.0.0", "Address this peer's P2P node listens on.")
     announce_host: str = opt("", "Public address other peers reach this peer at (behind NAT: leave empty).")
     p2p_port: int = opt(0, "TCP port of this peer's P2P node (0: any free port).")
@@ -235,19 +285,24 @@ class PeerConfig:
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
     threads: int = opt(0, "CPU threads for torch (0: torch's default).")
     activation_cache_mb: int = opt(1024, "AQ-SGD: memory for cached activations (MiB) before they spill to disk.")
-    cache_dir: str = opt("", "AQ-SGD: directory for spilled activations (default: a temporary directory).")
+    cache_dir: str = opt("", "AQ-SGD: directory for spilled activations (default: DIR/activation-cache under --state-dir, else a temporary directory).")
+    state_dir: str = opt("", "Directory this peer keeps between runs: its P2P identity (a stable peer id) and its caches (default: none).")
     serve_after_run: bool = opt(False, "When the run ends, keep serving forward-only (inference) requests until Ctrl-C.")
-    quiet: bool = opt(False, "Log warnings and errors only.")
-    log_format: str = opt("text", "Log format: text or json.")
 
     def __post_init__(self) -> None:
-        if self.log_format not in ("text", "json"):
-            raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}")
-        if ":" not in self.coordinator:
-            raise ConfigError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
+        check_literal("--log-format", self.log_format, PeerConfig, "log_format")
+        split_host_port("--coordinator", self.coordinator)
+        for flag, port in (("--p2p-port", self.p2p_port), ("--metrics-port", self.metrics_port)):
+            check_port(flag, port)
+
+    @property
+    def coordinator_host(self) -> str:
+        """The host part of --coordinator: where this peer reached the coordinator."""
+        return split_host_port("--coordinator", self.coordinator)[0]
 
 
 C = TypeVar("C")
+ENV_PREFIX = "HOMETRAIN_"
 
 
 def _base_type(tp: Any) -> Any:
@@ -257,37 +312,137 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _choices(cls: type, name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` field, else None."""
+    tp = _base_type(typing.get_type_hints(cls)[name])
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def check_literal(flag: str, value: Any, cls: type, name: str) -> None:
+    choices = _choices(cls, name)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _is_str_tuple(tp: Any) -> bool:
+    return typing.get_origin(tp) is tuple and typing.get_args(tp) == (str, ...)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _RefuseSecretOnCommandLine(argparse.Action):
+    """``--join-token X`` would show the secret to every user of the machine in ``ps``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name = self.dest
+        parser.error(f"{option_string} on the command line is visible to every user of this machine (ps): put it in a file "
+                     f"and pass {_flag(name)}-file FILE, or set {ENV_PREFIX}{name.upper()}")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one --flag per scalar field (bool, int, float, str) of dataclass ``cls``; unset flags are
-    absent from the namespace. Other fields (such as ``CoordinatorConfig.sources``, a list of
-    tables) have no flag: they come from the TOML file only."""
+    """Add one --flag per field of dataclass ``cls`` that a command line can carry (bool, int, float,
+    str, a Literal of choices, a list of str); unset flags are absent from the namespace. A secret
+    field gets ``--<name>-file`` instead. Other fields (such as ``CoordinatorConfig.sources``, a
+    list of tables) have no flag: they come from the TOML file only."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
-        if tp not in (bool, int, float, str):
+        flag = _flag(f.name)
+        if f.metadata.get("secret"):
+            parser.add_argument(f"{flag}-file", dest=f"{f.name}_file", default=argparse.SUPPRESS, metavar="FILE",
+                                help=f"{f.metadata.get('help', '')} Read from FILE (or set {ENV_PREFIX}{f.name.upper()}).")
+            parser.add_argument(flag, dest=f.name, action=_RefuseSecretOnCommandLine, help=argparse.SUPPRESS)
             continue
-        flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        choices = _choices(cls, f.name)
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
+        elif choices is not None:
+            parser.add_argument(flag, dest=f.name, choices=choices, default=argparse.SUPPRESS, help=help_text)
+        elif _is_str_tuple(tp):
+            parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper().rstrip("S"))
+        elif tp in (int, float, str):
             parser.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
 
 
-def load(cls: type[C], args: argparse.Namespace, config_path: str | None = None) -> C:
-    """Defaults, overridden by the TOML file (if any), overridden by flags given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
+def _coerce(where: str, key: str, value: Any, tp: Any, choices: tuple[Any, ...] | None) -> Any:
+    """A TOML value as the field's type, or ConfigError saying what was expected."""
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key} = {value!r} should be {expected}")
+
+    if choices is not None:
+        if value not in choices:
+            raise wrong("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("a whole number")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise wrong("a string (in quotes)")
+    elif _is_str_tuple(tp):
+        if isinstance(value, str):  # a space-separated string, as older files wrote it
+            return tuple(value.split())
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return tuple(value)
+    elif typing.get_origin(tp) is tuple:
+        if not isinstance(value, list):
+            raise wrong("a list of tables ([[...]])")
+        return tuple(value)
+    return value
+
+
+def _read_secret(flag: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def load(cls: type[C], args: argparse.Namespace, config_path: str | None = None, environ: Mapping[str, str] | None = None) -> C:
+    """Defaults, overridden by the TOML file (if any), overridden by flags given on the command line.
+
+    Secret fields come from their ``--<name>-file`` flag, else ``HOMETRAIN_<NAME>``, else the TOML file."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if config_path:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"--config {config_path}: no such file")
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {config_path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"--config {config_path}: cannot read it ({exc.strerror or exc})") from None
         for key, value in data.items():
             name = key.replace("-", "_")
-            if name not in names:
-                raise ConfigError(f"{config_path}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
-            values[name] = value
-    values.update({k: v for k, v in vars(args).items() if k in names})
+            if name not in fields:
+                raise ConfigError(f"{config_path}: unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+            values[name] = _coerce(config_path, key, value, _base_type(hints[name]), _choices(cls, name))
+    values.update({k: v for k, v in vars(args).items() if k in fields and not fields[k].metadata.get("secret")})
+    for name, f in fields.items():
+        if not f.metadata.get("secret"):
+            continue
+        given = getattr(args, f"{name}_file", None)
+        env = environ.get(f"{ENV_PREFIX}{name.upper()}")
+        if given:
+            values[name] = _read_secret(f"{_flag(name)}-file", given)
+        elif env:
+            values[name] = env.strip()
+    if isinstance(values.get("initial_peers"), list):
+        values["initial_peers"] = tuple(values["initial_peers"])
     return cls(**values)

@@ -62,3 +62,52 @@ def test_public_host_never_assumes_loopback_when_announced():
     assert CoordinatorConfig(host="0.0.0.0").public_host == "127.0.0.1"
     assert CoordinatorConfig(host="0.0.0.0", announce_host="203.0.113.7").public_host == "203.0.113.7"
     assert CoordinatorConfig(host="10.1.2.3").public_host == "10.1.2.3"
+
+
+def test_secrets_come_from_a_file_or_the_environment_never_the_command_line(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, PeerConfig)
+    assert load(PeerConfig, parser.parse_args(["--join-token-file", str(secret)]), environ={}).join_token == "from-file"
+    assert load(PeerConfig, parser.parse_args([]), environ={"HOMETRAIN_JOIN_TOKEN": "from-env"}).join_token == "from-env"
+    assert load(PeerConfig, parser.parse_args(["--join-token-file", str(secret)]), environ={"HOMETRAIN_JOIN_TOKEN": "e"}).join_token == "from-file"
+    toml = tmp_path / "peer.toml"
+    toml.write_text('join-token = "from-toml"\n')
+    assert load(PeerConfig, parser.parse_args([]), str(toml), environ={}).join_token == "from-toml"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--join-token", "visible-in-ps"])
+    with pytest.raises(ConfigError, match="--join-token-file .*cannot read it"):
+        load(PeerConfig, parser.parse_args(["--join-token-file", str(tmp_path / "missing")]), environ={})
+
+
+def test_toml_values_are_checked_against_their_types(tmp_path):
+    toml = tmp_path / "run.toml"
+    for text, message in (('stages = "two"', "should be a whole number"), ("lr = true", "should be a number"),
+                          ("linger = 1", "should be true or false"), ('model = "gptj-7b"', "should be one of 'tiny'"),
+                          ("stages = \n", "is not valid TOML")):
+        toml.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=message):
+            parse(CoordinatorConfig, [], str(toml))
+    toml.write_text("lr = 1\n")  # an integer is a fine float
+    assert parse(CoordinatorConfig, [], str(toml)).lr == 1.0
+
+
+def test_initial_peers_is_a_list_on_the_command_line_and_in_toml(tmp_path):
+    cfg = parse(PeerConfig, ["--initial-peers", "/ip4/10.0.0.1/tcp/1/p2p/A", "/ip4/10.0.0.2/tcp/1/p2p/B"])
+    assert cfg.initial_peers == ("/ip4/10.0.0.1/tcp/1/p2p/A", "/ip4/10.0.0.2/tcp/1/p2p/B")
+    toml = tmp_path / "peer.toml"
+    toml.write_text('initial-peers = "/ip4/10.0.0.1/tcp/1/p2p/A /ip4/10.0.0.2/tcp/1/p2p/B"\n')  # as older files wrote it
+    assert parse(PeerConfig, [], str(toml)).initial_peers == cfg.initial_peers
+    toml.write_text('initial-peers = ["/ip4/10.0.0.1/tcp/1/p2p/A", "/ip4/10.0.0.2/tcp/1/p2p/B"]\n')
+    assert parse(PeerConfig, [], str(toml)).initial_peers == cfg.initial_peers
+
+
+def test_coordinator_address_and_ports_are_checked():
+    assert PeerConfig(coordinator="coord.example.org:50051").coordinator_host == "coord.example.org"
+    assert PeerConfig(coordinator="[2001:db8::1]:50051").coordinator_host == "2001:db8::1"
+    for bad, message in (("coord:abc", "'abc' is not a number"), ("coord:0", "from 1 to 65535"), (":50051", "HOST:PORT")):
+        with pytest.raises(ConfigError, match=message):
+            PeerConfig(coordinator=bad)
+    with pytest.raises(ConfigError, match="--http-port must be a TCP port"):
+        CoordinatorConfig(http_port=65536)

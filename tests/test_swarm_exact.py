@@ -31,9 +31,11 @@ DATA_ARGS = ("--ul2-tokens", "0", "--instruction-share", "0")
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     state = tmp_path_factory.mktemp("exact")
-    s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token", "secret", *DATA_ARGS)
-    s.add_peer("--stage", "0", "--join-token", "secret", "--serve-after-run")
-    s.add_peer("--stage", "1", "--join-token", "secret", "--serve-after-run")
+    token = state / "join-token"  # secrets come from a file or the environment, never from a command line
+    token.write_text("secret\n")
+    s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token-file", str(token), *DATA_ARGS)
+    s.add_peer("--stage", "0", "--serve-after-run", env={"HOMETRAIN_JOIN_TOKEN": "secret"})
+    s.add_peer("--stage", "1", "--join-token-file", str(token), "--serve-after-run")
     try:
         s.wait_for(lambda: any(c["round"] == ROUNDS for c in s.status()["checkpoints"]), 300, f"the checkpoint of round {ROUNDS}")
         yield s
