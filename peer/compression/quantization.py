@@ -207,3 +207,14 @@ def dequantize(q: Quantized) -> torch.Tensor:
     grid = unpack_codes(q.codes, q.bits, n).float() * 2 - levels  # exact odd integers
     per_value = q.scales.repeat_interleave(q.block)[:n]
     return (grid * per_value).to(q.dtype).reshape(q.shape)
+
+
+def encode_direct(x: torch.Tensor, config: QuantConfig, prefix: str, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """``x`` quantized in one pass, as named frame tensors ``{prefix}codes``, ``{prefix}scales``, ``{prefix}meta``."""
+    return quantize(x, config, generator).to_tensors(prefix)
+
+
+def decode_direct(tensors: dict[str, torch.Tensor], prefix: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse of ``encode_direct``; ValueError for anything missing or inconsistent."""
+    q = Quantized.from_tensors(tensors, prefix)
+    return dequantize(q.to(device) if device is not None else q)

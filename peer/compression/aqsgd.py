@@ -16,18 +16,18 @@ Protocol, one ``AQSGDSender`` per destination peer and one ``AQSGDReceiver`` per
    entry past its disk bound) it raises ``MissingEntries`` before changing anything.
 3. After the receiver's reply, ``sender.commit(pending)`` stores the same version b + 1. If the
    reply was lost, ``sender.abort(pending)`` and a retry encodes against b again, which the
-   receiver still holds; its decode replaces the earlier b + 1. On ``MissingEntries``,
-   ``sender.recover`` forgets those samples and re-encodes them directly. A new route means a
-   new sender/receiver pair with empty caches, hence direct sends. A sample has at most one
-   frame in flight to a given peer.
+   receiver still holds; its decode replaces the earlier b + 1. On ``MissingEntries`` the
+   sender aborts, ``forget``s those samples and encodes again: they go directly. A new route
+   means a new sender/receiver pair with empty caches, hence direct sends. A sample has at
+   most one frame in flight to a given peer.
 
 Both sides compute m_b + dequantize(q) from the same codes, in the activation's dtype, so
 their caches stay bit-identical. Entries are kept in the activation's dtype (fp16/bf16 for
 GPT-J boundaries): the same arithmetic on both sides, and half the memory of fp32. The cache
 keeps entries in memory up to a byte bound, spills least-recently-used ones to safetensors
 files, reloads them on access, and past an optional disk bound drops them (a later delta for
-that sample then falls back to a direct send). ``encode_direct``/``decode_direct`` quantize
-without any cache, in one pass.
+that sample then falls back to a direct send). Its memory bound can be lowered while it runs
+(``set_memory_limit``): a peer shares one budget among the caches of all its neighbours.
 """
 
 from __future__ import annotations
@@ -108,12 +108,24 @@ class ActivationCache:
             self._dir = Path(tempfile.mkdtemp(prefix="activations-", dir=self.config.spill_dir))
         self._names = itertools.count()
         self._stats = CacheStats()
+        self._memory_limit = self.config.max_memory_bytes
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._memory or key in self._disk
 
     def __len__(self) -> int:
         return len(self._memory) + len(self._disk)
+
+    @property
+    def memory_limit(self) -> int:
+        return self._memory_limit
+
+    def set_memory_limit(self, nbytes: int) -> None:
+        """Keep at most ``nbytes`` in memory from now on, spilling (or dropping) what exceeds it now."""
+        if nbytes < 0:
+            raise ValueError(f"memory limit must be >= 0 bytes, got {nbytes}")
+        self._memory_limit = nbytes
+        self._evict()
 
     def stats(self) -> CacheStats:
         return CacheStats(**{**self._stats.__dict__, "entries": len(self)})
@@ -159,7 +171,7 @@ class ActivationCache:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def _evict(self) -> None:
-        while self._stats.memory_bytes > self.config.max_memory_bytes and self._memory:
+        while self._stats.memory_bytes > self._memory_limit and self._memory:
             key, entry = self._memory.popitem(last=False)
             nbytes = _nbytes(entry.tensor)
             self._stats.memory_bytes -= nbytes
@@ -208,17 +220,6 @@ def _check_ids(sample_ids: list[int], batch: int) -> None:
         raise ValueError(f"need {batch} distinct sample ids for a batch of {batch}, got {list(sample_ids)}")
 
 
-def encode_direct(activations: torch.Tensor, config: QuantConfig, prefix: str = PREFIX,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Plain quantization, no cache: one pass over the data."""
-    return quantize(activations, config, generator).to_tensors(prefix)
-
-
-def decode_direct(tensors: dict[str, torch.Tensor], prefix: str = PREFIX, device: torch.device | str | None = None) -> torch.Tensor:
-    q = Quantized.from_tensors(tensors, prefix)
-    return dequantize(q.to(device) if device is not None else q)
-
-
 class AQSGDSender:
     """Encodes activations for one destination peer; commits its cache only once acknowledged."""
 
@@ -260,13 +261,6 @@ class AQSGDSender:
     def forget(self, sample_ids: list[int]) -> None:
         for sid in sample_ids:
             self.cache.discard(sid)
-
-    def recover(self, error: MissingEntries, pending: Pending, sample_ids: list[int], activations: torch.Tensor,
-                config: QuantConfig, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], Pending]:
-        """After the receiver raised ``error``: drop what it lacks and encode again (those go direct)."""
-        self.abort(pending)
-        self.forget(error.sample_ids)
-        return self.encode(sample_ids, activations, config, generator)
 
 
 class AQSGDReceiver:

@@ -2,7 +2,7 @@
 
 Activations forward are sent plain, directly quantized, or AQ-SGD-compressed (the quantized
 change since the sample's last visit, against caches both ends keep in step: see
-``peer.activation_cache``). AQ-SGD keeps one sender per destination peer and one receiver
+``peer.compression.aqsgd``). AQ-SGD keeps one sender per destination peer and one receiver
 per source peer, since each pair of peers shares its own cache; a sample's first
 visit goes at ``activation_first_bits`` (its rows travel as a separate quantized block) so
 the caches start close to the truth, while revisits go at ``activation_bits``. Activation
@@ -10,6 +10,11 @@ gradients backward are sent plain or directly quantized (2, 4 or 8 bits), with
 ``boundary_block`` values per scale. When activations are compressed, what travels beside
 them is packed losslessly too: token ids in the narrowest integer type their values fit, a
 0/1 loss mask as bits (at fp32 and int64 they would cost a quarter of a 2-bit frame).
+
+``decode_forward`` is where a FORWARD frame enters a stage: it decodes the activations and the
+extras and checks them against the stage (shapes, dtypes, vocabulary, finiteness) once; the
+pipeline gets tensors it can trust or a ``FrameError`` saying what was wrong. The caches of all
+neighbours share one memory budget (``cache_bytes``), split evenly among them as they appear.
 """
 
 from __future__ import annotations
@@ -19,28 +24,21 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from transformers import GPTJConfig
 
+from proto import codec
 from proto.codec import FrameError
 from proto.run_config import TrainConfig
 
-from .activation_cache import (
-    PREFIX,
-    ActivationCache,
-    AQSGDReceiver,
-    AQSGDSender,
-    CacheConfig,
-    MissingEntries,
-    Pending,
-    decode_direct,
-    encode_direct,
-)
-from .quantization import QuantConfig, pack_codes, unpack_codes
+from .aqsgd import PREFIX, ActivationCache, AQSGDReceiver, AQSGDSender, CacheConfig, MissingEntries, Pending
+from .quantization import QuantConfig, decode_direct, encode_direct, pack_codes, unpack_codes
 
 GRAD_PREFIX = "gq."
 FIRST_PREFIX = "aqf."  # AQ-SGD rows on their first visit, at --activation-first-bits
 FIRST_ROWS = FIRST_PREFIX + "rows"
 MASK_BITS = "loss_mask.bits"
 NARROW_INTS = ("target_ids", "prefix_lengths")  # int64 fields a frame may carry narrower
+EXTRAS = ("target_ids", "loss_mask", "prefix_lengths")  # what travels beside the activations
 __all__ = ["BoundaryCodec", "MissingEntries", "Outgoing"]
 
 
@@ -65,11 +63,22 @@ class BoundaryCodec:
         # Per peer, a pair sharing one cache: revisits ("aq.") and first visits ("aqf."), each at its own bits.
         self._senders: dict[str, tuple[AQSGDSender, AQSGDSender]] = {}
         self._receivers: dict[str, tuple[AQSGDReceiver, AQSGDReceiver]] = {}
+        self._caches: list[ActivationCache] = []
 
     def _cache(self, role: str, peer: str) -> ActivationCache:
-        # Each pair of peers shares a cache; the memory bound is split evenly among them as they appear.
+        """A new cache for one neighbour; every cache's share of the budget shrinks to make room for it."""
         spill = self.cache_dir / f"{role}-{peer[-12:]}" if self.cache_dir else None
-        return ActivationCache(CacheConfig(max_memory_bytes=self.cache_bytes // 4, spill_dir=spill))
+        cache = ActivationCache(CacheConfig(max_memory_bytes=self.cache_bytes, spill_dir=spill))
+        self._caches.append(cache)
+        share = self.cache_bytes // len(self._caches)
+        for each in self._caches:
+            each.set_memory_limit(share)
+        return cache
+
+    @property
+    def cache_memory_bytes(self) -> int:
+        """Bytes all AQ-SGD caches hold in memory now (never more than ``cache_bytes``)."""
+        return sum(cache.stats().memory_bytes for cache in self._caches)
 
     # ------------------------------------------------------------ activations
 
@@ -81,7 +90,7 @@ class BoundaryCodec:
         bits = self._quant(self.train.activation_bits)
         extras = pack_extras(out.extras)
         if mode == "direct":
-            return {**encode_direct(out.hidden, bits), **extras}
+            return {**encode_direct(out.hidden, bits, PREFIX), **extras}
         if dest not in self._senders:
             cache = self._cache("to", dest)
             self._senders[dest] = (AQSGDSender(cache, PREFIX), AQSGDSender(cache, FIRST_PREFIX))
@@ -125,7 +134,7 @@ class BoundaryCodec:
         try:
             if PREFIX + "base" in tensors or FIRST_PREFIX + "base" in tensors:
                 return self._decode_aqsgd(source, list(sample_ids), dict(tensors))
-            return decode_direct(dict(tensors))
+            return decode_direct(dict(tensors), PREFIX)
         except MissingEntries:
             raise
         except (ValueError, KeyError) as exc:
@@ -157,12 +166,33 @@ class BoundaryCodec:
             hidden[rows] = values
         return hidden
 
+    def decode_forward(self, source: str, header, tensors: Mapping[str, torch.Tensor], config: GPTJConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A FORWARD frame's activations and extras, checked against a stage of ``config``; FrameError if wrong.
+
+        Raises MissingEntries when AQ-SGD deltas refer to entries this peer does not hold."""
+        hidden = self.decode_activations(source, list(header.sample_ids), tensors)
+        extras = unpack_extras({k: v for k, v in tensors.items() if k in EXTRAS or k == MASK_BITS})
+        if hidden.dim() != 3 or not hidden.is_floating_point():
+            raise FrameError("FORWARD frame needs float activations of shape [batch, seq, d_model]")
+        batch, seq_len, width = hidden.shape
+        if width != config.n_embd or seq_len > config.n_positions or batch > 4096 or batch != len(header.sample_ids):
+            raise FrameError(f"activations have shape {list(hidden.shape)} for {len(header.sample_ids)} samples; this stage takes "
+                             f"[samples, <= {config.n_positions}, {config.n_embd}]")
+        codec.require_shape("target_ids", extras.get("target_ids", torch.empty(0)), (batch, seq_len), torch.int64)
+        codec.require_shape("loss_mask", extras.get("loss_mask", torch.empty(0)), (batch, seq_len), torch.float32)
+        codec.require_shape("prefix_lengths", extras.get("prefix_lengths", torch.empty(0)), (batch,), torch.int64)
+        targets = extras["target_ids"]
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= config.vocab_size):
+            raise FrameError(f"target ids outside the vocabulary [0, {config.vocab_size})")
+        codec.require_finite({"activations": hidden, **extras})
+        return hidden, extras
+
     # ------------------------------------------------------------ gradients
 
     def encode_gradient(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.train.gradient_bits:
             return {"grad": grad}
-        return encode_direct(grad, self._quant(self.train.gradient_bits), prefix=GRAD_PREFIX)
+        return encode_direct(grad, self._quant(self.train.gradient_bits), GRAD_PREFIX)
 
     def decode_gradient(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         if "grad" in tensors:
@@ -170,7 +200,7 @@ class BoundaryCodec:
         if not any(k.startswith(GRAD_PREFIX) for k in tensors):
             return None
         try:
-            return decode_direct(dict(tensors), prefix=GRAD_PREFIX)
+            return decode_direct(dict(tensors), GRAD_PREFIX)
         except (ValueError, KeyError) as exc:
             raise FrameError(f"undecodable gradient: {exc}") from None
 
