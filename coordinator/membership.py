@@ -37,6 +37,8 @@ class PeerRecord:
     adopt_round: int = 0         # nonzero: the peer is told to continue as of this round
     microbatches_done: int = 0
     microbatches_failed: int = 0  # its own stage's work raised on these
+    last_heartbeat: float = 0.0   # when its last Heartbeat RPC arrived (0: none yet)
+    heartbeat_gap_max: float = 0.0  # the longest time between two of its heartbeats: a peer whose loop stalls shows it
     bytes_sent: dict[str, int] = field(default_factory=dict)
     bytes_received: dict[str, int] = field(default_factory=dict)
     uncompressed_sent: dict[str, int] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class PeerRecord:
             "link_bytes_per_second": self.bandwidth,
             "microbatches": self.microbatches_done,
             "microbatches_failed": self.microbatches_failed,
+            "heartbeat_gap_max": self.heartbeat_gap_max,
             "bytes_sent": dict(self.bytes_sent),
             "bytes_received": dict(self.bytes_received),
         }
@@ -127,6 +130,12 @@ class Membership:
         record.bytes_received = dict(stats.bytes_received)
         record.uncompressed_sent = dict(stats.uncompressed_bytes_sent)
         record.uncompressed_received = dict(stats.uncompressed_bytes_received)
+
+    def heard(self, record: PeerRecord, now: float) -> None:
+        """A heartbeat arrived: note the gap since the last one."""
+        if record.last_heartbeat:
+            record.heartbeat_gap_max = max(record.heartbeat_gap_max, now - record.last_heartbeat)
+        record.last_heartbeat = now
 
     def require_reload(self, record: PeerRecord) -> None:
         """The peer's weights are wrong: it goes back to JOINING until it has loaded them again."""

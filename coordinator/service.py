@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 import grpc
 
@@ -86,6 +87,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         record = self.membership.get(request.peer_id)
         if record is None:
             return pb.HeartbeatReply(known=False)
+        self.membership.heard(record, time.monotonic())
         self.membership.update_stats(record, request.stats, request.dht_peer_id, request.maddrs)
         reply = pb.HeartbeatReply(known=True)
         self._count(request, reply)

@@ -15,6 +15,7 @@ import grpc
 
 from proto import GRPC_MAX_MESSAGE_BYTES
 from proto import hometrain_pb2 as pb
+from proto.codec import WireKind
 from proto import hometrain_pb2_grpc as pb_grpc
 
 from .transport import WireCounters
@@ -75,8 +76,8 @@ class ControlClient:
         while True:
             try:
                 reply = await unless_stopped(method(request, timeout=timeout), self.stop)
-                self.counters.count_sent("control", request.ByteSize(), request.ByteSize())
-                self.counters.count_received("control", reply.ByteSize(), reply.ByteSize())
+                self.counters.count_sent(WireKind.CONTROL, request.ByteSize(), request.ByteSize())
+                self.counters.count_received(WireKind.CONTROL, reply.ByteSize(), reply.ByteSize())
                 return reply
             except grpc.aio.AioRpcError as exc:
                 left = give_up - time.monotonic()
@@ -116,5 +117,5 @@ class ControlClient:
 
     async def upload_checkpoint(self, chunks: AsyncIterator[pb.CheckpointChunk], nbytes: int) -> pb.UploadReply:
         reply = await self.stub.UploadCheckpoint(chunks, timeout=600)
-        self.counters.count_sent("state", nbytes, nbytes)
+        self.counters.count_sent(WireKind.STATE, nbytes, nbytes)
         return reply

@@ -1,60 +1,52 @@
-"""The volunteer's process: join, load the stage, announce it, train rounds, leave cleanly.
+"""The volunteer's process, its lifecycle only: join, start, announce, heartbeat, dispatch rounds, leave.
 
-Everything runs on one asyncio loop (gRPC client, hivemind P2P handlers, heartbeats); torch
-work runs on the stage's single compute thread so the loop stays responsive.
+What a round asks of the peer lives elsewhere: feeding and running microbatches in
+``peer.pipeline``, syncing with the stage's replicas and stepping in ``peer.replica_sync``,
+loading, handing off and uploading weights in ``peer.weights``. Everything runs on one asyncio
+loop (gRPC client, hivemind P2P handlers, heartbeats); torch work runs on the stage's compute
+thread, so the loop stays responsive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
-import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import hivemind
-from hivemind.p2p import PeerID
-from safetensors.torch import save as save_safetensors
-from tqdm import tqdm
 from transformers import GPTJConfig
 
 from proto import PROTOCOL_VERSION, codec
 from proto import hometrain_pb2 as pb
 from proto.addresses import reachable_maddrs, reachable_url
-from proto.manifest import ManifestError, sha256_bytes
+from proto.manifest import ManifestError
 from proto.run_config import PeerConfig, TrainConfig
-from proto.schedule import resyncs, skips_sync, sync_seed
 
+from .compression.boundary import BoundaryCodec
 from .control_client import ControlClient, Stopped, unless_stopped
-from .boundary_codec import BoundaryCodec
 from .device import DeviceInfo
+from .directory import StageDirectory, StageRecord
 from .failures import FailureLog, StageFailed, describe
-from .metrics import PeerMetrics
-from .pipeline import Pipeline, Router, StageDirectory
-from .replica_sync import ReplicaSync, SyncError
-from .sync_compression import ErrorFeedbackCompressor, SyncCompressionConfig
+from .metrics import PeerMetrics, PeerSnapshot, status_line
+from .pipeline import Pipeline
+from .replica_sync import StageSync, SyncExchange
+from .routing import Router
 from .stage_runtime import StageRuntime
 from .transport import FrameTransport, WireCounters
-from .weights import fetch_checkpoint_tensors
+from .weights import CannotStart, StageWeights, state_sources
 
 log = logging.getLogger(__name__)
 
-STATE_HANDLER = "hometrain.state"
 ANNOUNCE_EVERY = 10.0
 STATUS_EVERY = 10.0
-UPLOAD_CHUNK = 1 << 20
-REPLICA_PASSES = 3          # passes over the stage's replicas for their state before falling back to the checkpoint
-REPLICA_RETRY_SECONDS = 2.0
-DOWNLOAD_BACKOFF_MAX = 30.0
 DROP_LOG_EVERY = 10.0       # seconds between warnings about dropped microbatches (the first is said at once)
-
-
-class CannotStart(RuntimeError):
-    """This peer cannot take part (no weights to load, a port in use); the message says what to do."""
 
 
 class PeerNode:
@@ -65,25 +57,40 @@ class PeerNode:
         self.device = device
         self.counters = WireCounters()
         self.stopping = asyncio.Event()
+        self.client = ControlClient(config.coordinator, self.counters, self.stopping)
+        self.coordinator_host = config.coordinator_host  # where announced loopback addresses really are
         self.tasks: set[asyncio.Task] = set()
         self.rounds_seen: dict[str, set] = {"feed": set(), "sync": set(), "upload": set()}
-        self.current_round = 0
-        self.stage_peers: list[pb.StagePeer] = []  # other online replicas of this stage, from the last round state
-        self.throughput = 0.0  # samples per compute-second of this peer's stage (kept across stage moves)
-        self.compressor: ErrorFeedbackCompressor | None = None  # cocktail sync: this replica's error feedback
         self._rejoin_lock = asyncio.Lock()
-        self.coordinator_host = config.coordinator_host  # where announced loopback addresses really are
-        self.client = ControlClient(config.coordinator, self.counters, self.stopping)
-        self.drops = 0                   # microbatches this stage-0 peer fed that were dropped
-        self._drops_logged = (0.0, 0)    # (when, drops) of the last warning about them
-        # Started by run() as it gets to them; _leave() stops those that exist.
+        # The run, as the coordinator describes it (set at Join, updated by round states).
+        self.peer_id = ""
+        self.run_id = ""
+        self.stage = 0
+        self.train: TrainConfig | None = None
+        self.heartbeat_interval = 2.0
+        self.checkpoint: tuple[str, int] = ("", 0)         # latest published (url, round)
+        self.current_round = 0
+        self.stage_peers: list[pb.StagePeer] = []          # other online replicas of this stage, from the last round state
+        self.throughput = 0.0                              # samples per compute-second of this peer's stage (kept across moves)
+        self.drops = 0                                     # microbatches this stage-0 peer fed that were dropped
+        self._drops_logged = (0.0, 0)                      # (when, drops) of the last warning about them
+        # Started by _start() as it gets to them; _leave() stops those that exist.
         self.dht: hivemind.DHT | None = None
-        self.runtime: StageRuntime | None = None
-        self.boundary: BoundaryCodec | None = None
-        self.metrics: PeerMetrics | None = None
+        self.dht_id = ""
+        self.maddrs: list[str] = []
+        self.transport: FrameTransport | None = None
         self.directory: StageDirectory | None = None
+        self.failures = FailureLog("")
+        self.runtime: StageRuntime | None = None
+        self.sync: StageSync | None = None
+        self.exchange: SyncExchange | None = None
+        self.boundary: BoundaryCodec | None = None
+        self.pipeline: Pipeline | None = None
+        self.weights: StageWeights | None = None
+        self.metrics: PeerMetrics | None = None
+        self._temporary_cache: str | None = None
 
-    # ------------------------------------------------------------ start
+    # ------------------------------------------------------------ start and stop
 
     async def _join(self, requested_stage: int) -> pb.JoinReply:
         request = pb.JoinRequest(
@@ -116,51 +123,52 @@ class PeerNode:
             await self._leave()
 
     async def _start(self, join: pb.JoinReply) -> None:
-        """Everything a joined peer runs: DHT node, stage runtime, data-plane handlers, metrics, its weights."""
+        """Everything a joined peer runs: DHT node, data-plane handlers, the stage, metrics, its weights."""
         self.peer_id, self.stage, self.run_id = join.peer_id, join.stage, join.run_id
-        self.public_key = join.checkpoint_public_key
-        self.checkpoint_url, self.checkpoint_round = reachable_url(join.checkpoint_url, self.coordinator_host), join.checkpoint_round
+        self.checkpoint = (reachable_url(join.checkpoint_url, self.coordinator_host), join.checkpoint_round)
         self.heartbeat_interval = join.heartbeat_interval or 2.0
         self.train = TrainConfig.from_json(join.train_config_json)
         model_config = GPTJConfig.from_dict(json.loads(join.model_config_json))
         how = "you asked for it with --stage" if self.config.stage >= 0 else "chosen by the coordinator; --stage N asks for another"
-        log.info("joined run %s as %s: stage %d of %d, blocks [%d, %d) (%s)", self.run_id, self.peer_id, self.stage, join.num_stages, join.layer_start, join.layer_end, how)
+        log.info("joined run %s as %s: stage %d of %d, blocks [%d, %d) (%s)", self.run_id, self.peer_id, self.stage, join.num_stages,
+                 join.layer_start, join.layer_end, how)
 
-        initial_peers = list(self.config.initial_peers) or reachable_maddrs(list(join.initial_peers), self.coordinator_host)
-        announce = [f"/ip4/{self.config.announce_host}/tcp/{self.config.p2p_port}"] if self.config.announce_host and self.config.p2p_port else None
         state_dir = Path(self.config.state_dir) if self.config.state_dir else None
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
+        announce = [f"/ip4/{self.config.announce_host}/tcp/{self.config.p2p_port}"] if self.config.announce_host and self.config.p2p_port else None
         self.dht = hivemind.DHT(
-            initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.p2p_port}"],
-            announce_maddrs=announce, await_ready=True,
+            initial_peers=list(self.config.initial_peers) or reachable_maddrs(list(join.initial_peers), self.coordinator_host),
+            start=True, host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.p2p_port}"], announce_maddrs=announce, await_ready=True,
             identity_path=str(state_dir / "p2p_identity.key") if state_dir is not None else None,
         )
         self.dht_id = self.dht.peer_id.to_base58()
-        self.failures = FailureLog(self.dht_id)
-        p2p = await self.dht.replicate_p2p()
-        self.runtime = StageRuntime(model_config, self.train, join.layer_start, join.layer_end, self.device.device)
-        self.transport = FrameTransport(p2p, self.counters)
-        self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
-        self.router = Router(self.directory, rng=random.Random(self.dht_id))
-        cache_dir = self.config.cache_dir or (str(state_dir / "activation-cache") if state_dir is not None
-                                              else tempfile.mkdtemp(prefix="hometrain-aqsgd-"))
+        self.failures = FailureLog(self.dht_id)
+        self.transport = FrameTransport(await self.dht.replicate_p2p(), self.counters)
+        self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
+        if not self.config.cache_dir and state_dir is None:
+            self._temporary_cache = tempfile.mkdtemp(prefix="hometrain-aqsgd-")  # removed when the peer leaves
+        cache_dir = self.config.cache_dir or (str(state_dir / "activation-cache") if state_dir is not None else self._temporary_cache)
         self.boundary = BoundaryCodec(self.train, self.config.activation_cache_mb << 20, cache_dir, self.device.device)
-        self.pipeline = Pipeline(self.runtime, self.transport, self.router, self.boundary, self.run_id, self.stage,
-                                 self.train.round_timeout, self.failures)
-        self.sync = ReplicaSync(self.transport, self.run_id, self.dht_id)
+        self.exchange = SyncExchange(self.transport, self.run_id, self.dht_id)
+        self.runtime = StageRuntime(model_config, self.train, join.layer_start, join.layer_end, self.device.device)
+        self.sync = StageSync(self.runtime, self.exchange, self.train, self.stage)
+        self.pipeline = Pipeline(self.runtime, self.transport, self.directory, Router(rng=random.Random(self.dht_id)), self.boundary,
+                                 self.run_id, self.stage, self.train.round_timeout, self.failures)
+        self.weights = StageWeights(self.transport, self.run_id, join.checkpoint_public_key, self.stopping, self.config.connect_timeout,
+                                    show_progress=not self.config.quiet)
         await self.pipeline.start()
-        await self.sync.start()
-        await self.transport.serve(STATE_HANDLER, self._serve_state, receive_kind="control", send_kind="state")
+        await self.exchange.start()
+        await self.weights.serve(lambda: (self.stage, self.runtime, self.sync))
         if self.config.metrics_port:
-            self.metrics = PeerMetrics(self)
+            self.metrics = PeerMetrics(self.snapshot)
             try:
                 self.metrics.start(self.config.metrics_port)
             except OSError as exc:
                 self.metrics = None
                 raise CannotStart(f"cannot serve metrics on port {self.config.metrics_port} (--metrics-port): {exc.strerror or exc}; "
-                                         "pick a free port or 0 to turn metrics off") from None
+                                  "pick a free port, or 0 to turn metrics off") from None
         await self._load_weights()
 
     async def _train(self) -> int:
@@ -184,6 +192,32 @@ class PeerNode:
         stop.cancel()
         return exit_code
 
+    async def _leave(self) -> None:
+        """Withdraw from the DHT and tell the coordinator; bounded so Ctrl-C returns within seconds."""
+        for task in list(self.tasks):
+            task.cancel()
+        if self.directory is not None:
+            try:
+                await asyncio.wait_for(self.directory.withdraw(self.stage, self.dht_id), 2.0)
+            except Exception as exc:
+                log.debug("withdraw failed: %s", exc)
+        try:
+            await self.client.leave(pb.LeaveRequest(peer_id=self.peer_id), timeout=2.0)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("leave failed: %s", exc)
+        if self.metrics is not None:
+            self.metrics.stop()
+        await self.client.close()
+        if self.dht is not None:
+            self.dht.shutdown()
+        if self.runtime is not None:
+            self.runtime.executor.shutdown(wait=False, cancel_futures=True)
+        if self.boundary is not None:
+            self.boundary.close()
+        if self._temporary_cache is not None:
+            shutil.rmtree(self._temporary_cache, ignore_errors=True)
+        log.info("left the run")
+
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
@@ -194,102 +228,20 @@ class PeerNode:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed: %r", task.exception(), exc_info=task.exception())
 
-    # ------------------------------------------------------------ weights
+    # ------------------------------------------------------------ the stage's weights
 
     async def _load_weights(self) -> None:
-        """Current weights from a live replica of the stage, else from the latest checkpoint."""
-        self.compressor = None  # error feedback belongs to the weights it was computed on
-        # Refuse new microbatches and let those in flight finish: their backward needs the old weights.
-        self.runtime.next_round = 0
-        deadline = time.monotonic() + self.train.sync_timeout
-        while self.runtime.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        # A replica may be busy loading too, or just gone with its record not yet expired: a few passes
-        # before the checkpoint, since weights older than the stage's send this peer straight back here.
-        for attempt in range(REPLICA_PASSES):
-            others = await self._state_sources()
-            if not others:
-                break
-            for replica in others:
-                try:
-                    header, tensors = await self.transport.call(
-                        PeerID.from_base58(replica), STATE_HANDLER,
-                        pb.FrameHeader(kind=pb.STATE_REQUEST, run_id=self.run_id, stage=self.stage), {},
-                        "control", "state", timeout=300,
-                    )
-                    if header.round <= self.checkpoint_round:
-                        log.info("replica %s holds round %d, older than the checkpoint of round %d; trying the next source",
-                                 replica[-8:], header.round - 1, self.checkpoint_round)
-                        continue
-                    extras = json.loads(header.json or "{}")
-                    await self.runtime.run(self.runtime.import_state, tensors, extras, header.round)
-                    got = await self.runtime.run(self.runtime.checksum)
-                    if got != extras.get("checksum"):
-                        self.runtime.next_round = 0  # not usable: the next source (or the checkpoint) replaces it
-                        raise codec.FrameError(f"state checksum {got[:12]} does not match the {str(extras.get('checksum'))[:12]} the replica sent")
-                    log.info("loaded stage %d weights and optimizer state of round %d from replica %s", self.stage, header.round - 1, replica[-8:])
-                    return
-                except Exception as exc:
-                    log.warning("replica %s could not give its state (%s); trying the next source", replica[-8:], exc)
-            if attempt + 1 < REPLICA_PASSES:
-                await asyncio.sleep(REPLICA_RETRY_SECONDS)
-        names = set(self.runtime.weights())
-        bars: dict[str, tqdm] = {}
+        """Current weights from a live replica of the stage, else from the latest checkpoint (``peer.weights``)."""
 
-        def progress(shard: str, got: int, total: int) -> None:
-            bar = bars.get(shard)
-            if bar is None:
-                bar = bars[shard] = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"stage {self.stage} weights {shard}",
-                                         disable=self.config.quiet or not sys.stderr.isatty(), leave=False)
-            bar.update(got - bar.n)
-
-        tensors, round = await self._download(names, progress, bars)
-        await self.runtime.run(self.runtime.import_state, tensors, None, round + 1)
-        log.info("loaded stage %d weights from the checkpoint of round %d (%s)", self.stage, round, self.checkpoint_url)
-
-    async def _download(self, names: set[str], progress, bars: dict) -> tuple[dict, int]:
-        """The stage's tensors from the latest checkpoint, retried with backoff until --connect-timeout."""
-        delay, give_up = 1.0, time.monotonic() + self.config.connect_timeout
-        while True:
+        async def sources() -> list[str]:
             try:
-                return await asyncio.get_running_loop().run_in_executor(
-                    None, fetch_checkpoint_tensors, self.checkpoint_url, names, self.public_key, progress)
-            except ConnectionError as exc:
-                left = give_up - time.monotonic()
-                advice = (f"no live replica of stage {self.stage} gave its state, and the checkpoint download failed ({exc}). "
-                          f"Check that this machine can reach the coordinator's HTTP port at {self.checkpoint_url} (a firewall?); "
-                          "an organiser whose machine is behind NAT or a container network starts it with --announce-host ADDRESS")
-                if left < delay:
-                    raise CannotStart(f"giving up after --connect-timeout {self.config.connect_timeout:.0f}s: {advice}") from None
-                log.warning("%s. Retrying in %.0fs (for another %.0fs, --connect-timeout; Ctrl-C stops)", advice, delay, left)
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), delay)
-                    raise Stopped()
-                except asyncio.TimeoutError:
-                    pass
-                delay = min(2 * delay, DOWNLOAD_BACKOFF_MAX)
-            finally:
-                for bar in bars.values():
-                    bar.close()
-                bars.clear()
+                found = await self.directory.replicas(self.stage, max_age=0)
+            except Exception as exc:
+                log.debug("stage directory lookup failed: %s", exc)
+                found = {}
+            return state_sources(self.stage_peers, self.dht_id, self.current_round, self.checkpoint[1], found)
 
-    async def _state_sources(self) -> list[str]:
-        """Replicas to copy the stage's state from: those the coordinator says are at the current
-        round first, then the rest it knows, then any the DHT shows (each group shuffled). Those it
-        knows to be no newer than the checkpoint are left out: their state would be refused after
-        the whole transfer."""
-        known = [p for p in self.stage_peers if p.dht_peer_id != self.dht_id]
-        current = [p.dht_peer_id for p in known if p.next_round == self.current_round]
-        behind = [p.dht_peer_id for p in known if p.next_round != self.current_round and p.next_round > self.checkpoint_round]
-        try:
-            found = [p for p in await self.directory.replicas(self.stage, max_age=0)
-                     if p != self.dht_id and p not in {k.dht_peer_id for k in known}]
-        except Exception as exc:
-            log.debug("stage directory lookup failed: %s", exc)
-            found = []
-        for group in (current, behind, found):
-            random.shuffle(group)
-        return current + behind + found
+        await self.weights.load(self.stage, self.runtime, self.sync, sources, lambda: self.checkpoint)
 
     async def _move_to(self, stage: int, layer_start: int, layer_end: int) -> None:
         """The coordinator moved this peer to another stage (one was left empty): rebuild and reload."""
@@ -303,34 +255,34 @@ class PeerNode:
             self.runtime = StageRuntime(old.model.config, self.train, layer_start, layer_end, self.device.device)
             self.runtime.loads = old.loads
             self.stage = stage
+            self.sync = StageSync(self.runtime, self.exchange, self.train, stage)
             self.pipeline.runtime, self.pipeline.stage = self.runtime, stage
         old.executor.shutdown(wait=False, cancel_futures=True)
         await self._load_weights()
         await self._heartbeat()
         await self._announce()
 
-    async def _serve_state(self, header: pb.FrameHeader, tensors: dict, sender: PeerID) -> tuple[pb.FrameHeader, dict]:
-        if header.kind != pb.STATE_REQUEST or header.run_id != self.run_id or header.stage != self.stage:
-            raise codec.FrameError(f"this peer serves stage {self.stage} of run {self.run_id}; asked for stage {header.stage} of run {header.run_id!r}")
-        if self.runtime.next_round == 0:
-            raise codec.FrameError("this peer is still loading its own weights")
-        async with self.runtime.state_lock:  # never mid-step: the copy is of one round
-            state, extras = await self.runtime.run(self.runtime.export_state)
-            extras["checksum"] = await self.runtime.run(self.runtime.checksum)  # the receiver verifies what it loaded
-            next_round = self.runtime.next_round
-        log.info("sent stage %d state of round %d to %s", self.stage, next_round - 1, sender.to_base58()[-8:])
-        return pb.FrameHeader(kind=pb.STATE, run_id=self.run_id, stage=self.stage, round=next_round, json=json.dumps(extras)), state
-
     # ------------------------------------------------------------ liveness
 
+    def snapshot(self) -> PeerSnapshot:
+        """This peer's figures now (metrics, the status line)."""
+        if self.runtime is not None:
+            self.throughput = self.runtime.throughput or self.throughput
+        return PeerSnapshot(
+            stage=self.stage, round=self.current_round, microbatches_done=self.runtime.microbatches_done if self.runtime else 0,
+            microbatches_failed=self.failures.count, throughput=self.throughput, counters=self.counters,
+            frames_rejected=self.transport.frames_rejected if self.transport else 0,
+            records_rejected=self.directory.records_rejected if self.directory else 0,
+        )
+
     def stats(self) -> pb.PeerStats:
-        self.throughput = self.runtime.throughput or self.throughput
-        c = self.counters
+        """What the coordinator learns of this peer with each heartbeat and step report."""
+        s, c = self.snapshot(), self.counters
         return pb.PeerStats(
-            microbatches_done=self.runtime.microbatches_done, bytes_sent=dict(c.sent), bytes_received=dict(c.received),
+            microbatches_done=s.microbatches_done, bytes_sent=dict(c.sent), bytes_received=dict(c.received),
             uncompressed_bytes_sent=dict(c.uncompressed_sent), uncompressed_bytes_received=dict(c.uncompressed_received),
-            next_round=self.runtime.next_round, throughput=self.throughput, loads=self.runtime.loads,
-            link_bytes_per_second=self.transport.link.bytes_per_second, microbatches_failed=self.failures.count,
+            next_round=self.runtime.next_round, throughput=s.throughput, loads=self.runtime.loads,
+            link_bytes_per_second=self.transport.link.bytes_per_second, microbatches_failed=s.microbatches_failed,
         )
 
     async def _send_heartbeat(self) -> pb.HeartbeatReply:
@@ -367,8 +319,8 @@ class PeerNode:
                 log.warning("heartbeat failed: %s", exc.details() or exc.code().name)
 
     async def _announce(self) -> None:
-        info = {"throughput": self.throughput, "next_round": self.runtime.next_round, "name": self.config.name, "maddrs": self.maddrs}
-        await self.directory.announce(self.stage, self.dht_id, info)
+        record = StageRecord(throughput=self.throughput, next_round=self.runtime.next_round, name=self.config.name[:64], maddrs=tuple(self.maddrs[:8]))
+        await self.directory.announce(self.stage, self.dht_id, record)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -379,7 +331,7 @@ class PeerNode:
                 log.warning("could not refresh the DHT record: %s", exc)
 
     async def _status_loop(self) -> None:
-        """The volunteer's live line: what this peer is doing, every few seconds."""
+        """The volunteer's live line, every few seconds."""
         last_time, last_done = time.monotonic(), self.runtime.microbatches_done
         while True:
             await asyncio.sleep(STATUS_EVERY)
@@ -390,36 +342,7 @@ class PeerNode:
                 in_stage = len(await self.directory.replicas(self.stage, max_age=STATUS_EVERY))
             except Exception:
                 in_stage = 0
-            c = self.counters
-            failed = f" | {self.failures.count} failed here" if self.failures.count else ""
-            log.info(
-                "round %d | stage %d | %.2f microbatches/s | up %s down %s | %d peer(s) in stage%s",
-                self.current_round, self.stage, rate, human_bytes(sum(c.sent.values())), human_bytes(sum(c.received.values())), in_stage, failed,
-            )
-
-    async def _leave(self) -> None:
-        """Withdraw from the DHT and tell the coordinator; bounded so Ctrl-C returns within seconds."""
-        for task in list(self.tasks):
-            task.cancel()
-        if self.directory is not None:
-            try:
-                await asyncio.wait_for(self.directory.withdraw(self.stage, self.dht_id), 2.0)
-            except Exception as exc:
-                log.debug("withdraw failed: %s", exc)
-        try:
-            await self.client.leave(pb.LeaveRequest(peer_id=self.peer_id), timeout=2.0)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("leave failed: %s", exc)
-        if self.metrics is not None:
-            self.metrics.stop()
-        await self.client.close()
-        if self.dht is not None:
-            self.dht.shutdown()
-        if self.runtime is not None:
-            self.runtime.executor.shutdown(wait=False, cancel_futures=True)
-        if self.boundary is not None:
-            self.boundary.close()
-        log.info("left the run")
+            log.info("%s", status_line(dataclasses.replace(self.snapshot(), peers_in_stage=in_stage), rate))
 
     # ------------------------------------------------------------ rounds
 
@@ -436,43 +359,55 @@ class PeerNode:
                 await self._heartbeat()  # rejoins
                 continue
             known_round, known_phase, known_attempt, known_opening = state.round, state.phase, state.sync_attempt, state.open_attempt
-            self.current_round = state.round
-            self.stage_peers = list(state.stage_peers)
-            for other in self.stage_peers:  # dialable even before (or without) the DHT showing their records
-                self.directory.remember(other.dht_peer_id, list(other.maddrs))
-            self.directory.learn(state.stage + 1, {p.dht_peer_id: {"throughput": p.throughput, "maddrs": list(p.maddrs)}
-                                                   for p in state.next_stage_peers})
-            if state.checkpoint_url:
-                self.checkpoint_url, self.checkpoint_round = reachable_url(state.checkpoint_url, self.coordinator_host), state.checkpoint_round
+            self._learn(state)
             if state.phase == pb.STOPPED:
                 log.info("the coordinator ended the run (%s)", state.message or "stopped")
                 if self.config.serve_after_run:
                     log.info("serving forward-only requests until Ctrl-C (--serve-after-run)")
                     await self.stopping.wait()
                 return
-            if state.stage != self.stage:
-                await self._move_to(state.stage, state.layer_start, state.layer_end)
-            elif state.reload_state:
-                log.warning("this replica's weights are stale; reloading them")
-                await self._load_weights()
-                await self._heartbeat()
-            elif state.adopt_round and state.adopt_round != self.runtime.next_round:
-                log.warning("no replica of stage %d is at round %d: continuing from this peer's weights", self.stage, state.adopt_round)
-                await self.runtime.run(self.runtime.restart_at, state.adopt_round)
-                await self._heartbeat()
-            r = state.round
-            if state.phase == pb.OPEN and self.stage == 0 and self.runtime.next_round == r and self._first("feed", (r, state.open_attempt)):
-                self._spawn(self._feed_round(r, state.open_attempt))
-            elif state.phase == pb.SYNC and state.in_sync_group and self.runtime.next_round == r and self._first("sync", (r, state.sync_attempt)):
-                self._spawn(self._sync_and_step(r, list(state.sync_group), state.tokens_in_round, state.sync_attempt, state.open_attempt))
-            elif state.phase == pb.PUBLISH and state.upload_checkpoint and self._first("upload", r):
-                self._spawn(self._upload(r))
+            await self._follow_directives(state)
+            self._dispatch(state)
 
-    def _first(self, kind: str, round: int | tuple[int, int]) -> bool:
+    def _learn(self, state: pb.RoundState) -> None:
+        """What a round state says about the swarm: the round, the stage's replicas, the next stage, the checkpoint."""
+        self.current_round = state.round
+        self.stage_peers = list(state.stage_peers)
+        for other in self.stage_peers:  # dialable even before (or without) the DHT showing their records
+            self.directory.remember(other.dht_peer_id, list(other.maddrs))
+        self.directory.learn(state.stage + 1, {p.dht_peer_id: StageRecord(throughput=p.throughput, maddrs=tuple(p.maddrs[:8]))
+                                               for p in state.next_stage_peers})
+        if state.checkpoint_url:
+            self.checkpoint = (reachable_url(state.checkpoint_url, self.coordinator_host), state.checkpoint_round)
+
+    async def _follow_directives(self, state: pb.RoundState) -> None:
+        """Move to another stage, reload stale weights, or continue as of a round, as the coordinator says."""
+        if state.stage != self.stage:
+            await self._move_to(state.stage, state.layer_start, state.layer_end)
+        elif state.reload_state:
+            log.warning("this replica's weights are stale; reloading them")
+            await self._load_weights()
+            await self._heartbeat()
+        elif state.adopt_round and state.adopt_round != self.runtime.next_round:
+            log.warning("no replica of stage %d is at round %d: continuing from this peer's weights", self.stage, state.adopt_round)
+            await self.runtime.run(self.runtime.restart_at, state.adopt_round)
+            await self._heartbeat()
+
+    def _dispatch(self, state: pb.RoundState) -> None:
+        """Start what the round's phase asks of this peer, once per (round, attempt)."""
+        r = state.round
+        if state.phase == pb.OPEN and self.stage == 0 and self.runtime.next_round == r and self._first("feed", (r, state.open_attempt)):
+            self._spawn(self._feed_round(r, state.open_attempt))
+        elif state.phase == pb.SYNC and state.in_sync_group and self.runtime.next_round == r and self._first("sync", (r, state.sync_attempt)):
+            self._spawn(self._step_round(r, list(state.sync_group), state.tokens_in_round, state.sync_attempt, state.open_attempt))
+        elif state.phase == pb.PUBLISH and state.upload_checkpoint and self._first("upload", r):
+            self._spawn(self.weights.upload(self.client, self.peer_id, r, self.stage, self.runtime, self.sync))
+
+    def _first(self, kind: str, key) -> bool:
         seen = self.rounds_seen[kind]
-        if round in seen:
+        if key in seen:
             return False
-        seen.add(round)
+        seen.add(key)
         return True
 
     async def _feed_round(self, round: int, attempt: int) -> None:
@@ -515,120 +450,16 @@ class PeerNode:
             log.warning("microbatch %d of round %d dropped%s: %s", mb.index, mb.round, more, error)
             self._drops_logged = (now, self.drops)
 
-    async def _sync_and_step(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int) -> None:
-        """Close the round locally, sync with the replica group, step, report the checksum.
-
-        Two quantities can be synced. Without compression it is the round's summed gradient:
-        every replica applies the same AdamW step to the same weights, exactly the step one
-        process would take on the whole batch. With cocktail compression it is the parameter
-        delta against the weights the replicas last agreed on (the anchor), as CocktailSGD's
-        code does: each replica first steps on its own gradient, then the compressed deltas
-        are averaged into the anchor, which is bit-identical on every replica after every
-        sync (checksums, checkpoints and hand-offs carry it). Each replica's weights stay the
-        anchor plus what its own delta did not send, so its progress is never held back by
-        the compression, only shared late (resetting the weights to the anchor instead cost 4
-        to 7 more points of loss gap at the same settings of bench/compression.py). Only this
-        form survives randomly skipped syncs without a full-precision re-alignment: the local
-        steps of skipped rounds are simply part of the next delta. Cocktail's first
-        ``sync_warmup_rounds`` rounds sum gradients exactly, the anchor following the weights.
-
-        If the group cannot finish (a member vanished), nothing is applied: the coordinator
-        starts another attempt without the missing member, or has this replica reload.
-        """
-        runtime, train = self.runtime, self.train
-        runtime.closed_round = round
+    async def _step_round(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int) -> None:
+        """SYNC: close the round, sync with the replica group and step (``peer.replica_sync``), report the checksum."""
         try:  # learn the group's addresses, in case libp2p does not know where a member is
             await self.directory.replicas(self.stage, max_age=5.0)
         except Exception as exc:
             log.debug("stage directory lookup failed: %s", exc)
-        deadline = time.monotonic() + train.sync_timeout
-        while runtime.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        report = pb.StepReport(peer_id=self.peer_id, round=round, synced=True)
-        async with runtime.state_lock:
-            # Gradients of an earlier opening of the round (this stage saw none of the last one) are stale.
-            await runtime.run(runtime.keep_only_attempt, open_attempt)
-            try:
-                if train.compresses_sync(round):
-                    how = await self._delta_sync(round, group, attempt)
-                    report.diverged = how == "skipped"
-                else:
-                    how = await self._gradient_sync(round, group, tokens, attempt)
-                runtime.finish_round(round)
-            except SyncError as exc:
-                report.synced, report.error, how = False, str(exc), "failed"
-                log.warning("round %d: sync (attempt %d) failed: %s", round, attempt + 1, exc)
-            report.checksum = await runtime.run(runtime.checksum)
+        outcome = await self.sync.step_round(round, group, tokens, attempt, open_attempt)
+        report = pb.StepReport(peer_id=self.peer_id, round=round, synced=outcome.synced, diverged=outcome.diverged,
+                               error=outcome.error, checksum=outcome.checksum)
         report.stats.CopyFrom(self.stats())
         await self.client.report_step(report)
         if not self.config.quiet:
-            log.info("round %d stepped (%s) checksum %s", round, how, report.checksum[:12])
-
-    async def _gradient_sync(self, round: int, group: list[str], tokens: int, attempt: int) -> str:
-        """Exact: sum gradients over the group, divide by the round's tokens, one AdamW step."""
-        runtime = self.runtime
-        flat = await runtime.run(runtime.flat_gradients)
-        summed = flat if len(group) == 1 else await self.sync.all_reduce_sum(flat.cpu(), group, round, self.stage, self.train.sync_timeout, attempt)
-        if tokens > 0:
-            await runtime.run(runtime.apply_step, summed, tokens)
-        else:
-            await runtime.run(runtime.discard_gradients)
-        if runtime.anchor is not None:  # cocktail's warm-up: the exact weights are what the replicas agree on
-            await runtime.run(runtime.reset_anchor)
-        return f"group of {len(group)}, {tokens} tokens"
-
-    async def _delta_sync(self, round: int, group: list[str], attempt: int) -> str:
-        """Local AdamW step, then (unless this round skips) average compressed parameter deltas."""
-        runtime, train = self.runtime, self.train
-        if runtime.stepped_round < round:  # a retried attempt must not step twice
-            local = runtime.round_tokens
-            runtime.unsynced_tokens += local
-            if local > 0:
-                await runtime.run(runtime.apply_step, await runtime.run(runtime.flat_gradients), local)
-            else:
-                await runtime.run(runtime.discard_gradients)
-            runtime.stepped_round = round
-        if len(group) == 1:
-            await runtime.run(runtime.reset_anchor)
-            return "alone"
-        if skips_sync(train.seed, round, self.stage, train.p_skip) and not resyncs(round, train.resync_every):
-            return "skipped"
-        params = await runtime.run(runtime.flat_params)
-        if self.compressor is None or self.compressor.numel != params.numel():
-            self.compressor = ErrorFeedbackCompressor(params.numel(), SyncCompressionConfig(train.sync_random_ratio, train.sync_topk_ratio, train.sync_bits))
-        seed = sync_seed(train.seed, round, self.stage, attempt)
-        # The residual lives in the weights (params - anchor holds it), so the compressor's own stays zero.
-        # Deltas are weighted by the tokens behind them: replicas rarely train equal shares of a round.
-        mean = await self.sync.all_gather_compressed(params - runtime.anchor, group, round, self.stage, train.sync_timeout, attempt,
-                                                     self.compressor, seed, weight=runtime.unsynced_tokens)
-        runtime.anchor = runtime.anchor + mean
-        await runtime.run(runtime.load_flat_params, runtime.anchor + self.compressor.error)
-        self.compressor.error.zero_()
-        runtime.unsynced_tokens = 0
-        return f"delta sync with {len(group)}"
-
-    async def _upload(self, round: int) -> None:
-        async with self.runtime.state_lock:
-            weights = await self.runtime.run(lambda: {k: v.detach().cpu().clone() for k, v in self.runtime.agreed_weights().items()})
-        payload = save_safetensors(weights)
-        digest = sha256_bytes(payload)
-
-        async def chunks():
-            for offset in range(0, max(len(payload), 1), UPLOAD_CHUNK):
-                chunk = pb.CheckpointChunk(data=payload[offset : offset + UPLOAD_CHUNK])
-                if offset == 0:
-                    chunk.peer_id, chunk.round, chunk.stage, chunk.sha256, chunk.total_bytes = self.peer_id, round, self.stage, digest, len(payload)
-                yield chunk
-
-        reply = await self.client.upload_checkpoint(chunks(), len(payload))
-        if not reply.accepted:
-            log.warning("checkpoint upload for round %d refused: %s", round, reply.message)
-
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+            log.info("round %d stepped (%s) checksum %s", round, outcome.how, outcome.checksum[:12])

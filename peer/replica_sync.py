@@ -1,48 +1,70 @@
-"""Replica gradient sync: a reduce-scatter + all-gather sum among one stage's replicas.
+"""Replica sync: how the replicas of one stage agree on their weights each round, all of it here.
 
-The flat gradient is cut into one part per member (members sorted by DHT id, the order the
-coordinator gives). Member i receives part i from everyone, sums the parts in member order,
-and sends the sum back to everyone. Every replica therefore ends with bit-identical sums,
-so identical optimizer steps keep identical weights. Each member sends and receives
-(k - 1) / k of the gradient twice, as in a ring or butterfly all-reduce.
+Two forms, by ``--sync-compression``:
 
-With ``--sync-compression cocktail`` the members instead exchange compressed gradients
-(``all_gather_compressed``): each sends its payload to every other member, and every member
-decompresses and sums all payloads in member order.
+- ``none`` (exact): the replicas sum the round's gradients with a reduce-scatter then an
+  all-gather over P2P (member i sums part i from everyone, in member order, and sends the sum
+  back), so every replica holds bit-identical sums; each divides by the round's token count and
+  steps. That is the step one process would take on the whole batch.
+- ``cocktail``: each replica first steps on its own gradient; then the replicas average their
+  parameter deltas against the weights they last agreed on (the anchor), compressed
+  (``peer.compression.cocktail``) and weighted by the tokens behind each, as CocktailSGD's code
+  does. The anchor moves by that average, bit-identically on every replica. Each replica's own
+  weights stay the anchor plus what its delta did not send, which goes out in a later delta:
+  that is the error feedback, and it lives in the weights and nowhere else. A stage skips a
+  round's sync with probability ``p_skip`` (the same draw on every replica) unless the round
+  re-aligns (``resync_every``); the local steps of skipped rounds are part of the next delta.
+  Rounds 1..``sync_warmup_rounds`` sum gradients exactly, the anchor following the weights.
 
-Messages that arrive before their receiver asks for them wait in a mailbox keyed by
-(round, stage, phase, part, sender); the sender is the authenticated libp2p id, not a field
-the sender could forge.
+Checksums, checkpoints and hand-offs carry the agreed weights: the anchor under cocktail.
+``StageSync`` holds the policy and the anchor and does all tensor arithmetic on the stage's
+compute thread; ``SyncExchange`` only moves frames between replicas. If a group cannot finish
+(a member vanished), nothing is applied: the coordinator starts another attempt without the
+missing member, or has this replica reload.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
+import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import torch
 from hivemind.p2p import PeerID
 
 from proto import codec
 from proto import hometrain_pb2 as pb
+from proto.codec import WireKind
+from proto.run_config import TrainConfig
+from proto.schedule import resyncs, skips_sync, sync_seed
 
-from .sync_compression import ErrorFeedbackCompressor
+from .compression import cocktail
+from .compression.cocktail import SyncCompressionConfig
+from .stage_model import parameter_checksum
+from .stage_runtime import StageRuntime
 from .transport import FrameTransport, Tensors
 
 log = logging.getLogger(__name__)
 
 SYNC_HANDLER = "hometrain.sync"
+ANCHOR = "anchor"  # the name the agreed weights travel under in a state hand-off
 Key = tuple[int, int, int, int, int, str]  # round, attempt, stage, frame kind, part, sender
+Compute = Callable[..., Awaitable[Any]]    # runs a function on the stage's compute thread
+PAYLOAD_NAMES = {"mask", "meta", "values.codes", "values.scales", "values.meta", "weight"}
 
 
 class SyncError(RuntimeError):
-    """The group could not finish averaging (a member vanished or timed out)."""
+    """The group could not finish averaging (a member vanished, timed out or sent garbage)."""
 
 
-class ReplicaSync:
-    """Serves incoming sync parts and runs the sum for this peer's group."""
+class SyncExchange:
+    """Moves sync frames among a stage's replicas. Frames that arrive before their receiver asks for them
+    wait in a mailbox keyed by (round, attempt, stage, kind, part, sender); the sender is the authenticated
+    libp2p id, not a field the sender could forge."""
 
     def __init__(self, transport: FrameTransport, run_id: str, my_id: str) -> None:
         self.transport = transport
@@ -51,24 +73,27 @@ class ReplicaSync:
         self._mailbox: dict[Key, asyncio.Future] = defaultdict(lambda: asyncio.get_running_loop().create_future())
 
     async def start(self) -> None:
-        await self.transport.serve(SYNC_HANDLER, self._receive, receive_kind="sync", send_kind="control")
+        await self.transport.serve(SYNC_HANDLER, self._receive, receive_kind=WireKind.SYNC, send_kind=WireKind.CONTROL)
 
     async def _receive(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
+        """Accept a part or a payload of the right shape; its values are checked where they are summed."""
         if header.run_id != self.run_id:
             raise codec.FrameError(f"sync frame of run {header.run_id!r}, this peer trains run {self.run_id!r}")
         if header.kind not in (pb.SYNC_REDUCE, pb.SYNC_GATHER):
             raise codec.FrameError(f"expected a SYNC_REDUCE or SYNC_GATHER frame, received {pb.FrameKind.Name(header.kind)}")
         part = tensors.get("part")
-        if part is not None and (part.dtype != torch.float32 or part.dim() != 1):
-            raise codec.FrameError("a plain sync frame carries one 1-D float32 tensor named 'part'")
-        codec.require_finite(tensors)
+        if part is not None:
+            if set(tensors) != {"part"} or part.dtype != torch.float32 or part.dim() != 1:
+                raise codec.FrameError("a plain sync frame carries one 1-D float32 tensor named 'part'")
+        elif not set(tensors) <= PAYLOAD_NAMES or "weight" not in tensors:
+            raise codec.FrameError(f"a compressed sync frame carries {sorted(PAYLOAD_NAMES)}, received {sorted(tensors)}")
         key = (header.round, header.attempt, header.stage, header.kind, header.part, sender.to_base58())
         future = self._mailbox[key]
         if not future.done():
             future.set_result(tensors)
         return pb.FrameHeader(kind=pb.ACK, run_id=self.run_id, round=header.round), {}
 
-    async def _take_frame(self, key: Key, timeout: float) -> Tensors:
+    async def _take(self, key: Key, timeout: float) -> Tensors:
         try:
             return await asyncio.wait_for(asyncio.shield(self._mailbox[key]), timeout)
         except asyncio.TimeoutError:
@@ -76,22 +101,15 @@ class ReplicaSync:
         finally:
             self._mailbox.pop(key, None)
 
-    async def _take(self, key: Key, numel: int, timeout: float) -> torch.Tensor:
-        part = (await self._take_frame(key, timeout)).get("part")
-        if part is None or part.numel() != numel:
-            raise SyncError(f"part {key[4]} from {key[5]} has {None if part is None else part.numel()} values, expected {numel}")
-        return part
+    async def _send(self, to: str, kind: int, round: int, attempt: int, stage: int, part: int, tensors: Tensors,
+                    timeout: float, raw_bytes: int = 0) -> None:
+        header = pb.FrameHeader(kind=kind, run_id=self.run_id, round=round, attempt=attempt, stage=stage, part=part, raw_bytes=raw_bytes)
+        await self.transport.call(PeerID.from_base58(to), SYNC_HANDLER, header, tensors, WireKind.SYNC, WireKind.CONTROL, timeout)
 
-    async def _send_frame(self, to: str, kind: int, round: int, attempt: int, stage: int, index: int, tensors: Tensors,
-                          timeout: float, raw_bytes: int = 0) -> None:
-        header = pb.FrameHeader(kind=kind, run_id=self.run_id, round=round, attempt=attempt, stage=stage, part=index, raw_bytes=raw_bytes)
-        await self.transport.call(PeerID.from_base58(to), SYNC_HANDLER, header, tensors, "sync", "control", timeout)
-
-    async def _send(self, to: str, kind: int, round: int, attempt: int, stage: int, index: int, part: torch.Tensor, timeout: float) -> None:
-        await self._send_frame(to, kind, round, attempt, stage, index, {"part": part.contiguous()}, timeout)
-
-    async def all_reduce_sum(self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float, attempt: int = 0) -> torch.Tensor:
-        """Sum ``flat`` (1-D fp32, CPU) over ``group``; every member gets the same result."""
+    async def all_reduce_sum(self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float, attempt: int,
+                             compute: Compute) -> torch.Tensor:
+        """Sum ``flat`` (1-D fp32, CPU) over ``group``; every member gets the same result. Each member sends
+        and receives (k - 1) / k of the vector twice, as in a ring or butterfly all-reduce."""
         if self.my_id not in group:
             raise SyncError(f"this peer ({self.my_id}) is not in the sync group {group}")
         if len(group) == 1:
@@ -100,69 +118,214 @@ class ReplicaSync:
         me = group.index(self.my_id)
         others = [m for m in group if m != self.my_id]
         try:
-            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, attempt, stage, group.index(m), parts[group.index(m)], timeout) for m in others))
+            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, attempt, stage, group.index(m), {"part": parts[group.index(m)].contiguous()},
+                                              timeout) for m in others))
             received = {self.my_id: parts[me]}
             for m in others:
-                received[m] = await self._take((round, attempt, stage, pb.SYNC_REDUCE, me, m), parts[me].numel(), timeout)
-            reduced = torch.zeros_like(parts[me])
-            for m in group:  # fixed order: the owner's sum is the only sum, so all replicas agree bit for bit
-                reduced += received[m]
-            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, attempt, stage, me, reduced, timeout) for m in others))
-            gathered = [reduced if m == self.my_id else await self._take((round, attempt, stage, pb.SYNC_GATHER, i, m), parts[i].numel(), timeout)
+                received[m] = (await self._take((round, attempt, stage, pb.SYNC_REDUCE, me, m), timeout))["part"]
+            reduced = await compute(_sum_in_order, [received[m] for m in group], parts[me].numel(), group)
+            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, attempt, stage, me, {"part": reduced}, timeout) for m in others))
+            gathered = [reduced if m == self.my_id else (await self._take((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout))["part"]
                         for i, m in enumerate(group)]
+            return await compute(_concatenate, gathered, [p.numel() for p in parts], group)
         except SyncError:
             raise
         except Exception as exc:  # a member unreachable: the caller decides what to do with the round
             raise SyncError(f"sync with {others} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._forget_before(round)
-        return torch.cat(gathered)
 
-    async def all_gather_compressed(
-        self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float, attempt: int,
-        compressor: ErrorFeedbackCompressor, seed: int, weight: float = 1.0,
-    ) -> torch.Tensor:
-        """CocktailSGD-style: every member sends its compressed vector (error feedback kept locally)
-        and its ``weight`` to every other; each decompresses all payloads and averages them,
-        weighted, in member order, so all replicas get the same mean (the plain mean if every
-        weight is 0). On failure the compressor's residual is restored, so a retry compresses
-        the same vector again instead of losing or double-counting it."""
-        if not weight >= 0:
-            raise ValueError(f"sync weight must be >= 0, got {weight}")
+    async def all_gather(self, payload: Tensors, group: list[str], round: int, stage: int, timeout: float, attempt: int,
+                         raw_bytes: int) -> list[Tensors]:
+        """Send ``payload`` to every other member and return every member's payload, in member order."""
         if self.my_id not in group:
             raise SyncError(f"this peer ({self.my_id}) is not in the sync group {group}")
-        saved = compressor.error.clone()
-        payload = {**compressor.compress(flat, seed), "weight": torch.tensor([float(weight)], dtype=torch.float64)}
         others = [m for m in group if m != self.my_id]
         me = group.index(self.my_id)
-        config, numel = compressor.config, flat.numel()
         try:
-            await asyncio.gather(*(self._send_frame(m, pb.SYNC_GATHER, round, attempt, stage, me, payload, timeout, raw_bytes=4 * numel)
-                                   for m in others))
-            parts, weights = [], []
-            for i, m in enumerate(group):
-                frame = dict(payload if m == self.my_id else await self._take_frame((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout))
-                w = frame.pop("weight", None)
-                if w is None or w.dtype != torch.float64 or w.shape != (1,) or not w.item() >= 0 or not math.isfinite(w.item()):
-                    raise SyncError(f"sync payload from {m} needs a finite float64 'weight' >= 0, got {None if w is None else w.tolist()}")
-                try:
-                    parts.append(ErrorFeedbackCompressor.decompress(frame, numel, seed, config, device=flat.device))
-                except ValueError as exc:
-                    raise SyncError(f"undecodable sync payload from {m}: {exc}") from None
-                weights.append(w.item())
-            norm = sum(weights)
-            total = torch.zeros_like(flat)
-            for part, w in zip(parts, weights):
-                total += part * (w / norm if norm > 0 else 1 / len(group))
+            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, attempt, stage, me, payload, timeout, raw_bytes) for m in others))
+            return [payload if m == self.my_id else await self._take((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout)
+                    for i, m in enumerate(group)]
+        except SyncError:
+            raise
         except Exception as exc:
-            compressor.error = saved
-            if isinstance(exc, SyncError):
-                raise
             raise SyncError(f"compressed sync with {others} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._forget_before(round)
-        return total
 
     def _forget_before(self, round: int) -> None:
         for key in [k for k in self._mailbox if k[0] < round]:
             self._mailbox.pop(key).cancel()
+
+
+def _sum_in_order(parts: list[torch.Tensor], numel: int, group: list[str]) -> torch.Tensor:
+    """The owner's sum of one part, in member order: the only sum, so all replicas agree bit for bit."""
+    reduced = torch.zeros(numel, dtype=torch.float32)
+    for member, part in zip(group, parts):
+        if part.numel() != numel or not torch.isfinite(part).all():
+            raise SyncError(f"part from {member} has {part.numel()} values (expected {numel}) or holds NaN/Inf")
+        reduced += part
+    return reduced
+
+
+def _concatenate(parts: list[torch.Tensor], sizes: list[int], group: list[str]) -> torch.Tensor:
+    for member, part, size in zip(group, parts, sizes):
+        if part.numel() != size or not torch.isfinite(part).all():
+            raise SyncError(f"summed part from {member} has {part.numel()} values (expected {size}) or holds NaN/Inf")
+    return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a replica did with a round: synced (with whom), skipped its sync (diverged), or failed."""
+
+    synced: bool
+    diverged: bool
+    how: str
+    checksum: str
+    error: str = ""
+
+
+class StageSync:
+    """One stage's replica sync on this peer: the policy, the anchor (cocktail), the step."""
+
+    state_names = (ANCHOR,)  # what of a hand-off is this sync's (``state``), not the runtime's
+
+    def __init__(self, runtime: StageRuntime, exchange: SyncExchange, train: TrainConfig, stage: int) -> None:
+        self.runtime = runtime
+        self.exchange = exchange
+        self.train = train
+        self.stage = stage
+        self.anchor: torch.Tensor | None = None  # cocktail: the weights all replicas last agreed on (flat fp32, CPU)
+        self.stepped_round = 0                   # cocktail: the round whose local step is done (a retry must not step again)
+        self.unsynced_tokens = 0                 # cocktail: loss tokens behind params - anchor (the weight of this replica's delta)
+
+    # ------------------------------------------------------------ the agreed weights (compute thread)
+
+    def agreed_weights(self) -> dict[str, torch.Tensor]:
+        """The weights every replica shares: the anchor under cocktail, else the weights themselves."""
+        if self.anchor is None:
+            return self.runtime.weights()
+        out, offset = {}, 0
+        for name, p in self.runtime.model.named_parameters():
+            out[name] = self.anchor[offset : offset + p.numel()].view(p.shape).to(p.dtype)
+            offset += p.numel()
+        return out
+
+    def checksum(self) -> str:
+        """sha256 of the agreed weights: equal on replicas that agree (each one's residual stays its own)."""
+        return parameter_checksum(self.agreed_weights())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a joiner needs of this sync besides the weights: the anchor, under cocktail."""
+        return {ANCHOR: self.anchor.clone()} if self.anchor is not None else {}
+
+    def adopt(self, state: dict[str, torch.Tensor], next_round: int) -> None:
+        """After the weights were loaded (from a replica, with its ``state()``, or from a checkpoint): agree on them."""
+        anchor = state.get(ANCHOR)
+        numel = sum(p.numel() for p in self.runtime.model.parameters())
+        if anchor is not None and (anchor.dtype != torch.float32 or tuple(anchor.shape) != (numel,) or not torch.isfinite(anchor).all()):
+            raise codec.FrameError(f"anchor must be {numel} finite float32 values, received {anchor.dtype} {list(anchor.shape)}")
+        self.anchor = None
+        if self.train.sync_compression == "cocktail":
+            self.anchor = anchor.clone() if anchor is not None else self.runtime.flat_params()
+        self.unsynced_tokens = 0
+        self.stepped_round = next_round - 1
+
+    def _reset_anchor(self) -> None:
+        self.anchor = self.runtime.flat_params()
+        self.unsynced_tokens = 0
+
+    # ------------------------------------------------------------ one round
+
+    async def step_round(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int) -> StepOutcome:
+        """Close ``round`` here, sync with ``group`` and step; says what happened and the checksum after it."""
+        runtime, train = self.runtime, self.train
+        runtime.closed_round = round
+        deadline = time.monotonic() + train.sync_timeout
+        while runtime.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        async with runtime.state_lock:
+            # Gradients of an earlier opening of the round (this stage saw none of the last one) are stale.
+            await runtime.run(runtime.keep_only_attempt, open_attempt)
+            synced, diverged, error = True, False, ""
+            try:
+                if train.compresses_sync(round):
+                    how = await self._delta(round, group, attempt)
+                    diverged = how == "skipped"
+                else:
+                    how = await self._exact(round, group, tokens, attempt)
+                runtime.finish_round(round)
+            except SyncError as exc:
+                synced, error, how = False, str(exc), "failed"
+                log.warning("round %d: sync (attempt %d) failed: %s", round, attempt + 1, exc)
+            checksum = await runtime.run(self.checksum)
+        return StepOutcome(synced, diverged, how, checksum, error)
+
+    async def _exact(self, round: int, group: list[str], tokens: int, attempt: int) -> str:
+        """Sum gradients over the group, divide by the round's tokens, one step."""
+        runtime = self.runtime
+        flat = await runtime.run(lambda: runtime.flat_gradients().cpu())
+        summed = flat if len(group) == 1 else await self.exchange.all_reduce_sum(
+            flat, group, round, self.stage, self.train.sync_timeout, attempt, runtime.run)
+        if tokens > 0:
+            await runtime.run(runtime.apply_step, summed, tokens)
+        else:
+            await runtime.run(runtime.discard_gradients)
+        if self.anchor is not None:  # cocktail's warm-up: the exact weights are what the replicas agree on
+            await runtime.run(self._reset_anchor)
+        return f"group of {len(group)}, {tokens} tokens"
+
+    async def _delta(self, round: int, group: list[str], attempt: int) -> str:
+        """A local step, then (unless this round skips) the weighted average of compressed parameter deltas."""
+        runtime, train = self.runtime, self.train
+        if self.stepped_round < round:  # a retried attempt must not step twice
+            local = runtime.round_tokens
+            self.unsynced_tokens += local
+            if local > 0:
+                await runtime.run(lambda: runtime.apply_step(runtime.flat_gradients(), local))
+            else:
+                await runtime.run(runtime.discard_gradients)
+            self.stepped_round = round
+        if len(group) == 1:
+            await runtime.run(self._reset_anchor)
+            return "alone"
+        if skips_sync(train.seed, round, self.stage, train.p_skip) and not resyncs(round, train.resync_every):
+            return "skipped"
+        config = SyncCompressionConfig(train.sync_random_ratio, train.sync_topk_ratio, train.sync_bits)
+        seed = sync_seed(train.seed, round, self.stage, attempt)
+        payload, residual = await runtime.run(self._compress_delta, seed, config)
+        payload["weight"] = torch.tensor([float(self.unsynced_tokens)], dtype=torch.float64)  # deltas weigh by the tokens behind them
+        payloads = await self.exchange.all_gather(payload, group, round, self.stage, train.sync_timeout, attempt,
+                                                  raw_bytes=4 * residual.numel())
+        await runtime.run(self._apply_average, payloads, group, seed, config, residual)
+        self.unsynced_tokens = 0
+        return f"delta sync with {len(group)}"
+
+    def _compress_delta(self, seed: int, config: SyncCompressionConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """This replica's delta against the anchor, compressed; and what the payload leaves unsent (the residual)."""
+        delta = self.runtime.flat_params() - self.anchor
+        payload, sent = cocktail.compress(delta, seed, config)
+        return payload, delta - sent
+
+    def _apply_average(self, payloads: list[dict[str, torch.Tensor]], group: list[str], seed: int, config: SyncCompressionConfig,
+                       residual: torch.Tensor) -> None:
+        """Move the anchor by the token-weighted mean of the deltas (in member order); keep the residual in the weights."""
+        numel = residual.numel()
+        parts, weights = [], []
+        for member, frame in zip(group, payloads):
+            frame = dict(frame)
+            w = frame.pop("weight", None)
+            if w is None or w.dtype != torch.float64 or w.shape != (1,) or not w.item() >= 0 or not math.isfinite(w.item()):
+                raise SyncError(f"sync payload from {member} needs a finite float64 'weight' >= 0, got {None if w is None else w.tolist()}")
+            try:
+                parts.append(cocktail.decompress(frame, numel, seed, config))
+            except ValueError as exc:
+                raise SyncError(f"undecodable sync payload from {member}: {exc}") from None
+            weights.append(w.item())
+        norm = sum(weights)
+        mean = torch.zeros(numel, dtype=torch.float32)
+        for part, w in zip(parts, weights):
+            mean += part * (w / norm if norm > 0 else 1 / len(group))
+        self.anchor = self.anchor + mean
+        self.runtime.load_flat_params(self.anchor + residual)

@@ -1,17 +1,16 @@
 """A stage's training state on this peer: weights, optimizer, accumulated gradients, round.
 
 Forward and backward of microbatches accumulate summed-loss gradients for the round in
-progress; at SYNC the replica group sums them, every replica divides by the round's token
-count and steps AdamW. This is exactly one optimizer step of the global batch, as a
-single-process loop would take it. All torch work runs on one compute thread, so gradient
-accumulation and the step never interleave.
+progress; at SYNC the replicas combine them (``peer.replica_sync``) and the optimizer steps
+(``peer.optimizer``). All torch work of the stage runs on its one compute thread (``run``), so
+gradient accumulation, compression and the step never interleave, and the asyncio loop that
+answers heartbeats and frames never waits on them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,15 +19,15 @@ from typing import Any, Callable, TypeVar
 import torch
 from transformers import GPTJConfig
 
-from proto.codec import FrameError
+from proto.codec import FrameError, StaleFrame
 from proto.run_config import TrainConfig
 
-from .stage_model import StageModel, parameter_checksum, summed_token_loss
+from .optimizer import STATE_PREFIX, StageOptimizer
+from .stage_model import StageModel, summed_token_loss
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-OPTIM_PREFIX = "optim."
 
 
 @dataclass
@@ -43,7 +42,7 @@ class ForwardContext:
     attempt: int = 0     # the opening of the round it belongs to
 
 
-class StaleRoundError(FrameError):
+class StaleRoundError(StaleFrame):
     """A frame for a round this stage is not accumulating (closed, or weights not ready)."""
 
 
@@ -58,7 +57,7 @@ class StageRuntime:
             self.model = StageModel(model_config, layer_start, layer_end)
         self.model.to(self.dtype)
         self.model.train()
-        self.optimizer = self._make_optimizer()
+        self.optimizer = StageOptimizer(self.model, train)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.next_round = 0            # round the weights are ready to accumulate; 0 until loaded
         self.closed_round = 0          # frames of rounds <= this are refused (SYNC began)
@@ -70,15 +69,7 @@ class StageRuntime:
         self.accumulated: set[tuple[int, int]] = set()  # (round, microbatch) whose parameter gradients are accumulated
         self.samples_done = 0
         self.compute_seconds = 0.0     # time in forward/backward: throughput = samples_done / compute_seconds
-        self.anchor: torch.Tensor | None = None  # delta sync: the weights all replicas last agreed on (fp32, CPU)
-        self.stepped_round = 0         # delta sync: the round whose local step is done (a sync retry must not step again)
-        self.unsynced_tokens = 0       # delta sync: loss tokens behind params - anchor (the weight of this replica's delta)
         self.state_lock = asyncio.Lock()  # held while stepping and while serving the state to a joiner
-        self._guard = threading.Lock()
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        t = self.train
-        return torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the compute thread."""
@@ -199,17 +190,12 @@ class StageRuntime:
         return torch.cat(grads)
 
     def apply_step(self, summed: torch.Tensor, tokens: int) -> None:
-        """Set gradients to ``summed / tokens`` and take one AdamW step; clear gradients."""
-        offset = 0
-        for p in self.model.parameters():
-            n = p.numel()
-            p.grad = (summed[offset : offset + n] / tokens).view_as(p).to(device=p.device, dtype=p.dtype)
-            offset += n
-        self.optimizer.step()
+        """One optimizer step from ``summed`` gradients divided by ``tokens``; clear gradients."""
+        self.optimizer.step(summed, tokens)
         self.discard_gradients()
 
     def discard_gradients(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.round_tokens = 0
         self.accumulated.clear()
 
@@ -246,62 +232,32 @@ class StageRuntime:
         if offset != flat.numel():
             raise ValueError(f"{flat.numel()} values do not match this stage's {offset} parameters")
 
-    def reset_anchor(self) -> None:
-        """Make the current weights the replicas' last agreed copy (delta sync)."""
-        self.anchor = self.flat_params()
-        self.unsynced_tokens = 0
-
-    def checksum(self) -> str:
-        """Of the agreed weights: with delta sync each replica's own weights also hold its unsent residual."""
-        return parameter_checksum(self.agreed_weights())
-
     # ------------------------------------------------------------ state transfer
 
-    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Weights (HF names) and AdamW state as tensors, plus the scalars as JSON-able extras."""
-        tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.agreed_weights().items()}
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        steps = {}
-        for p, state in self.optimizer.state.items():
-            name = names[id(p)]
-            tensors[f"{OPTIM_PREFIX}{name}.exp_avg"] = state["exp_avg"].detach().to("cpu", copy=True)
-            tensors[f"{OPTIM_PREFIX}{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu", copy=True)
-            steps[name] = float(state["step"])
-        if self.anchor is not None:
-            tensors["anchor"] = self.anchor.clone()
-        return tensors, {"steps": steps, "next_round": self.next_round}
+    def export_state(self, weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Weights (HF names; ``weights`` instead of the model's own, when given) and optimizer state as CPU
+        tensors, plus the scalars as JSON-able extras."""
+        weights = self.weights() if weights is None else weights
+        tensors = {name: p.detach().to("cpu", copy=True) for name, p in weights.items()}
+        moments, steps = self.optimizer.state_tensors()
+        return tensors | moments, {"steps": steps, "next_round": self.next_round}
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
-    def agreed_weights(self) -> dict[str, torch.Tensor]:
-        """The weights every replica shares: the anchor under delta sync, else the weights themselves.
-
-        This is what checkpoints, checksums and state hand-offs carry; a replica's private
-        residual (what its error feedback has not sent yet) stays with it."""
-        if self.anchor is None:
-            return self.weights()
-        out, offset = {}, 0
-        for name, p in self.model.named_parameters():
-            out[name] = self.anchor[offset : offset + p.numel()].view(p.shape).to(p.dtype)
-            offset += p.numel()
-        return out
-
-    def import_state(self, tensors: dict[str, torch.Tensor], extras: dict[str, Any] | None, next_round: int) -> None:
-        """Load weights (and optimizer state if present), checking names, shapes and finiteness first."""
+    def import_state(self, tensors: dict[str, torch.Tensor], extras: dict[str, Any] | None, next_round: int,
+                     also: tuple[str, ...] = ()) -> None:
+        """Load weights (and optimizer state if present), checking names, shapes and finiteness first; tensors
+        named in ``also`` are someone else's (the replica sync's) and checked there."""
         params = dict(self.model.named_parameters())
         missing = sorted(set(params) - set(tensors))
-        unexpected = sorted(k for k in tensors if k not in params and not k.startswith(OPTIM_PREFIX) and k != "anchor")
+        unexpected = sorted(k for k in tensors if k not in params and not k.startswith(STATE_PREFIX) and k not in also)
         if missing or unexpected:
             raise FrameError(f"stage state does not match layers [{self.model.layer_start}, {self.model.layer_end}): missing {missing[:3]}, unexpected {unexpected[:3]}")
-        numel = sum(p.numel() for p in params.values())
-        anchor = tensors.get("anchor")
-        if anchor is not None and (anchor.dtype != torch.float32 or tuple(anchor.shape) != (numel,) or not torch.isfinite(anchor).all()):
-            raise FrameError(f"anchor must be {numel} finite float32 values, received {anchor.dtype} {list(anchor.shape)}")
         for name, tensor in tensors.items():
-            if name == "anchor":
+            if name in also:
                 continue
-            base = name[len(OPTIM_PREFIX):].rsplit(".", 1)[0] if name.startswith(OPTIM_PREFIX) else name
+            base = name[len(STATE_PREFIX):].rsplit(".", 1)[0] if name.startswith(STATE_PREFIX) else name
             if base not in params or tuple(tensor.shape) != tuple(params[base].shape):
                 raise FrameError(f"tensor {name} has shape {list(tensor.shape)}, the stage expects {list(params[base].shape) if base in params else 'nothing of that name'}")
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -309,22 +265,9 @@ class StageRuntime:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
-        self.optimizer = self._make_optimizer()
-        steps = (extras or {}).get("steps", {})
-        for name, p in params.items():
-            if name in steps and f"{OPTIM_PREFIX}{name}.exp_avg" in tensors:
-                self.optimizer.state[p] = {
-                    "step": torch.tensor(float(steps[name])),
-                    "exp_avg": tensors[f"{OPTIM_PREFIX}{name}.exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
-                    "exp_avg_sq": tensors[f"{OPTIM_PREFIX}{name}.exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
-                }
+        self.optimizer.load_state(tensors, (extras or {}).get("steps", {}))
         self.discard_gradients()
-        self.anchor = None
-        if self.train.sync_compression == "cocktail":
-            self.anchor = anchor.clone() if anchor is not None else self.flat_params()
-        self.unsynced_tokens = 0
         self.next_round = next_round
         self.closed_round = next_round - 1
         self.open_attempt = 0
-        self.stepped_round = next_round - 1
         self.loads += 1

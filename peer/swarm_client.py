@@ -15,8 +15,10 @@ import torch
 from hivemind.p2p import PeerID
 
 from proto import hometrain_pb2 as pb
+from proto.codec import WireKind
 
-from .pipeline import INFER_HANDLER, StageDirectory
+from .directory import StageDirectory
+from .pipeline import INFER_HANDLER
 from .transport import FrameTransport, WireCounters
 
 
@@ -34,7 +36,7 @@ async def _infer(dht: hivemind.DHT, run_id: str, input_ids: torch.Tensor, prefix
         await asyncio.sleep(0.5)
     header = pb.FrameHeader(kind=pb.INFER, run_id=run_id, stage=0)
     tensors = {"input_ids": input_ids.to(torch.int64), "prefix_lengths": prefix_lengths.to(torch.int64)}
-    reply_header, reply = await transport.call(PeerID.from_base58(random.choice(entry)), INFER_HANDLER, header, tensors, "activations", "activations", timeout)
+    reply_header, reply = await transport.call(PeerID.from_base58(random.choice(entry)), INFER_HANDLER, header, tensors, WireKind.ACTIVATIONS, WireKind.ACTIVATIONS, timeout)
     if reply_header.kind != pb.LOGITS or "logits" not in reply:
         raise RuntimeError(f"the swarm answered {pb.FrameKind.Name(reply_header.kind)} without logits")
     return reply["logits"]

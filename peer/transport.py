@@ -2,7 +2,9 @@
 
 A call sends one streamed ``Frame`` (header + tensors) to a named handler of another peer
 and receives one frame back. Frames are streamed in 1 MiB slices because hivemind caps a
-unary message at 4 MiB while a GPT-J-6B boundary is 16 MiB per sample in fp16.
+unary message at 4 MiB while a GPT-J-6B boundary is 16 MiB per sample in fp16. Turning a
+large frame into bytes and back (a stage's state is gigabytes) happens in a worker thread, so
+the event loop keeps answering heartbeats meanwhile.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from proto import codec
 from proto import hometrain_pb2 as pb
+from proto.codec import WireKind
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
+OFF_LOOP_BYTES = 4 << 20  # frames larger than this are encoded and decoded in a worker thread
 Handler = Callable[[pb.FrameHeader, Tensors, PeerID], Awaitable[tuple[pb.FrameHeader, Mapping[str, torch.Tensor]]]]
 
 
@@ -43,11 +47,11 @@ class WireCounters:
     uncompressed_sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     uncompressed_received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def count_sent(self, kind: str, nbytes: int, uncompressed: int) -> None:
+    def count_sent(self, kind: WireKind, nbytes: int, uncompressed: int) -> None:
         self.sent[kind] += nbytes
         self.uncompressed_sent[kind] += uncompressed
 
-    def count_received(self, kind: str, nbytes: int, uncompressed: int) -> None:
+    def count_received(self, kind: WireKind, nbytes: int, uncompressed: int) -> None:
         self.received[kind] += nbytes
         self.uncompressed_received[kind] += uncompressed
 
@@ -88,21 +92,23 @@ class FrameTransport:
 
     async def call(
         self, peer: PeerID, handler: str, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor],
-        send_kind: str, receive_kind: str, timeout: float, measure_link: bool = True,
+        send_kind: WireKind, receive_kind: WireKind, timeout: float, measure_link: bool = True,
     ) -> tuple[pb.FrameHeader, Tensors]:
         """Send a frame to ``handler`` at ``peer`` and return its answer (raises on error or timeout).
 
         ``measure_link=False`` for calls whose answer waits on remote compute (pipeline hops)."""
 
+        sent = codec.frame_nbytes(tensors)
+        messages = await _encode(header, tensors, sent)
+
         async def requests():
-            for message in codec.encode_frame(header, tensors):
+            for message in messages:
                 yield message
 
         async def exchange() -> tuple[pb.FrameHeader, Tensors, int]:
             responses = await self.p2p.iterate_protobuf_handler(peer, handler, requests(), pb.Frame)
-            return await codec.decode_frame(responses, max_bytes=self.max_frame_bytes)
+            return await self._decode(responses)
 
-        sent = codec.frame_nbytes(tensors)
         self.counters.count_sent(send_kind, sent, header.raw_bytes or fp32_equivalent(tensors))
         started = time.monotonic()
         try:
@@ -121,20 +127,41 @@ class FrameTransport:
             self.link.observe(sent + nbytes, time.monotonic() - started)
         return reply_header, reply
 
-    async def serve(self, name: str, handler: Handler, receive_kind: str, send_kind: str) -> None:
+    async def serve(self, name: str, handler: Handler, receive_kind: WireKind, send_kind: WireKind) -> None:
         """Register ``handler`` under ``name``: frames in, frames out; bad frames are refused and counted."""
 
         async def stream_handler(requests, context: P2PContext):
             try:
-                header, tensors, nbytes = await codec.decode_frame(requests, max_bytes=self.max_frame_bytes)
+                header, tensors, nbytes = await self._decode(requests)
             except codec.FrameError as exc:
                 self.frames_rejected += 1
                 log.warning("dropped a bad %s frame from %s: %s", receive_kind, context.remote_id, exc)
                 raise
             self.counters.count_received(receive_kind, nbytes, header.raw_bytes or fp32_equivalent(tensors))
-            reply_header, reply = await handler(header, tensors, context.remote_id)
-            self.counters.count_sent(send_kind, codec.frame_nbytes(reply), reply_header.raw_bytes or fp32_equivalent(reply))
-            for message in codec.encode_frame(reply_header, reply):
+            try:
+                reply_header, reply = await handler(header, tensors, context.remote_id)
+            except codec.StaleFrame:
+                raise  # well-formed, just late: the sender reroutes or drops it
+            except codec.FrameError as exc:  # the handler's schema check refused what the frame holds
+                self.frames_rejected += 1
+                log.warning("dropped a bad %s frame from %s: %s", receive_kind, context.remote_id, exc)
+                raise
+            size = codec.frame_nbytes(reply)
+            self.counters.count_sent(send_kind, size, reply_header.raw_bytes or fp32_equivalent(reply))
+            for message in await _encode(reply_header, reply, size):
                 yield message
 
         await self.p2p.add_protobuf_handler(name, stream_handler, pb.Frame, stream_input=True, stream_output=True)
+
+    async def _decode(self, messages) -> tuple[pb.FrameHeader, Tensors, int]:
+        header, payload = await codec.receive_frame(messages, max_bytes=self.max_frame_bytes)
+        if len(payload) > OFF_LOOP_BYTES:
+            return header, await asyncio.to_thread(codec.frame_tensors, header, payload), len(payload)
+        return header, codec.frame_tensors(header, payload), len(payload)
+
+
+async def _encode(header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor], nbytes: int) -> list[pb.Frame]:
+    """The stream messages of a frame; a large one is built in a worker thread."""
+    if nbytes > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(lambda: list(codec.encode_frame(header, tensors)))
+    return list(codec.encode_frame(header, tensors))

@@ -9,6 +9,7 @@ any other code sees it: known dtype, consistent sizes, bounded total size, proto
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from typing import AsyncIterator, Iterable, Iterator, Mapping
 
 import torch
@@ -37,8 +38,22 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 31
 """Largest payload a receiver accepts unless told otherwise (a GPT-J-6B stage state fits)."""
 
 
+class WireKind(StrEnum):
+    """What traffic is, for counting bytes on both ends (the label of every wire-byte metric)."""
+
+    ACTIVATIONS = "activations"  # FORWARD frames (and INFER)
+    GRADIENTS = "gradients"      # BACKWARD frames: activation gradients
+    SYNC = "sync"                # replica sync parts and payloads
+    STATE = "state"              # a stage's state handed to a joiner, checkpoint uploads
+    CONTROL = "control"          # gRPC to the coordinator, acknowledgements
+
+
 class FrameError(ValueError):
     """A frame or tensor that must be dropped: says what was received and what was expected."""
+
+
+class StaleFrame(FrameError):
+    """A well-formed frame its receiver no longer takes (its round closed, the stage moved): refused, not malformed."""
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -107,10 +122,10 @@ def frame_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-async def decode_frame(
+async def receive_frame(
     messages: AsyncIterator[pb.Frame], *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> tuple[pb.FrameHeader, dict[str, torch.Tensor], int]:
-    """Reassemble a streamed frame; returns (header, tensors, payload bytes).
+) -> tuple[pb.FrameHeader, bytearray]:
+    """Reassemble a streamed frame's header and payload bytes, checking the header as it arrives.
 
     Raises FrameError, naming what was wrong, for a missing header, a foreign protocol
     version, an unknown dtype, sizes that do not add up, or a payload over ``max_bytes``.
@@ -128,11 +143,15 @@ async def decode_frame(
                     f"frame speaks protocol {header.protocol_version}, this peer speaks {PROTOCOL_VERSION}: "
                     "both sides must run the same hometrain release"
                 )
+            names = set()
             for meta in header.tensors:
                 dtype = dtype_from_name(meta.dtype)
                 itemsize = torch.empty((), dtype=dtype).element_size()
                 if any(s < 0 for s in meta.shape) or math.prod(meta.shape) * itemsize != meta.nbytes:
                     raise FrameError(f"tensor {meta.name!r}: shape {list(meta.shape)} x {meta.dtype} does not make {meta.nbytes} bytes")
+                if meta.name in names:
+                    raise FrameError(f"tensor {meta.name!r} appears twice in one frame")
+                names.add(meta.name)
                 expected += meta.nbytes
             if expected > max_bytes:
                 raise FrameError(f"frame announces {expected} bytes, over the limit of {max_bytes}")
@@ -143,13 +162,26 @@ async def decode_frame(
         raise FrameError("empty stream: no frame received")
     if len(payload) != expected:
         raise FrameError(f"frame ended after {len(payload)} of {expected} announced bytes")
+    return header, payload
+
+
+def frame_tensors(header: pb.FrameHeader, payload: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors a received frame's payload holds (its header was checked by ``receive_frame``)."""
     tensors = {}
     view = memoryview(payload)
     offset = 0
     for meta in header.tensors:
         tensors[meta.name] = tensor_from_bytes(view[offset : offset + meta.nbytes], DTYPES[meta.dtype], meta.shape)
         offset += meta.nbytes
-    return header, tensors, expected
+    return tensors
+
+
+async def decode_frame(
+    messages: AsyncIterator[pb.Frame], *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> tuple[pb.FrameHeader, dict[str, torch.Tensor], int]:
+    """Reassemble a streamed frame; returns (header, tensors, payload bytes). See ``receive_frame``."""
+    header, payload = await receive_frame(messages, max_bytes=max_bytes)
+    return header, frame_tensors(header, payload), len(payload)
 
 
 def require_finite(tensors: Mapping[str, torch.Tensor]) -> None:

@@ -38,3 +38,12 @@ def setup_logging(config: ConsoleConfig, text_format: str = "%(asctime)s %(level
     logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.ERROR)
     # bitsandbytes warns at import about a CPU matmul kernel hometrain never uses (it only quantizes).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def human_bytes(n: float) -> str:
+    """``1.2 MiB``: binary units, one decimal (bytes as a whole number)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -17,7 +17,8 @@ def skips_sync(seed: int, round: int, stage: int, p_skip: float) -> bool:
 
 
 def resyncs(round: int, resync_every: int) -> bool:
-    """Whether replicas re-align (average weights and optimizer state) after ``round``."""
+    """Whether ``round`` must sync (cocktail: its parameter deltas are averaged even if the skip draw says skip),
+    so replicas re-align at least every ``resync_every`` rounds."""
     return resync_every > 0 and round % resync_every == 0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.assignment import Replica, StageNeeds, capacity, choose_stage, plan_rebalance, stage_layer_ranges, stage_needs
 from proto.run_config import TrainConfig
-from peer.pipeline import choose_next_hop
+from peer.routing import choose_next_hop
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,8 @@ def test_next_hop_skips_banned_and_weights_by_throughput():
 def test_directory_prefers_the_coordinators_recent_list_over_the_dht(monkeypatch):
     import asyncio
 
-    import peer.pipeline as pipeline
+    import peer.directory as directory_module
+    from peer.directory import StageRecord
 
     class FakeDHT:  # answers like a partitioned DHT: no records at all
         def __init__(self):
@@ -129,15 +130,48 @@ def test_directory_prefers_the_coordinators_recent_list_over_the_dht(monkeypatch
 
     dht = FakeDHT()
     addresses: dict[str, list[str]] = {}
-    directory = pipeline.StageDirectory(dht, "run", addresses)
+    directory = directory_module.StageDirectory(dht, "run", addresses)
     assert asyncio.run(directory.replicas(1, max_age=0)) == {} and dht.gets == 1
-    directory.learn(1, {"peer-a": {"throughput": 2.0, "maddrs": ["/ip4/127.0.0.1/tcp/4001"]}})
+    directory.learn(1, {"peer-a": StageRecord(throughput=2.0, maddrs=("/ip4/127.0.0.1/tcp/4001",))})
     assert addresses["peer-a"] == ["/ip4/127.0.0.1/tcp/4001"]  # dialable even if the DHT never shows it
-    assert asyncio.run(directory.replicas(1, max_age=0)) == {"peer-a": {"throughput": 2.0, "maddrs": ["/ip4/127.0.0.1/tcp/4001"]}}
+    assert asyncio.run(directory.replicas(1, max_age=0)) == {"peer-a": StageRecord(throughput=2.0, maddrs=("/ip4/127.0.0.1/tcp/4001",))}
     assert dht.gets == 1
     directory.learn(1, {})  # the coordinator knows nobody there: the DHT may
     asyncio.run(directory.replicas(1, max_age=0))
     assert dht.gets == 2
-    directory.learn(1, {"peer-a": {"throughput": 2.0, "maddrs": []}})
-    monkeypatch.setattr(pipeline, "TOLD_MAX_AGE", 0.0)  # an old list (coordinator down) no longer counts
+    directory.learn(1, {"peer-a": StageRecord(throughput=2.0)})
+    monkeypatch.setattr(directory_module, "TOLD_MAX_AGE", 0.0)  # an old list (coordinator down) no longer counts
     assert asyncio.run(directory.replicas(1, max_age=0)) == {} and dht.gets == 3
+
+
+def test_stage_records_are_used_only_if_they_fit_their_schema():
+    from peer.directory import StageRecord
+
+    good = StageRecord(throughput=2.5, next_round=7, name="alice", maddrs=("/ip4/10.0.0.1/tcp/4001",))
+    assert StageRecord.parse(good.to_value()) == good
+    assert StageRecord.parse({"leaving": True}) == StageRecord(leaving=True)
+    for bad in ("nonsense", None, [1], {"throughput": "fast"}, {"throughput": float("nan")}, {"throughput": -1.0},
+                {"next_round": 1.5}, {"next_round": True}, {"maddrs": "/ip4/10.0.0.1"}, {"maddrs": [3]},
+                {"maddrs": ["x" * 300]}, {"maddrs": ["/ip4/10.0.0.1"] * 9}, {"name": "n" * 65}, {"extra": 1}):
+        assert StageRecord.parse(bad) is None, bad
+
+
+def test_a_bad_dht_record_is_dropped_and_counted_not_raised():
+    import asyncio
+    from types import SimpleNamespace
+
+    from peer.directory import StageDirectory, StageRecord
+
+    good = StageRecord(throughput=1.0, maddrs=("/ip4/10.0.0.2/tcp/4001",))
+
+    class FakeDHT:
+        async def _found(self):
+            return SimpleNamespace(value={"peer-a": SimpleNamespace(value={"throughput": "fast"}), "peer-b": SimpleNamespace(value=good.to_value()),
+                                          7: SimpleNamespace(value=good.to_value()), "peer-c": SimpleNamespace(value={"leaving": True})})
+
+        def get(self, *args, **kwargs):
+            return self._found()
+
+    directory = StageDirectory(FakeDHT(), "run")
+    assert asyncio.run(directory.replicas(1, max_age=0)) == {"peer-b": good}
+    assert directory.records_rejected == 2 and directory.addresses == {"peer-b": ["/ip4/10.0.0.2/tcp/4001"]}

@@ -136,23 +136,27 @@ def test_bad_layer_range_is_refused():
 
 def test_delta_sync_shares_the_anchor_and_keeps_the_residual_private():
     """Checksums, state hand-offs and checkpoints carry the agreed weights, not a replica's own residual."""
+    from peer.replica_sync import StageSync
     from peer.stage_runtime import StageRuntime
+    from peer.weights import export_stage, import_stage
     from proto.run_config import TrainConfig
 
     torch.manual_seed(0)
     train = TrainConfig(sync_compression="cocktail")
     a = StageRuntime(tiny_config(), train, 0, 2, torch.device("cpu"))
     b = StageRuntime(tiny_config(), train, 0, 2, torch.device("cpu"))
+    sync_a, sync_b = StageSync(a, None, train, 0), StageSync(b, None, train, 0)
     b.load_flat_params(a.flat_params())
-    assert a.checksum() == b.checksum()
-    a.reset_anchor()
-    b.reset_anchor()
-    a.load_flat_params(a.anchor + 0.01 * torch.randn_like(a.anchor))  # a's private, unsent progress
-    assert a.checksum() == b.checksum() != parameter_checksum(a.model)
-    tensors, extras = a.export_state()
+    assert sync_a.checksum() == sync_b.checksum()
+    sync_a._reset_anchor()
+    sync_b._reset_anchor()
+    a.load_flat_params(sync_a.anchor + 0.01 * torch.randn_like(sync_a.anchor))  # a's private, unsent progress
+    assert sync_a.checksum() == sync_b.checksum() != parameter_checksum(a.model)
+    tensors, extras = export_stage(a, sync_a)
     c = StageRuntime(tiny_config(), train, 0, 2, torch.device("cpu"))
-    c.import_state(tensors, extras, next_round=5)
-    assert torch.equal(c.flat_params(), b.anchor) and torch.equal(c.anchor, b.anchor)
+    sync_c = StageSync(c, None, train, 0)
+    import_stage(c, sync_c, tensors, extras, next_round=5)
+    assert torch.equal(c.flat_params(), sync_b.anchor) and torch.equal(sync_c.anchor, sync_b.anchor)
 
 
 def test_a_microbatch_that_comes_through_again_adds_its_gradients_once():
