@@ -1,6 +1,6 @@
 """Data mixer throughput: tokens/s the coordinator's mixer makes on one core, beside what training consumes.
 
-The mixer is the coordinator's own (``coordinator.dataset.build_mixer`` with the default data
+The mixer is the coordinator's own (``coordinator.data.build.build_mixer`` with the default data
 settings: built-in text and instructions, UL2 phase then causal), timed per phase on one
 pinned core at seq_len 64 (the demo) and 2048 (GPT-J). Then the demo swarm (``coordinator
 demo``'s settings: tiny model, 2 stages, 3 CPU peers) runs a few rounds and its consumption is
@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from coordinator.dataset import build_mixer, tokenizer_documents, tokenizer_special_tokens
+from coordinator.data.build import build_mixer, tokenizer_documents, tokenizer_special_tokens
 from coordinator.local_swarm import LocalSwarm
-from coordinator.tokenizer import load_or_train
+from coordinator.data.tokenizer import load_or_train
 from proto.run_config import CoordinatorConfig
 
 GPTJ_NEED = 100_000  # row tokens/s per core that GPT-J-6B training on GPUs consumes

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPTJForCausalLM
 
-from coordinator.dataset import build_mixer
+from coordinator.data.build import build_mixer
 from coordinator.local_swarm import LocalSwarm
 from proto.run_config import CoordinatorConfig, TrainConfig
 

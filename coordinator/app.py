@@ -1,4 +1,4 @@
-"""The coordinator process: wires store, data, round engine, gRPC, HTTP and the DHT bootstrap node."""
+"""The coordinator process, wiring only: store, data, round engine, gRPC service, HTTP status and the DHT bootstrap node."""
 
 from __future__ import annotations
 
@@ -31,15 +31,16 @@ from .checkpoint import (
     split_state_dict,
     write_checkpoint,
 )
-from .dataset import build_mixer, tokenizer_documents, tokenizer_special_tokens
+from .data.build import build_mixer, tokenizer_documents, tokenizer_special_tokens
 from .http_server import StatusHTTPServer
 from .membership import Membership
-from .metrics import WIRE_KINDS, CoordinatorMetrics
-from .model_presets import initial_state, parameter_count, preset_config, pretrained_state, stage_parameter_counts
+from .metrics import CoordinatorMetrics
+from .model_presets import initial_state, preset_config, pretrained_state, stage_parameter_counts
 from .rounds import RoundEngine
 from .service import CoordinatorService
+from .status import StatusReport
 from .store import RoundRecord, Store
-from .tokenizer import load_or_train
+from .data.tokenizer import load_or_train
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class CoordinatorApp:
         self.checkpoint_root = self.state_dir / "checkpoints"
         self.metrics = CoordinatorMetrics()
         self.stop_requested = asyncio.Event()
-        self._last_tokens_per_second: float | None = None
+        self.last_tokens_per_second: float | None = None
+        self.report = StatusReport(self)
         # Set by start() as it gets to them; shutdown() stops those that exist.
         self.store: Store | None = None
         self.dht: hivemind.DHT | None = None
@@ -197,7 +199,8 @@ class CoordinatorApp:
         log.info("DHT bootstrap node: %s", " ".join(maddrs))
 
         try:
-            self.http = StatusHTTPServer(cfg.host, cfg.http_port, self._status_threadsafe, self._rounds_json, self._render_metrics, self.checkpoint_root)
+            self.http = StatusHTTPServer(cfg.host, cfg.http_port, self.report.status_threadsafe, self.report.rounds,
+                                         self.report.metrics_threadsafe, self.checkpoint_root)
         except OSError as exc:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.http_port} for the status page and checkpoints (--http-port): "
                           f"{exc.strerror or exc}; is another coordinator running? stop it or pick another --http-port") from None
@@ -243,8 +246,8 @@ class CoordinatorApp:
         if record.loss is not None:
             self.metrics.loss.set(record.loss)
         if record.duration > 0:
-            self._last_tokens_per_second = record.tokens / record.duration
-            self.metrics.tokens_per_second.set(self._last_tokens_per_second)
+            self.last_tokens_per_second = record.tokens / record.duration
+            self.metrics.tokens_per_second.set(self.last_tokens_per_second)
 
     def _point_at_latest_checkpoint(self) -> None:
         """Joiners and peers that must reload are sent to the newest published checkpoint."""
@@ -282,101 +285,3 @@ class CoordinatorApp:
             self.dht.shutdown()
         if self.store is not None:
             self.store.close()
-
-    # ------------------------------------------------------------ reporting
-
-    def _render_metrics(self) -> bytes:
-        snapshot = asyncio.run_coroutine_threadsafe(self._refresh_gauges(), self.loop)
-        snapshot.result(timeout=5)
-        return self.metrics.render()
-
-    async def _refresh_gauges(self) -> None:
-        self.metrics.peers.clear()
-        for stage in range(self.membership.num_stages):  # a stage with nobody online shows 0, not nothing (alerts need it)
-            self.metrics.peers.labels(str(stage), "online").set(0)
-        for (stage, state), n in self.membership.counts().items():
-            self.metrics.peers.labels(str(stage), state).set(n)
-        for direction in ("sent", "received"):
-            for kind, value in self._wire_totals(direction).items():
-                self.metrics.wire_bytes.labels(kind, direction).set(value["bytes"])
-                self.metrics.wire_uncompressed_bytes.labels(kind, direction).set(value["uncompressed_bytes"])
-        self.metrics.stalled.set(1 if self.engine.stall is not None else 0)
-        data = self.engine.data_progress()
-        self.metrics.data_phase.set(data["phase"])
-        for source, objectives in data["tokens_per_source_objective"].items():
-            for objective, n in objectives.items():
-                self.metrics.data_tokens.labels(source, objective).set(n)
-
-    def _wire_totals(self, direction: str = "sent") -> dict[str, dict[str, int]]:
-        return {kind: {"bytes": 0, "uncompressed_bytes": 0} for kind in WIRE_KINDS} | self.membership.wire_totals(direction)
-
-    def _status_threadsafe(self) -> dict[str, Any]:
-        return asyncio.run_coroutine_threadsafe(self._status(), self.loop).result(timeout=5)
-
-    async def _status(self) -> dict[str, Any]:
-        totals = self.store.totals()
-        last = self.store.rounds(limit=1)
-        stages = []
-        for k, (a, b) in enumerate(self.layer_ranges):
-            live = [p for p in self.membership.live() if p.stage == k]
-            online = self.membership.online(k)
-            stages.append({"index": k, "layers": [a, b], "replicas": len(live), "online": len(online), "throughput": sum(p.throughput for p in online)})
-        checkpoints = [
-            {**c, "path": str(Path(c["path"]).resolve()), "url": self.checkpoint_url(c["round"])} for c in self.store.checkpoints()
-        ]
-        cfg = self.model_config
-        return {
-            "run": self.run_id,
-            "version": PACKAGE_VERSION,
-            "model": {"preset": self.config.init_from or self.config.model, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
-                      "vocab_size": cfg.vocab_size, "parameters": parameter_count(cfg)},
-            "round": last[0].round if last else 0,
-            "current_round": self.engine.round,
-            "phase": pb.RoundPhase.Name(self.engine.phase).lower(),
-            "reason": self.engine.waiting_reason,
-            "stalled": self.engine.stall_status(time.time()),
-            "last_failure": self.engine.failure_status(),
-            "loss": last[0].loss if last else None,
-            "tokens": totals["tokens"],
-            "samples": totals["samples"],
-            "samples_dropped": totals["dropped"],
-            "tokens_per_second": self._last_tokens_per_second,
-            "peers": [p.as_json() for p in self.membership.peers.values()],
-            "stages": stages,
-            "checkpoints": checkpoints,
-            "wire": self._wire_totals(),
-            "progress": self.engine.progress(),
-            "dht_maddrs": list(self.join_template.initial_peers),
-            "train": json.loads(self.config.train_config().to_json()),
-            "data": self._data_status(),
-            "now": time.time(),
-        }
-
-    def _data_status(self) -> dict[str, Any]:
-        """The data phase in force, the schedule, the sources and the loss tokens trained by phase, source and objective."""
-        progress = self.engine.data_progress()
-        description = self.data_description
-        phases = [{**p, "tokens": n} for p, n in zip(description["phases"], progress["tokens_per_phase"])]
-        sources = [{**s, "trained_tokens": progress["tokens_per_source"].get(s["name"], 0)} for s in description["sources"]]
-        return {
-            "phase": {"index": progress["phase"], "objective": progress["objective"]},
-            "phases": phases,
-            "tokens_per_phase": progress["tokens_per_phase"],
-            "tokens_per_source": progress["tokens_per_source"],
-            "tokens_per_objective": progress["tokens_per_objective"],
-            "objective_shares": progress["objective_shares"],
-            "sources": sources,
-            "ul2": description["ul2"],
-            "seq_len": description["seq_len"],
-            "pack_instructions": description["pack_instructions"],
-        }
-
-    def _rounds_json(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "round": r.round, "loss": r.loss, "tokens": r.tokens, "samples": r.samples, "dropped": r.dropped,
-                "duration": r.duration, "tokens_per_second": r.tokens / r.duration if r.duration > 0 else None,
-                "participants": r.participants, "checksums": r.checksums, "diverged_stages": r.diverged_stages, "bytes": r.bytes,
-            }
-            for r in self.store.rounds()
-        ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from proto.run_config import ConfigError, ConsoleConfig, opt
@@ -24,6 +25,12 @@ DEMO_STALL_LIMIT = 4
 @dataclass(kw_only=True)
 class DemoConfig(ConsoleConfig):
     """`coordinator demo` settings."""
+
+    sections: ClassVar[dict[str, tuple[str, ...]]] = {
+        "run": ("peers", "stages", "rounds", "state_dir", "checkpoint_every", "seed"),
+        "network": ("http_port", "port"),
+        "observability": ("quiet", "log_format"),
+    }
 
     peers: int = opt(3, "Peers to start (CPU, one torch thread each).")
     stages: int = opt(2, "Pipeline stages of the tiny GPT-J.")

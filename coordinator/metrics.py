@@ -6,7 +6,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from proto import PACKAGE_VERSION, PROTOCOL_VERSION
 
-WIRE_KINDS = ("activations", "gradients", "sync", "state", "control")
 
 
 class CoordinatorMetrics:

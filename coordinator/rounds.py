@@ -65,7 +65,9 @@ class Stall:
     since: float
     retry_at: float
     cause: str
-from .mixer import DataMixer, MicrobatchInfo
+from .data.accounting import DataAccounting
+from .data.batch import MicrobatchInfo
+from .data.mixer import DataMixer
 from .store import RoundRecord, Store
 
 log = logging.getLogger(__name__)
@@ -127,11 +129,12 @@ class RoundEngine:
         self.on_round_recorded: list[Callable[[RoundRecord], None]] = []
         self.on_sample_dropped: list[Callable[[int], None]] = []
         self.recent_open_seconds: deque[float] = deque(maxlen=10)  # how long recent rounds took to train
-        self.directives = 0  # bumped when a peer is told to move, reload or adopt: wakes long polls
+        self.version = 0  # bumped by every change peers must see (_notify): wakes their long polls
         self.latest_checkpoint: tuple[str, int] = ("", 0)  # (url, round), set by the app
         self.max_sync_attempts = 3
-        self.data_tokens = self._load_data_tokens()
-        self.on_round_recorded.append(self._save_data_tokens)
+        self.accounting = DataAccounting(store, data) if data is not None else None
+        if self.accounting is not None:
+            self.on_round_recorded.append(lambda record: self.accounting.save())
         self.open_attempt = 0                        # openings of self.round so far, minus one
         self.stall: Stall | None = None              # set while rounds train nothing
         self.last_failure: Failure | None = None     # the latest microbatch failure, stalled or not
@@ -140,10 +143,15 @@ class RoundEngine:
 
     # ------------------------------------------------------------ state changes
 
-    async def _set_phase(self, phase: int) -> None:
-        self.phase = phase
+    async def _notify(self) -> None:
+        """Wake every long-polling peer: the one way a change reaches them."""
+        self.version += 1
         async with self.changed:
             self.changed.notify_all()
+
+    async def _set_phase(self, phase: int) -> None:
+        self.phase = phase
+        await self._notify()
 
     async def tick(self) -> None:
         """Advance the state machine; called a few times a second and after every report."""
@@ -168,17 +176,12 @@ class RoundEngine:
         elif self.phase == pb.PUBLISH:
             await self._maybe_finish_publish(now)
 
-    async def _wake(self) -> None:
-        self.directives += 1
-        async with self.changed:
-            self.changed.notify_all()
-
     async def _rebalance(self) -> None:
         moved = self.membership.rebalance()
         if moved is not None:
             record, origin, target = moved
             log.warning("stage %d has no replica: moving peer %s there from stage %d", target, record.peer_id, origin)
-            await self._wake()
+            await self._notify()
 
     async def _reconcile(self, now: float) -> None:
         """Line online peers up with the coordinator's round (after restarts, stage refills, missed steps).
@@ -190,7 +193,7 @@ class RoundEngine:
         the newest checkpoint is more advanced: then they reload (from it) first.
         """
         online = self.membership.online()
-        directives = self.directives
+        told = False
         ahead = max((p.next_round for p in online), default=0)
         if ahead > self.round:
             for missed in range(self.round, ahead):
@@ -210,13 +213,13 @@ class RoundEngine:
                 if at_round or p.next_round != best:
                     log.warning("peer %s of stage %d is at round %d, not %d: it reloads from a replica", p.peer_id, stage, p.next_round, self.round)
                     self.membership.require_reload(p)
-                    self.directives += 1
+                    told = True
                 elif p.adopt_round != self.round:
                     log.warning("stage %d has no replica at round %d: peer %s continues from its round-%d weights", stage, self.round, p.peer_id, p.next_round - 1)
                     p.adopt_round = self.round
-                    self.directives += 1
-        if self.directives != directives:
-            await self._wake()
+                    told = True
+        if told:
+            await self._notify()
 
     def _ready_replicas(self, stage: int) -> list[PeerRecord]:
         return [p for p in self.membership.online(stage) if p.next_round == self.round]
@@ -314,6 +317,7 @@ class RoundEngine:
         await self._set_phase(pb.SYNC)
 
     async def _maybe_finish_sync(self, now: float) -> None:
+        """SYNC ends when every live member reported its step (or the wait ran out): retry, judge, record, go on."""
         cur = self.current
         assert cur is not None and cur.closed_at is not None
         alive_members = [pid for pid in cur.members if self.membership.get(pid) is not None]
@@ -322,10 +326,17 @@ class RoundEngine:
             return
         if await self._retry_failed_groups(now):
             return
+        checksums = self._judge_replicas(cur)
+        self._record_round(cur, now, checksums)
+        if not await self._maybe_start_publish(cur, now):
+            await self._next_round()
+
+    def _judge_replicas(self, cur: OpenRound) -> dict[str, list[str]]:
+        """Who holds the stage's agreed weights after the step (the checksum majority) and who must reload; the
+        checksums by stage, of the replicas that synced (skipped syncs differ by design until they re-align)."""
         checksums: dict[str, list[str]] = {}
-        drifting = sorted({cur.members[pid] for pid, r in cur.step_reports.items() if r.diverged})
         for pid, report in sorted(cur.step_reports.items()):
-            if report.synced and not report.diverged:  # skipped syncs: replicas differ by design until re-aligned
+            if report.synced and not report.diverged:
                 checksums.setdefault(str(cur.members[pid]), []).append(report.checksum)
         for pid, report in cur.step_reports.items():
             record = self.membership.get(pid)
@@ -343,25 +354,31 @@ class RoundEngine:
             else:
                 log.warning("peer %s of stage %d diverged in round %d (%s): it reloads its weights", pid, record.stage, cur.number, report.error or "checksum differs")
                 self.membership.require_reload(record)
+        return checksums
+
+    def _record_round(self, cur: OpenRound, now: float, checksums: dict[str, list[str]]) -> None:
         loss = cur.loss_sum / cur.tokens if cur.tokens else None
-        totals = self._byte_totals()
         record = RoundRecord(
             round=cur.number, loss=loss, tokens=cur.tokens, samples=cur.samples, dropped=cur.dropped * self.config.micro_batch_size,
-            started=cur.started, ended=now, participants=sorted(cur.members), checksums=checksums, bytes=totals,
-            diverged_stages=drifting,
+            started=cur.started, ended=now, participants=sorted(cur.members), checksums=checksums, bytes=self._byte_totals(),
+            diverged_stages=sorted({cur.members[pid] for pid, r in cur.step_reports.items() if r.diverged}),
         )
         self.store.record_round(record)
         for callback in self.on_round_recorded:
             callback(record)
         log.info("round %d done: loss %s, %d tokens, %d dropped, %.2fs", cur.number, f"{loss:.4f}" if loss is not None else "n/a", cur.tokens, cur.dropped, record.duration)
-        if cur.number % self.config.checkpoint_every == 0 and cur.tokens:
-            cur.uploaders = {stage: self._uploader(stage, cur) for stage in range(self.membership.num_stages)}
-            if all(cur.uploaders.values()):
-                cur.publish_started = now
-                await self._set_phase(pb.PUBLISH)
-                return
+
+    async def _maybe_start_publish(self, cur: OpenRound, now: float) -> bool:
+        """Every --checkpoint-every rounds: ask one current replica per stage for its tensors (PUBLISH)."""
+        if cur.number % self.config.checkpoint_every or not cur.tokens:
+            return False
+        cur.uploaders = {stage: self._uploader(stage, cur) for stage in range(self.membership.num_stages)}
+        if not all(cur.uploaders.values()):
             log.warning("round %d: no replica of some stage can upload; checkpoint skipped", cur.number)
-        await self._next_round()
+            return False
+        cur.publish_started = now
+        await self._set_phase(pb.PUBLISH)
+        return True
 
     async def _retry_failed_groups(self, now: float) -> bool:
         """A stage none of whose replicas finished averaging (a member died) averages again without the dead."""
@@ -383,8 +400,7 @@ class RoundEngine:
                 cur.step_reports.pop(pid, None)
             log.warning("round %d: stage %d averages again (attempt %d) with %d replica(s)", cur.number, stage, cur.sync_attempt + 1, len(alive))
         cur.closed_at = now
-        async with self.changed:
-            self.changed.notify_all()
+        await self._notify()
         return True
 
     def _uploader(self, stage: int, cur: OpenRound) -> str:
@@ -463,7 +479,7 @@ class RoundEngine:
         info = cur.infos.pop(report.microbatch_index, None)
         if report.ok:
             if info is not None:
-                self._count_data(info)
+                self.accounting.count(info)
             cur.done += 1
             cur.loss_sum += report.loss_sum
             cur.tokens += report.tokens
@@ -558,13 +574,13 @@ class RoundEngine:
 
     async def wait_for_change(self, known_round: int, known_phase: int, known_attempt: int, timeout: float, known_opening: int = 0) -> None:
         """Long poll: return when (round, phase, sync attempt, opening) differs from what the caller knows, or on timeout."""
-        directives = self.directives
+        version = self.version
         known = (known_round, known_phase, known_attempt, known_opening)
         async with self.changed:
             try:
                 await asyncio.wait_for(
                     self.changed.wait_for(
-                        lambda: (self.round, self.phase, self._attempt(), self.open_attempt) != known or self.directives != directives
+                        lambda: (self.round, self.phase, self._attempt(), self.open_attempt) != known or self.version != version
                     ),
                     timeout,
                 )
@@ -573,46 +589,10 @@ class RoundEngine:
 
     # ------------------------------------------------------------ data accounting
 
-    DATA_TOKENS_KEY = "data_tokens"  # store meta: loss tokens trained by phase and by (source, objective), JSON
-
-    def _load_data_tokens(self) -> dict:
-        saved = self.store.get_meta(self.DATA_TOKENS_KEY)
-        totals = json.loads(saved) if saved else {}
-        return {"phases": dict(totals.get("phases", {})), "sources": {k: dict(v) for k, v in totals.get("sources", {}).items()}}
-
-    def _save_data_tokens(self, record: RoundRecord) -> None:
-        """Persisted with every recorded round, so a restarted coordinator keeps counting from there."""
-        self.store.set_meta(self.DATA_TOKENS_KEY, json.dumps(self.data_tokens, sort_keys=True))
-
-    def _count_data(self, info: MicrobatchInfo) -> None:
-        """Add a trained microbatch's loss tokens to the totals by phase and by (source, objective)."""
-        phases = self.data_tokens["phases"]
-        phases[str(info.phase)] = phases.get(str(info.phase), 0) + sum(info.loss_tokens)
-        for source, objective, n in zip(info.sources, info.objectives, info.loss_tokens):
-            per_source = self.data_tokens["sources"].setdefault(source, {})
-            per_source[objective] = per_source.get(objective, 0) + int(n)
-
     def data_progress(self) -> dict:
-        """The data phase in force and the loss tokens trained so far (the open round's finished
-        microbatches included) by phase, source, objective and (source, objective)."""
+        """The data phase in force and the loss tokens trained so far (the open round's finished microbatches included)."""
         cur = self.current
-        tokens_before = cur.tokens_before if cur is not None else self.store.totals()["tokens"]
-        phase = self.data.phase_at(tokens_before)
-        pairs = {s: dict(sorted(o.items())) for s, o in sorted(self.data_tokens["sources"].items())}
-        by_objective: dict[str, int] = {}
-        for objectives in pairs.values():
-            for objective, n in objectives.items():
-                by_objective[objective] = by_objective.get(objective, 0) + n
-        total = sum(by_objective.values())
-        return {
-            "phase": phase,
-            "objective": self.data.phase_configs[phase].objective,
-            "tokens_per_phase": [self.data_tokens["phases"].get(str(i), 0) for i in range(len(self.data.phase_configs))],
-            "tokens_per_source": {s: sum(o.values()) for s, o in pairs.items()},
-            "tokens_per_objective": dict(sorted(by_objective.items())),
-            "tokens_per_source_objective": pairs,
-            "objective_shares": {o: n / total for o, n in sorted(by_objective.items())} if total else {},
-        }
+        return self.accounting.progress(cur.tokens_before if cur is not None else self.store.totals()["tokens"])
 
     # ------------------------------------------------------------ reporting
 

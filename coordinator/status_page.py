@@ -11,6 +11,8 @@ from __future__ import annotations
 import html
 import time
 
+from proto import console
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1200px;
 color:#222;background:#fafafa;padding:0 1em}
@@ -44,12 +46,7 @@ def _num(value, default=0.0) -> float:
 
 
 def human_bytes(n) -> str:
-    n = _num(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    return console.human_bytes(_num(n))
 
 
 def _fmt(value, spec=",.0f", none="–") -> str:

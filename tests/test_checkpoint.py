@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, GPTJForCausalLM
 from coordinator.assignment import stage_layer_ranges
 from coordinator.checkpoint import load_signing_key, public_key_hex, remove_incomplete, split_state_dict, write_checkpoint
 from coordinator.model_presets import initial_state, preset_config
-from coordinator.tokenizer import train_tokenizer
+from coordinator.data.tokenizer import train_tokenizer
 from proto.manifest import ManifestError, verify_directory, verify_file, verify_manifest
 
 

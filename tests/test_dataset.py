@@ -10,15 +10,15 @@ import pytest
 from transformers import GPTJConfig, GPTJForCausalLM
 
 from coordinator.app import CoordinatorApp
-from coordinator.corpus import builtin_documents
-from coordinator.dataset import build_mixer, schedule, source_configs, tokenizer_documents, tokenizer_special_tokens
+from coordinator.data.corpus import builtin_documents
+from coordinator.data.build import build_mixer, schedule, source_configs, tokenizer_documents, tokenizer_special_tokens
 from coordinator.membership import Membership
-from coordinator.mixer import MicrobatchInfo
+from coordinator.data.batch import MicrobatchInfo
 from coordinator.rounds import RoundEngine
 from coordinator.status_page import data_section, render_page
 from coordinator.store import RoundRecord, Store
-from coordinator.tokenizer import END_OF_TEXT, load_or_train, load_pretrained, train_tokenizer
-from coordinator.ul2 import UL2Vocab, special_tokens
+from coordinator.data.tokenizer import END_OF_TEXT, load_or_train, load_pretrained, train_tokenizer
+from coordinator.data.ul2 import UL2Vocab, special_tokens
 from proto.run_config import ConfigError, CoordinatorConfig, add_arguments, load
 
 
@@ -168,8 +168,8 @@ def test_engine_counts_loss_tokens_by_phase_source_objective_and_keeps_them(tmp_
     engine = RoundEngine(cfg, store, mixer, Membership(1, 10), lambda *a: None, [(0, 4)])
     assert engine.data_progress() == {"phase": 0, "objective": "ul2", "tokens_per_phase": [0, 0], "tokens_per_source": {},
                                       "tokens_per_objective": {}, "tokens_per_source_objective": {}, "objective_shares": {}}
-    engine._count_data(info(0, ["text", "text"], ["S", "R(3,0.15)"], [30, 10]))
-    engine._count_data(info(1, ["text"], ["causal"], [60]))
+    engine.accounting.count(info(0, ["text", "text"], ["S", "R(3,0.15)"], [30, 10]))
+    engine.accounting.count(info(1, ["text"], ["causal"], [60]))
     store.record_round(RoundRecord(1, 2.0, 100, 3, 0, 0.0, 1.0, []))
     for callback in engine.on_round_recorded:
         callback(store.rounds()[-1])

@@ -10,7 +10,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from coordinator.cli import build_parser as coordinator_parser
 from coordinator.demo import DemoConfig
 from coordinator.metrics import CoordinatorMetrics
 from peer.cli import build_parser as peer_parser
-from peer.metrics import _NodeCollector
+from peer.metrics import PeerSnapshot, _SnapshotCollector
 from peer.transport import WireCounters
 from proto.run_config import CoordinatorConfig, PeerConfig, load
 
@@ -131,9 +130,9 @@ def test_every_command_the_readmes_show_parses():
 
 def exported_samples() -> dict[str, str]:
     """Every sample name either process exports, with its family's type."""
-    node = types.SimpleNamespace(stage=0, current_round=1, throughput=0.0, runtime=types.SimpleNamespace(microbatches_done=0),
-                                 counters=WireCounters(), transport=types.SimpleNamespace(frames_rejected=0))
-    families = list(text_string_to_metric_families(CoordinatorMetrics().render().decode())) + list(_NodeCollector(node).collect())
+    snapshot = PeerSnapshot(stage=0, round=1, microbatches_done=0, microbatches_failed=0, throughput=0.0, counters=WireCounters(),
+                            frames_rejected=0, records_rejected=0)
+    families = list(text_string_to_metric_families(CoordinatorMetrics().render().decode())) + list(_SnapshotCollector(lambda: snapshot).collect())
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", ""),
                 "gauge": ("",), "info": ("_info",), "unknown": ("",)}
     samples = {}

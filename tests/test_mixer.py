@@ -1,6 +1,6 @@
 """The data mixer: masks per objective, determinism, the phase schedule, source shares, readers.
 
-Speed (not asserted; ``DataMixer(builtin_sources(), gptjt_schedule(...), tokenizer, 2048, 0)``
+Speed (not asserted; ``DataMixer(builtin_sources(), gptjt_schedule(...), tokenizer, 2048, 0)`` with the schedule below
 with a 2,000-entry BPE, microbatches of 8, one core pinned with taskset): about 16M row
 tokens/s in the UL2 phase (1.0 ms per microbatch) and 33M/s in the causal + instruction
 phase; the requirement is >= 100k tokens/s. Building that mixer takes ~4 s, nearly all of it
@@ -14,13 +14,13 @@ import json
 import pytest
 import torch
 
-from coordinator.corpus import builtin_documents
-from coordinator.mixer import (
+from coordinator.data.corpus import builtin_documents
+from coordinator.data.mixer import (
     BUILTIN_INSTRUCTIONS, BUILTIN_TEXT, PROMPT_COMPLETION, TEXT, DataMixer, PhaseConfig, SourceConfig, SourceError,
-    builtin_sources, gptjt_schedule, load_source, read_instruction_records, read_text_documents,
+    builtin_sources, load_source, read_instruction_records, read_text_documents,
 )
-from coordinator.tokenizer import train_tokenizer
-from coordinator.ul2 import UL2Config, add_ul2_tokens
+from coordinator.data.tokenizer import train_tokenizer
+from coordinator.data.ul2 import UL2Config, add_ul2_tokens
 
 SEQ_LEN = 64
 
@@ -35,6 +35,19 @@ def tokenizer():
 def demo_sources(instructions=300):
     text, inst = builtin_sources()
     return (text, SourceConfig(inst.name, inst.path, inst.format, inst.weight, max_records=instructions))
+
+
+def gptjt_schedule(ul2_tokens, text="text", instructions="instructions", instruction_share=0.45):
+    """GPT-JT's recipe in miniature: UL2 on plain text until ``ul2_tokens``, then causal LM on a mix."""
+    return (PhaseConfig("ul2", ul2_tokens, {text: 1.0}),
+            PhaseConfig("causal", 0, {text: 1.0 - instruction_share, instructions: instruction_share}))
+
+
+def sum_by(keys, values):
+    totals = {}
+    for key, value in zip(keys, values):
+        totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def mixer(tokenizer, sources=None, phases=None, seed=0, **kw):
@@ -222,8 +235,9 @@ def test_a_sample_id_always_means_the_same_tokens(tokenizer):
 def test_info_counts_tokens_per_source_and_objective(tokenizer):
     m = mixer(tokenizer)
     mb, info = m.microbatch_with_info(5, 2, 16, 10**6)
-    assert sum(info.loss_tokens_by_source().values()) == mb.loss_tokens == sum(info.loss_tokens_by_objective().values())
-    assert set(info.loss_tokens_by_source()) == set(info.sources)
+    by_source, by_objective = sum_by(info.sources, info.loss_tokens), sum_by(info.objectives, info.loss_tokens)
+    assert sum(by_source.values()) == mb.loss_tokens == sum(by_objective.values())
+    assert set(by_source) == set(info.sources)
     described = json.loads(json.dumps(m.describe()))
     assert [p["objective"] for p in described["phases"]] == ["ul2", "causal"]
     assert described["phases"][1]["from_tokens"] == 10_000 and described["phases"][1]["weights"]["instructions"] == 0.45
@@ -298,7 +312,7 @@ def test_configuration_errors_say_what_was_received(tokenizer):
 def test_builtin_instruction_records_are_deterministic_and_correct():
     import re
 
-    from coordinator.instructions import TASKS, builtin_instruction_records, instruction_record
+    from coordinator.data.instructions import TASKS, builtin_instruction_records, instruction_record
 
     records = builtin_instruction_records(400, seed=3)
     assert records == builtin_instruction_records(400, seed=3) and records != builtin_instruction_records(400, seed=4)

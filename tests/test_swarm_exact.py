@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPTJForCausalLM
 
-from coordinator.dataset import build_mixer
+from coordinator.data.build import build_mixer
 from peer.swarm_client import swarm_logits
 from proto import PROTOCOL_VERSION
 from proto import hometrain_pb2 as pb

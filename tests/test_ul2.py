@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator import ul2
-from coordinator.corpus import builtin_documents
-from coordinator.tokenizer import train_tokenizer
-from coordinator.ul2 import (
+from coordinator.data import ul2
+from coordinator.data.corpus import builtin_documents
+from coordinator.data.tokenizer import train_tokenizer
+from coordinator.data.ul2 import (
     Denoiser, PackedSample, UL2Config, UL2Vocab, make_ul2_sample, reconstruct, source_length, span_corrupt,
 )
 

@@ -17,7 +17,9 @@ from typing import Iterator
 
 from proto.run_config import ConfigError, CoordinatorConfig
 
-from .mixer import PROMPT_COMPLETION, TEXT, DataMixer, PhaseConfig, SourceConfig, SourceError, builtin_sources, load_source
+from proto.run_config import PROMPT_COMPLETION, TEXT, SourceConfig
+
+from .mixer import DataMixer, Objective, PhaseConfig, SourceError, builtin_sources, load_source
 from .ul2 import UL2Config, special_tokens
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,7 @@ def source_configs(config: CoordinatorConfig) -> tuple[SourceConfig, ...]:
     """The ``[[sources]]`` tables as ``SourceConfig``s, or the built-in text and instructions."""
     if not config.sources:
         return builtin_sources()
-    try:
-        return tuple(SourceConfig(**table) for table in config.sources)
-    except ValueError as e:
-        raise ConfigError(f"[[sources]]: {e}") from None
+    return tuple(SourceConfig.from_table(i, table) for i, table in enumerate(config.sources, 1))
 
 
 def schedule(config: CoordinatorConfig, sources: tuple[SourceConfig, ...]) -> tuple[PhaseConfig, ...]:
@@ -54,7 +53,7 @@ def schedule(config: CoordinatorConfig, sources: tuple[SourceConfig, ...]) -> tu
         if not text:
             raise ConfigError(f"--ul2-tokens {config.ul2_tokens} trains UL2 on text sources, but there is none with weight > 0; "
                               "add a text source or set --ul2-tokens 0")
-        phases.append(PhaseConfig("ul2", config.ul2_tokens, {s.name: s.weight for s in text}))
+        phases.append(PhaseConfig(Objective.UL2, config.ul2_tokens, {s.name: s.weight for s in text}))
     share = config.instruction_share if text and instructions else float(bool(instructions))
     if instructions and not text and config.instruction_share < 1:
         log.info("no text source: the causal phase is all instructions (--instruction-share %g ignored)", config.instruction_share)
@@ -64,7 +63,7 @@ def schedule(config: CoordinatorConfig, sources: tuple[SourceConfig, ...]) -> tu
     for group, group_share in ((text, 1.0 - share), (instructions, share)):
         total = sum(s.weight for s in group)
         weights |= {s.name: group_share * s.weight / total for s in group if group_share > 0}
-    phases.append(PhaseConfig("causal", 0, weights))
+    phases.append(PhaseConfig(Objective.CAUSAL, 0, weights))
     return tuple(phases)
 
 

@@ -1,13 +1,13 @@
 """Training rows from several data sources, mixed by weight, with the objective scheduled by tokens seen.
 
 Sources (``SourceConfig``): plain text or prompt/completion records, read from files or the
-built-ins (``coordinator.corpus`` prose, ``coordinator.instructions`` records), tokenized
+built-ins (``corpus`` prose, ``instructions`` records), tokenized
 once when the mixer is built.
 
 Schedule (``PhaseConfig``): phases run in order; a phase lasts while the tokens seen before
 the round (as the caller counts them) are below its ``until_tokens``, an absolute count (0:
 unbounded, last phase only). In a ``"ul2"`` phase text becomes UL2 denoising samples
-(``coordinator.ul2``, the denoiser drawn by its share); in a ``"causal"`` phase, plain LM
+(``ul2``, the denoiser drawn by its share); in a ``"causal"`` phase, plain LM
 windows. Instruction records are the same in both phases: loss on the completion only.
 
 Rows: every sample is one row of at most ``seq_len + 1`` tokens; shorter rows are padded
@@ -44,26 +44,30 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from proto.run_config import BUILTIN_INSTRUCTIONS, BUILTIN_TEXT, PROMPT_COMPLETION, TEXT, SourceConfig
+
+from .batch import Microbatch, MicrobatchInfo
 from .corpus import builtin_documents
-from .data import Microbatch
 from .instructions import builtin_instruction_records
 from .ul2 import Denoiser, PackedSample, UL2Config, UL2Vocab, make_ul2_sample, source_length
 
-TEXT = "text"
-PROMPT_COMPLETION = "prompt_completion"
-FORMATS = (TEXT, PROMPT_COMPLETION)
-BUILTIN_TEXT = "builtin:text"
-BUILTIN_INSTRUCTIONS = "builtin:instructions"
 BUILTIN_INSTRUCTION_RECORDS = 10_000
-OBJECTIVES = ("ul2", "causal")
-CAUSAL = "causal"
-INSTRUCTION = "instruction"
+CAUSAL = "causal"            # the sample label of a causal text window
+INSTRUCTION = "instruction"  # the sample label of an instruction record
+
+
+class Objective(StrEnum):
+    """What a data phase trains."""
+
+    UL2 = "ul2"        # UL2's mixture of denoisers on text (instruction records stay causal)
+    CAUSAL = "causal"  # plain causal LM
 
 
 class SourceError(ValueError):
@@ -71,61 +75,18 @@ class SourceError(ValueError):
 
 
 @dataclass(frozen=True)
-class SourceConfig:
-    """One data source.
-
-    ``path``: a ``.txt`` file (one document: the whole file), a ``.jsonl`` file (one JSON
-    object per line: ``{"text": ...}`` for text, ``{"prompt": ..., "completion": ...}`` for
-    prompt_completion), a folder of such files (recursively, in sorted path order, hidden
-    files skipped), ``"builtin:text"``, ``"builtin:instructions"``, or ``""`` for the built-in
-    of the format. ``max_records``: keep only the first N documents/records (0: all; the
-    built-in instruction generator makes ``BUILTIN_INSTRUCTION_RECORDS`` then).
-    """
-
-    name: str
-    path: str = ""
-    format: str = TEXT
-    weight: float = 1.0
-    max_records: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.name or not self.name.isprintable():
-            raise ValueError(f"source name {self.name!r} must be a non-empty printable string")
-        if self.format not in FORMATS:
-            raise ValueError(f"source {self.name!r}: format {self.format!r} is not one of {FORMATS}")
-        if not np.isfinite(self.weight) or self.weight < 0:
-            raise ValueError(f"source {self.name!r}: weight {self.weight} must be a finite number >= 0")
-        if not isinstance(self.max_records, int) or self.max_records < 0:
-            raise ValueError(f"source {self.name!r}: max_records {self.max_records!r} must be an integer >= 0 (0: all)")
-        if self.path.startswith("builtin:"):
-            expected = {BUILTIN_TEXT: TEXT, BUILTIN_INSTRUCTIONS: PROMPT_COMPLETION}.get(self.path)
-            if expected is None:
-                raise ValueError(
-                    f"source {self.name!r}: unknown built-in {self.path!r}; use {BUILTIN_TEXT!r} or {BUILTIN_INSTRUCTIONS!r}"
-                )
-            if expected != self.format:
-                raise ValueError(f"source {self.name!r}: {self.path} has format {expected!r}, not {self.format!r}")
-
-    @property
-    def location(self) -> str:
-        """``path``, with ``""`` resolved to the built-in of the format."""
-        if self.path:
-            return self.path
-        return BUILTIN_TEXT if self.format == TEXT else BUILTIN_INSTRUCTIONS
-
-
-@dataclass(frozen=True)
 class PhaseConfig:
     """One stretch of training: its objective, the token count it lasts until, and optionally
     its own source weights (``{source name: weight}``; sources it leaves out get weight 0)."""
 
-    objective: str
+    objective: Objective
     until_tokens: int = 0
     weights: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"phase objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.objective not in tuple(Objective):
+            raise ValueError(f"phase objective {self.objective!r} is not one of {[str(o) for o in Objective]}")
+        object.__setattr__(self, "objective", Objective(self.objective))
         if not isinstance(self.until_tokens, int) or self.until_tokens < 0:
             raise ValueError(f"until_tokens {self.until_tokens!r} must be an integer >= 0 (0: unbounded)")
         if self.weights is not None:
@@ -139,19 +100,6 @@ def builtin_sources(text_weight: float = 0.55, instruction_weight: float = 0.45)
     return (
         SourceConfig("text", BUILTIN_TEXT, TEXT, text_weight),
         SourceConfig("instructions", BUILTIN_INSTRUCTIONS, PROMPT_COMPLETION, instruction_weight),
-    )
-
-
-def gptjt_schedule(
-    ul2_tokens: int, text: str = "text", instructions: str = "instructions", instruction_share: float = 0.45
-) -> tuple[PhaseConfig, ...]:
-    """GPT-JT's recipe in miniature: UL2 on plain text until ``ul2_tokens``, then causal LM on a
-    mix (GPT-JT: 5% chain of thought + 20% P3 + 20% Natural Instructions, 55% Pile)."""
-    if not 0 <= instruction_share <= 1:
-        raise ValueError(f"instruction_share {instruction_share} must be in [0, 1]")
-    return (
-        PhaseConfig("ul2", ul2_tokens, {text: 1.0}),
-        PhaseConfig("causal", 0, {text: 1.0 - instruction_share, instructions: instruction_share}),
     )
 
 
@@ -307,37 +255,6 @@ def _group_id(source: str, label: str, seq_len: int, seed: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-@dataclass(frozen=True)
-class MicrobatchInfo:
-    """Where each sample of a microbatch came from, for token accounting on the status page.
-
-    ``objectives`` holds "causal", "instruction" or a denoiser label such as "R(3,0.15)"/"S";
-    ``tokens`` counts a sample's non-padding input positions, ``loss_tokens`` those with loss.
-    """
-
-    round: int
-    index: int
-    phase: int
-    phase_objective: str
-    sources: list[str]
-    objectives: list[str]
-    tokens: list[int]
-    loss_tokens: list[int]
-
-    def loss_tokens_by_source(self) -> dict[str, int]:
-        return _sum_by(self.sources, self.loss_tokens)
-
-    def loss_tokens_by_objective(self) -> dict[str, int]:
-        return _sum_by(self.objectives, self.loss_tokens)
-
-
-def _sum_by(keys: list[str], values: list[int]) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for key, value in zip(keys, values):
-        totals[key] = totals.get(key, 0) + value
-    return totals
-
-
 class DataMixer:
     """Deterministic microbatches from weighted sources under a phase schedule (see module docstring)."""
 
@@ -369,7 +286,7 @@ class DataMixer:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; rows use it between documents and as padding")
         self.eos = int(tokenizer.eos_token_id)
-        needs_ul2 = any(p.objective == "ul2" for p in self.phase_configs) and any(s.format == TEXT for s in self.sources)
+        needs_ul2 = any(p.objective == Objective.UL2 for p in self.phase_configs) and any(s.format == TEXT for s in self.sources)
         self.vocab = UL2Vocab.from_tokenizer(tokenizer, self.ul2) if needs_ul2 else None
 
         self._stats: list[dict[str, Any]] = []
@@ -421,7 +338,7 @@ class DataMixer:
             raise SourceError(f"source {source.name!r} has {len(stream)} tokens; needs >= 2")
         stats |= {"documents": len(ids), "tokens": int(len(stream))}
         variants: dict[str, _Variant] = {}
-        if any(p.objective == "causal" for p in self.phase_configs):
+        if any(p.objective == Objective.CAUSAL for p in self.phase_configs):
             variants[CAUSAL] = self._windows(source, CAUSAL, stream, self.seq_len + 1, self._causal_row)
         if needs_ul2:
             for denoiser, _ in self.ul2.denoisers:
@@ -506,7 +423,7 @@ class DataMixer:
                 table = self._variants[source.name]
                 if source.format != TEXT:
                     chosen, shares = [table[INSTRUCTION]], np.ones(1)
-                elif phase.objective == "causal":
+                elif phase.objective == Objective.CAUSAL:
                     chosen, shares = [table[CAUSAL]], np.ones(1)
                 else:
                     chosen, shares = [table[d.label] for d, _ in self.ul2.denoisers], ul2_shares

@@ -1,7 +1,7 @@
 """The run's tokenizer: a byte-level BPE trained on the run's corpus (no download), or a saved
 Hugging Face tokenizer the organiser points at (``--tokenizer``, e.g. GPT-J's); saved with checkpoints.
 
-Special tokens (UL2's mode tokens and sentinels, ``coordinator.ul2.special_tokens()``) are
+Special tokens (UL2's mode tokens and sentinels, ``coordinator.data.ul2.special_tokens()``) are
 trained in as special tokens, so they get stable ids inside ``vocab_size``; a loaded tokenizer
 that lacks them gets them appended after its vocabulary (the model's embedding must cover
 ``len(tokenizer)``, which the coordinator checks).

@@ -193,7 +193,7 @@ class UL2Vocab:
         if missing:
             raise ValueError(
                 f"the tokenizer lacks {len(missing)} UL2 special tokens (first: {missing[:3]}); train it with "
-                "coordinator.ul2.special_tokens() as special tokens or call coordinator.ul2.add_ul2_tokens(tokenizer)"
+                "coordinator.data.ul2.special_tokens() as special tokens or call coordinator.data.ul2.add_ul2_tokens(tokenizer)"
             )
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; UL2 targets end with EOS")
