@@ -3,7 +3,11 @@
 ``TrainConfig`` is part of the wire contract: the coordinator sends it to every peer at Join,
 so both sides train with the same batch shape, optimizer and seed. ``CoordinatorConfig`` and
 ``PeerConfig`` are the two processes' settings. The CLIs are derived from these dataclasses
-(``add_arguments`` / ``load``): a field's ``help`` is its --help text.
+(``add_arguments`` / ``load``): a field's ``help`` is its --help text, its ``unit`` follows its
+default, and its section (``SECTIONS`` of its class, as torchtitan groups its own: run,
+model, data, optimizer, compression, network, observability) is its argument group in
+--help and its table in the TOML file (``[network]\nport = 50051``); a flat file (``port =
+50051``) loads too.
 """
 
 from __future__ import annotations
@@ -19,16 +23,28 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 
-def opt(default: Any, help: str, *, secret: bool = False) -> Any:
-    """A dataclass field with a default and its --help text.
+def opt(default: Any, help: str, *, secret: bool = False, unit: str = "") -> Any:
+    """A dataclass field with a default, its --help text and the unit its value is in.
 
     A ``secret`` field never comes from the command line (``ps`` shows every user a command
     line): it comes from ``--<name>-file FILE``, the environment variable ``HOMETRAIN_<NAME>``
     or the TOML file, in that order."""
-    return field(default=default, metadata={"help": help, "secret": secret})
+    return field(default=default, metadata={"help": help, "secret": secret, "unit": unit})
+
+
+SECTION_HELP = {
+    "run": "the run itself: where it lives, how long it lasts, who may join",
+    "model": "the GPT-J being trained and how it is split into stages",
+    "data": "what each sample holds and where it comes from",
+    "optimizer": "AdamW",
+    "compression": "what crosses the wire, and how small",
+    "network": "addresses, ports, timeouts, pipelining",
+    "device": "what this machine lends",
+    "observability": "logs and metrics",
+}
 
 
 class ConfigError(ValueError):
@@ -66,7 +82,18 @@ class ConsoleConfig:
 class TrainConfig:
     """How the model trains; identical on every peer of a run (sent at Join)."""
 
-    seq_len: int = opt(64, "Tokens per training sample.")
+    sections: ClassVar[dict[str, tuple[str, ...]]] = {
+        "run": ("seed", "round_timeout", "deadline_factor", "deadline_floor"),
+        "model": ("compute_dtype",),
+        "data": ("seq_len", "micro_batch_size", "global_batch_size"),
+        "optimizer": ("lr", "weight_decay", "beta1", "beta2", "eps"),
+        "compression": ("activation_compression", "activation_bits", "activation_first_bits", "gradient_bits", "boundary_block",
+                        "sync_compression", "sync_random_ratio", "sync_topk_ratio", "sync_bits", "p_skip", "resync_every",
+                        "sync_warmup_rounds"),
+        "network": ("sync_timeout", "max_inflight"),
+    }
+
+    seq_len: int = opt(64, "Tokens per training sample.", unit="tokens")
     micro_batch_size: int = opt(4, "Samples per microbatch (what one pipeline trip carries).")
     global_batch_size: int = opt(16, "Samples per round, i.e. per optimizer step, across all replicas.")
     lr: float = opt(1e-3, "AdamW learning rate (GPT-JT used 1e-5 on GPT-J-6B).")
@@ -75,21 +102,21 @@ class TrainConfig:
     beta2: float = opt(0.999, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     seed: int = opt(0, "Seed of weight init and data sampling; same seed, same run.")
-    round_timeout: float = opt(120.0, "Longest an open round may last; late samples are dropped and counted.")
+    round_timeout: float = opt(120.0, "Longest an open round may last; late samples are dropped and counted.", unit="s")
     deadline_factor: float = opt(3.0, "An open round closes after this many times the median length of recent rounds (adaptive deadline).")
-    deadline_floor: float = opt(10.0, "The adaptive round deadline is never shorter than this (seconds).")
-    sync_timeout: float = opt(30.0, "Seconds replicas wait for each other while averaging gradients before retrying without the missing.")
+    deadline_floor: float = opt(10.0, "The adaptive round deadline is never shorter than this.", unit="s")
+    sync_timeout: float = opt(30.0, "How long replicas wait for each other while syncing before retrying without the missing.", unit="s")
     max_inflight: int = opt(2, "Microbatches a stage-0 peer keeps in flight at once (pipelining).")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Dtype of stage weights and activations on peers: float32, bfloat16 or float16.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Dtype of stage weights and activations on peers.")
     activation_compression: Literal["none", "direct", "aqsgd"] = opt("none", "Activations forward: none, direct (quantize each frame) or aqsgd (quantize the change since the sample's last visit).")
-    activation_bits: int = opt(4, "Bits per activation value when compressed: 2, 4 or 8.")
-    activation_first_bits: int = opt(8, "AQ-SGD: bits for a frame holding a sample's first visit (it fills both caches).")
-    gradient_bits: int = opt(0, "Activation gradients backward: 0 (fp32/compute dtype), 2, 4 or 8 bits.")
-    boundary_block: int = opt(64, "Values sharing one scale when activations or their gradients are quantized: a power of two, 64..4096 (larger: fewer bytes on scales, coarser).")
+    activation_bits: Literal[2, 4, 8] = opt(4, "Bits per activation value when compressed.")
+    activation_first_bits: Literal[2, 4, 8] = opt(8, "AQ-SGD: bits for a frame holding a sample's first visit (it fills both caches).")
+    gradient_bits: Literal[0, 2, 4, 8] = opt(0, "Bits per activation gradient backward (0: fp32, uncompressed).")
+    boundary_block: Literal[64, 128, 256, 512, 1024, 2048, 4096] = opt(64, "Values sharing one scale when activations or their gradients are quantized (larger: fewer bytes on scales, coarser).")
     sync_compression: Literal["none", "cocktail"] = opt("none", "Replica sync: none (exact gradient sum) or cocktail (parameter deltas: random subset, top-k, low-bit, error feedback).")
     sync_random_ratio: float = opt(0.1, "cocktail: share of coordinates in the shared random subset.")
     sync_topk_ratio: float = opt(0.2, "cocktail: share of the random subset kept by magnitude.")
-    sync_bits: int = opt(4, "cocktail: bits per kept value (2, 4 or 8).")
+    sync_bits: Literal[2, 4, 8] = opt(4, "cocktail: bits per kept value.")
     p_skip: float = opt(0.0, "cocktail: probability that a stage skips a round's sync and keeps training locally (same draw on every replica).")
     resync_every: int = opt(0, "cocktail: never skip the sync of rounds divisible by N, so replicas re-align at least that often (0: no such rule).")
     sync_warmup_rounds: int = opt(
@@ -156,6 +183,18 @@ class TrainConfig:
 class CoordinatorConfig(TrainConfig, ConsoleConfig):
     """`coordinator serve` settings (a TOML --config may carry the same keys)."""
 
+    sections: ClassVar[dict[str, tuple[str, ...]]] = {
+        "run": TrainConfig.sections["run"] + ("state_dir", "rounds", "checkpoint_every", "stall_limit", "linger", "min_replicas",
+                                             "heartbeat_interval", "heartbeat_timeout", "join_token"),
+        "model": ("model", "init_from", "stages") + TrainConfig.sections["model"],
+        "data": TrainConfig.sections["data"] + ("ul2_tokens", "instruction_share", "ul2_shares", "pack_instructions", "tokenizer",
+                                               "vocab_size", "sources"),
+        "optimizer": TrainConfig.sections["optimizer"],
+        "compression": TrainConfig.sections["compression"],
+        "network": ("host", "announce_host", "port", "http_port", "dht_port") + TrainConfig.sections["network"],
+        "observability": ("quiet", "log_format"),
+    }
+
     host: str = opt("0.0.0.0", "Address the gRPC, HTTP and DHT listeners bind to.")
     announce_host: str = opt(
         "", "Address peers reach this machine at: it goes into checkpoint URLs and the DHT's announced addresses "
@@ -171,8 +210,8 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
     rounds: int = opt(0, "Stop after this many rounds (0: run until Ctrl-C).")
     checkpoint_every: int = opt(10, "Publish a checkpoint every N rounds.")
     join_token: str = opt("", "Secret a peer must present to join (empty: anyone may join).", secret=True)
-    heartbeat_interval: float = opt(2.0, "Seconds between peer heartbeats.")
-    heartbeat_timeout: float = opt(10.0, "Seconds without a heartbeat after which a peer is marked gone.")
+    heartbeat_interval: float = opt(2.0, "Time between a peer's heartbeats.", unit="s")
+    heartbeat_timeout: float = opt(10.0, "Time without a heartbeat after which a peer is marked gone.", unit="s")
     vocab_size: int = opt(1024, "Size of the byte-level BPE trained on the built-in corpus (tiny preset).")
     min_replicas: int = opt(1, "Online replicas every stage needs before rounds open.")
     linger: bool = opt(False, "After --rounds, keep serving the status page and checkpoints until Ctrl-C.")
@@ -213,8 +252,8 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
         if not 0 <= self.instruction_share <= 1:
             raise ConfigError(f"--instruction-share must be in [0, 1], got {self.instruction_share}")
         self.ul2_share_values  # validates --ul2-shares
-        self.sources = tuple(_check_source(i, table) for i, table in enumerate(self.sources, 1))
-        names = [table["name"] for table in self.sources]
+        self.sources = tuple(dict(table) for table in self.sources)
+        names = [SourceConfig.from_table(i, table).name for i, table in enumerate(self.sources, 1)]
         if len(set(names)) != len(names):
             raise ConfigError(f"[[sources]] names must be unique, got {names}")
 
@@ -241,36 +280,86 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
+TEXT = "text"
+PROMPT_COMPLETION = "prompt_completion"
+FORMATS = (TEXT, PROMPT_COMPLETION)
+BUILTIN_TEXT = "builtin:text"
+BUILTIN_INSTRUCTIONS = "builtin:instructions"
 SOURCE_KEYS = {"name": str, "path": str, "format": str, "weight": (int, float), "max_records": int}
-SOURCE_FORMATS = ("text", "prompt_completion")
 
 
-def _check_source(number: int, table: Any) -> dict[str, Any]:
-    """One ``[[sources]]`` table, checked: the keys of ``SOURCE_KEYS``, ``name`` required."""
-    where = f"[[sources]] table {number}"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table with name, path, format, weight; got {table!r}")
-    unknown = sorted(set(table) - set(SOURCE_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(SOURCE_KEYS)}")
-    for key, kind in SOURCE_KEYS.items():
-        if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
-            raise ConfigError(f"{where}: {key} = {table[key]!r} has the wrong type")
-    if not table.get("name"):
-        raise ConfigError(f"{where}: needs a name")
-    if table.get("format", "text") not in SOURCE_FORMATS:
-        raise ConfigError(f"{where} ({table['name']}): format must be one of {SOURCE_FORMATS}, got {table['format']!r}")
-    weight = table.get("weight", 1.0)
-    if not math.isfinite(weight) or weight < 0:
-        raise ConfigError(f"{where} ({table['name']}): weight must be a finite number >= 0, got {weight}")
-    if table.get("max_records", 0) < 0:
-        raise ConfigError(f"{where} ({table['name']}): max_records must be >= 0 (0: all), got {table['max_records']}")
-    return dict(table)
+@dataclass(frozen=True)
+class SourceConfig:
+    """One data source, a ``[[sources]]`` table of the TOML file; every rule about its values is here.
+
+    ``path``: a ``.txt`` file (one document: the whole file), a ``.jsonl`` file (one JSON
+    object per line: ``{"text": ...}`` for text, ``{"prompt": ..., "completion": ...}`` for
+    prompt_completion), a folder of such files (recursively, in sorted path order, hidden
+    files skipped), ``"builtin:text"``, ``"builtin:instructions"``, or ``""`` for the built-in
+    of the format. ``max_records``: keep only the first N documents/records (0: all; the
+    built-in instruction generator makes 10,000 then).
+    """
+
+    name: str
+    path: str = ""
+    format: str = TEXT
+    weight: float = 1.0
+    max_records: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.isprintable():
+            raise ConfigError(f"source name {self.name!r} must be a non-empty printable string")
+        if self.format not in FORMATS:
+            raise ConfigError(f"source {self.name!r}: format must be one of {FORMATS}, got format {self.format!r}")
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ConfigError(f"source {self.name!r}: weight must be a finite number >= 0, got weight {self.weight}")
+        if not isinstance(self.max_records, int) or self.max_records < 0:
+            raise ConfigError(f"source {self.name!r}: max_records must be an integer >= 0 (0: all), got {self.max_records!r}")
+        if self.path.startswith("builtin:"):
+            expected = {BUILTIN_TEXT: TEXT, BUILTIN_INSTRUCTIONS: PROMPT_COMPLETION}.get(self.path)
+            if expected is None:
+                raise ConfigError(f"source {self.name!r}: unknown built-in {self.path!r}; use {BUILTIN_TEXT!r} or {BUILTIN_INSTRUCTIONS!r}")
+            if expected != self.format:
+                raise ConfigError(f"source {self.name!r}: {self.path} has format {expected!r}, not {self.format!r}")
+
+    @property
+    def location(self) -> str:
+        """``path``, with ``""`` resolved to the built-in of the format."""
+        if self.path:
+            return self.path
+        return BUILTIN_TEXT if self.format == TEXT else BUILTIN_INSTRUCTIONS
+
+    @classmethod
+    def from_table(cls, number: int, table: Any) -> SourceConfig:
+        """The ``number``-th ``[[sources]]`` table: its keys and their types checked here, its values by ``SourceConfig``."""
+        where = f"[[sources]] table {number}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table with name, path, format, weight; got {table!r}")
+        unknown = sorted(set(table) - set(SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(SOURCE_KEYS)}")
+        for key, kind in SOURCE_KEYS.items():
+            if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
+                raise ConfigError(f"{where}: {key} = {table[key]!r} has the wrong type")
+        if not table.get("name"):
+            raise ConfigError(f"{where}: needs a name")
+        try:
+            return cls(**table)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(kw_only=True)
 class PeerConfig(ConsoleConfig):
     """`peer join` settings."""
+
+    sections: ClassVar[dict[str, tuple[str, ...]]] = {
+        "run": ("coordinator", "name", "join_token", "stage", "state_dir", "connect_timeout", "serve_after_run"),
+        "device": ("gpu", "threads"),
+        "compression": ("activation_cache_mb", "cache_dir"),
+        "network": ("initial_peers", "host", "announce_host", "p2p_port"),
+        "observability": ("metrics_port", "quiet", "log_format"),
+    }
 
     coordinator: str = opt("127.0.0.1:50051", "HOST:PORT of the coordinator's gRPC control plane.")
     gpu: str = opt("auto", "CUDA device index to train on, or 'cpu' (auto: GPU 0 if there is one, else cpu).")
@@ -281,10 +370,10 @@ class PeerConfig(ConsoleConfig):
     announce_host: str = opt("", "Public address other peers reach this peer at (behind NAT: leave empty).")
     p2p_port: int = opt(0, "TCP port of this peer's P2P node (0: any free port).")
     stage: int = opt(-1, "Ask for this pipeline stage (-1: let the coordinator choose).")
-    connect_timeout: float = opt(300.0, "Seconds to keep retrying an unreachable coordinator before giving up.")
+    connect_timeout: float = opt(300.0, "How long to keep retrying an unreachable coordinator (or a checkpoint download) before giving up.", unit="s")
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
     threads: int = opt(0, "CPU threads for torch (0: torch's default).")
-    activation_cache_mb: int = opt(1024, "AQ-SGD: memory for cached activations (MiB) before they spill to disk.")
+    activation_cache_mb: int = opt(1024, "AQ-SGD: memory for cached activations of all neighbours together before they spill to disk.", unit="MiB")
     cache_dir: str = opt("", "AQ-SGD: directory for spilled activations (default: DIR/activation-cache under --state-dir, else a temporary directory).")
     state_dir: str = opt("", "Directory this peer keeps between runs: its P2P identity (a stable peer id) and its caches (default: none).")
     serve_after_run: bool = opt(False, "When the run ends, keep serving forward-only (inference) requests until Ctrl-C.")
@@ -341,30 +430,53 @@ class _RefuseSecretOnCommandLine(argparse.Action):
                      f"and pass {_flag(name)}-file FILE, or set {ENV_PREFIX}{name.upper()}")
 
 
+def section_of(cls: type) -> dict[str, str]:
+    """Field name -> its section, for a config class with ``sections`` (every field in exactly one)."""
+    sections = getattr(cls, "sections", None) or {"settings": tuple(f.name for f in dataclasses.fields(cls))}
+    return {name: section for section, names in sections.items() for name in names}
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """``(default: 120 s)``, or nothing when the help already says what the default means."""
+    text = f.metadata.get("help", "")
+    if "default:" in text or "(default" in text:
+        return ""
+    value = f.default
+    shown = "none" if value in ("", ()) else ("on" if value is True else "off" if value is False else f"{value:g}" if isinstance(value, float) else str(value))
+    unit = f.metadata.get("unit", "")
+    return f" (default: {shown}{' ' + unit if unit and shown != 'none' else ''})"
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one --flag per field of dataclass ``cls`` that a command line can carry (bool, int, float,
-    str, a Literal of choices, a list of str); unset flags are absent from the namespace. A secret
-    field gets ``--<name>-file`` instead. Other fields (such as ``CoordinatorConfig.sources``, a
-    list of tables) have no flag: they come from the TOML file only."""
+    str, a Literal of choices, a list of str), in one argument group per section; unset flags are
+    absent from the namespace. A secret field gets ``--<name>-file`` instead. Other fields (such as
+    ``CoordinatorConfig.sources``, a list of tables) have no flag: they come from the TOML file only."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    sections = section_of(cls)
+    order = [name for name in SECTION_HELP if name in sections.values()] + sorted(set(sections.values()) - set(SECTION_HELP))
+    groups = {name: parser.add_argument_group(name, SECTION_HELP.get(name)) for name in order}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: order.index(sections[f.name])):
+        group = groups[sections[f.name]]
         tp = _base_type(hints[f.name])
         flag = _flag(f.name)
         if f.metadata.get("secret"):
-            parser.add_argument(f"{flag}-file", dest=f"{f.name}_file", default=argparse.SUPPRESS, metavar="FILE",
-                                help=f"{f.metadata.get('help', '')} Read from FILE (or set {ENV_PREFIX}{f.name.upper()}).")
-            parser.add_argument(flag, dest=f.name, action=_RefuseSecretOnCommandLine, help=argparse.SUPPRESS)
+            group.add_argument(f"{flag}-file", dest=f"{f.name}_file", default=argparse.SUPPRESS, metavar="FILE",
+                               help=f"{f.metadata.get('help', '')} Read from FILE (or set {ENV_PREFIX}{f.name.upper()}).")
+            group.add_argument(flag, dest=f.name, action=_RefuseSecretOnCommandLine, help=argparse.SUPPRESS)
             continue
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        help_text = f.metadata.get("help", "") + _default_text(f)
         choices = _choices(cls, f.name)
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif choices is not None:
-            parser.add_argument(flag, dest=f.name, choices=choices, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(flag, dest=f.name, choices=choices, type=type(choices[0]), default=argparse.SUPPRESS, help=help_text)
         elif _is_str_tuple(tp):
-            parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper().rstrip("S"))
+            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper().rstrip("S"))
         elif tp in (int, float, str):
-            parser.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+            unit = f.metadata.get("unit", "")
+            group.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=help_text,
+                               metavar=unit.upper() if unit in ("s", "MiB") else f.name.upper())
 
 
 def _coerce(where: str, key: str, value: Any, tp: Any, choices: tuple[Any, ...] | None) -> Any:
@@ -402,6 +514,16 @@ def _coerce(where: str, key: str, value: Any, tp: Any, choices: tuple[Any, ...] 
     return value
 
 
+def _settings(data: dict[str, Any], sections: set[str]):
+    """(key, value, section table or "") for every setting of a TOML file: flat keys and ``[section]`` tables."""
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                yield inner, inner_value, key
+        else:
+            yield key, value, ""
+
+
 def _read_secret(flag: str, path: str) -> str:
     try:
         return Path(path).read_text().strip()
@@ -428,10 +550,15 @@ def load(cls: type[C], args: argparse.Namespace, config_path: str | None = None,
             raise ConfigError(f"--config {config_path} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"--config {config_path}: cannot read it ({exc.strerror or exc})") from None
-        for key, value in data.items():
+        sections = section_of(cls)
+        for key, value, table in _settings(data, set(sections.values())):
             name = key.replace("-", "_")
-            if name not in fields:
-                raise ConfigError(f"{config_path}: unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+            where = f"[{table}] of {config_path}" if table else config_path
+            if name not in fields or (table and sections[name] != table):
+                known = sorted(n for n in fields if not table or sections[n] == table)
+                raise ConfigError(f"{where}: unknown setting {key!r}; known: {', '.join(known)}")
+            if name in values:
+                raise ConfigError(f"{config_path}: {key!r} is set twice (flat and in [{sections[name]}]); keep one")
             values[name] = _coerce(config_path, key, value, _base_type(hints[name]), _choices(cls, name))
     values.update({k: v for k, v in vars(args).items() if k in fields and not fields[k].metadata.get("secret")})
     for name, f in fields.items():

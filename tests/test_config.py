@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -111,3 +112,41 @@ def test_coordinator_address_and_ports_are_checked():
             PeerConfig(coordinator=bad)
     with pytest.raises(ConfigError, match="--http-port must be a TCP port"):
         CoordinatorConfig(http_port=65536)
+
+
+def test_every_setting_is_in_exactly_one_section():
+    from coordinator.demo import DemoConfig
+
+    for cls in (TrainConfig, CoordinatorConfig, PeerConfig, DemoConfig):
+        names = [n for section in cls.sections.values() for n in section]
+        assert sorted(names) == sorted(f.name for f in dataclasses.fields(cls)), cls.__name__
+
+
+def test_help_groups_flags_by_section_and_shows_each_default_once_with_its_unit():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, CoordinatorConfig)
+    text = parser.format_help()
+    for section in ("run:", "model:", "data:", "optimizer:", "compression:", "network:", "observability:"):
+        assert f"\n{section}\n" in text, section
+    assert "(default: 120 s)" in text and "(default: 64 tokens)" in text and text.count("(default: 50051)") == 1
+    assert "--model {tiny,small,gptj-6b}" in text and "--sync-bits {2,4,8}" in text
+
+
+def test_a_sectioned_toml_file_loads_like_a_flat_one(tmp_path):
+    flat, sectioned = tmp_path / "flat.toml", tmp_path / "sections.toml"
+    flat.write_text('stages = 3\nport = 6000\nlr = 0.01\nsync-bits = 2\n[[sources]]\nname = "t"\npath = "builtin:text"\n')
+    sectioned.write_text('[model]\nstages = 3\n[network]\nport = 6000\n[optimizer]\nlr = 0.01\n[compression]\nsync-bits = 2\n'
+                         '[[sources]]\nname = "t"\npath = "builtin:text"\n')
+    assert parse(CoordinatorConfig, [], str(flat)) == parse(CoordinatorConfig, [], str(sectioned))
+    sectioned.write_text("[model]\nport = 6000\n")
+    with pytest.raises(ConfigError, match=r"\[model\] of .*unknown setting 'port'; known: .*stages"):
+        parse(CoordinatorConfig, [], str(sectioned))
+    sectioned.write_text("port = 1\n[network]\nport = 6000\n")
+    with pytest.raises(ConfigError, match="set twice"):
+        parse(CoordinatorConfig, [], str(sectioned))
+
+
+def test_choices_are_typed_and_enforced():
+    with pytest.raises(SystemExit):
+        parse(CoordinatorConfig, ["--sync-bits", "3"])
+    assert parse(CoordinatorConfig, ["--sync-bits", "2"]).sync_bits == 2
