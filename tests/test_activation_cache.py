@@ -5,16 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.activation_cache import (
+from peer.compression.aqsgd import (
     ActivationCache,
     AQSGDReceiver,
     AQSGDSender,
     CacheConfig,
     MissingEntries,
-    decode_direct,
-    encode_direct,
 )
-from peer.quantization import QuantConfig
+from peer.compression.quantization import QuantConfig, decode_direct, encode_direct
 from proto import codec
 
 IDS = list(range(8))
@@ -34,6 +32,13 @@ def activations(epoch: int, drift: float = 0.05, dtype=torch.float16, ids=IDS) -
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 * epoch + sid))
         rows.append(base + drift * epoch * noise)
     return torch.stack(rows).to(dtype)
+
+
+def recover(sender, missing, pending, ids, activations, config):
+    """What a sender does when the receiver raised MissingEntries: abort, forget those samples, encode again."""
+    sender.abort(pending)
+    sender.forget(missing.sample_ids)
+    return sender.encode(ids, activations, config)
 
 
 def assert_identical(sender: AQSGDSender, receiver: AQSGDReceiver, ids=IDS) -> None:
@@ -97,7 +102,7 @@ def test_receiver_restart_falls_back_to_direct():
     with pytest.raises(MissingEntries) as missing:
         receiver.decode(IDS, wire(tensors))
     assert missing.value.sample_ids == IDS and len(receiver.cache) == 0  # refused without storing anything
-    tensors, pending = sender.recover(missing.value, pending, IDS, acts, config)
+    tensors, pending = recover(sender, missing.value, pending, IDS, acts, config)
     assert tensors["aq.base"].tolist() == [-1] * len(IDS)
     receiver.decode(IDS, wire(tensors))
     sender.commit(pending)
@@ -116,7 +121,7 @@ def test_only_the_missing_samples_go_direct():
     with pytest.raises(MissingEntries) as missing:
         receiver.decode(IDS, wire(tensors))
     assert missing.value.sample_ids == [2, 5]
-    tensors, pending = sender.recover(missing.value, pending, IDS, activations(2), config)
+    tensors, pending = recover(sender, missing.value, pending, IDS, activations(2), config)
     assert tensors["aq.base"].tolist() == [1, 1, -1, 1, 1, -1, 1, 1]
     receiver.decode(IDS, wire(tensors))
     sender.commit(pending)
@@ -148,7 +153,7 @@ def test_deltas_beat_direct_quantization_when_activations_change_slowly(bits, mo
         acts = activations(epoch, drift=0.01, dtype=torch.float32)
         out = step(sender, receiver, IDS, acts, config)
     aq_error = ((out - acts).norm() / acts.norm()).item()
-    direct_error = ((decode_direct(wire(encode_direct(acts, config))) - acts).norm() / acts.norm()).item()
+    direct_error = ((decode_direct(wire(encode_direct(acts, config, "aq.")), "aq.") - acts).norm() / acts.norm()).item()
     assert aq_error < most * direct_error
 
 
@@ -213,7 +218,7 @@ def test_bytes_on_the_wire_against_fp32(bits, ratio):
 
 def test_direct_mode_round_trip():
     acts = activations(0, dtype=torch.bfloat16)
-    out = decode_direct(wire(encode_direct(acts, QuantConfig(8))))
+    out = decode_direct(wire(encode_direct(acts, QuantConfig(8), "aq.")), "aq.")
     assert out.dtype == torch.bfloat16 and ((out.float() - acts.float()).norm() / acts.float().norm()) < 0.012
 
 

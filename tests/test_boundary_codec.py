@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.activation_cache import MissingEntries
-from peer.boundary_codec import FIRST_ROWS, MASK_BITS, BoundaryCodec, Outgoing, pack_extras, unpack_extras
+from peer.compression.aqsgd import MissingEntries
+from peer.compression.boundary import FIRST_ROWS, MASK_BITS, BoundaryCodec, Outgoing, pack_extras, unpack_extras
 from proto.codec import FrameError
 from proto.run_config import TrainConfig
 
@@ -120,3 +120,18 @@ def test_larger_boundary_blocks_spend_fewer_bytes_on_scales():
         assert (decoded - hidden).norm() / hidden.norm() < 0.6
         assert (b.decode_gradient(grads) - grad).norm() / grad.norm() < 0.6
     assert sizes[256] < 0.9 * sizes[64], sizes
+
+
+def test_the_activation_cache_budget_is_shared_by_every_neighbour():
+    """With more neighbours than a fixed split assumed, all caches together still hold at most the budget in memory."""
+    budget = 64 * 1024
+    codec = BoundaryCodec(TrainConfig(activation_compression="aqsgd"), budget, None, torch.device("cpu"))
+    receiver = BoundaryCodec(TrainConfig(activation_compression="aqsgd"), 1 << 24, None, torch.device("cpu"))
+    for neighbour in range(6):
+        for batch in range(4):
+            ids = [100 * neighbour + 10 * batch + i for i in range(4)]
+            out = Outgoing(ids, torch.randn(4, 8, 64), {})
+            receiver.decode_activations(f"src-{neighbour}", ids, codec.encode_activations(f"peer-{neighbour}", out))
+            codec.acknowledged(f"peer-{neighbour}", out)
+        assert codec.cache_memory_bytes <= budget, (neighbour, codec.cache_memory_bytes)
+    assert len(codec._caches) == 6 and codec.cache_memory_bytes > budget // 2  # one cache per neighbour, the budget in use

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peer.quantization import DTYPES, QuantConfig, Quantized, dequantize, pack_codes, quantize, unpack_codes
+from peer.compression.quantization import DTYPES, QuantConfig, Quantized, dequantize, pack_codes, quantize, unpack_codes
 
 CONFIGS = [QuantConfig(8), QuantConfig(4), QuantConfig(2), QuantConfig(8, stochastic=True), QuantConfig(4, stochastic=True), QuantConfig(2, stochastic=True)]
 
