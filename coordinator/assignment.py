@@ -43,15 +43,14 @@ class StageNeeds:
     bytes_per_sample: float
 
 
-def stage_needs(parameters: Sequence[int], d_model: int, train: TrainConfig) -> list[StageNeeds]:
-    """What one replica of each stage needs, from its parameter count and the run's settings.
-
-    Memory: weights, gradients and both AdamW moments in the compute dtype (activations come on
-    top). Link: every boundary the stage touches carries a sample's activations one way and
+def stage_needs(parameters: Sequence[int], d_model: int, train: TrainConfig, memory: Sequence[int]) -> list[StageNeeds]:
+    """What one replica of each stage needs: ``memory``, the device bytes its plan adds up to
+    (``proto.memory_plan``), and link bytes per trained sample from its parameter count and the
+    run's settings: every boundary the stage touches carries a sample's activations one way and
     their gradients the other, at their wire width; replica sync adds the stage's bytes per
     round spread over the round's samples.
     """
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}[train.compute_dtype]
+    width = 4  # what crosses a boundary uncompressed: fp32 (autocast's residual stream stays fp32)
     activation = train.activation_bits / 8 if train.activation_compression != "none" else width
     gradient = train.gradient_bits / 8 if train.gradient_bits else width
     per_boundary = train.seq_len * d_model * (activation + gradient)
@@ -61,7 +60,7 @@ def stage_needs(parameters: Sequence[int], d_model: int, train: TrainConfig) -> 
     else:  # reduce-scatter then all-gather of fp32 sums
         per_parameter = 4.0
     last = len(parameters) - 1
-    return [StageNeeds(memory=4 * width * count,
+    return [StageNeeds(memory=memory[k],
                        bytes_per_sample=((k > 0) + (k < last)) * per_boundary + per_parameter * count / train.global_batch_size)
             for k, count in enumerate(parameters)]
 

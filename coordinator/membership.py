@@ -51,6 +51,7 @@ class PeerRecord:
     def as_json(self) -> dict:
         return {
             "id": self.peer_id,
+            "p2p_id": self.dht_peer_id,
             "name": self.name,
             "stage": self.stage,
             "device": self.device,

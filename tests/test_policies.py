@@ -88,13 +88,13 @@ def test_rebalance_moves_a_peer_that_fits_and_gains_most():
 
 def test_stage_needs_follow_the_run_settings():
     counts = [1000, 2000, 1000]
-    plain = stage_needs(counts, 64, TrainConfig(seq_len=32))
-    assert [n.memory for n in plain] == [16000, 32000, 16000]  # fp32 weights, grads, two moments
+    plain = stage_needs(counts, 64, TrainConfig(seq_len=32), memory=[16000, 32000, 16000])
+    assert [n.memory for n in plain] == [16000, 32000, 16000]  # the memory plan's, as given
     boundary = 32 * 64 * 8  # fp32 activations forward + fp32 gradients back, per sample
     assert plain[0].bytes_per_sample == pytest.approx(boundary + 4 * 1000 / 16)
     assert plain[1].bytes_per_sample == pytest.approx(2 * boundary + 4 * 2000 / 16)  # a middle stage has two boundaries
     small = stage_needs(counts, 64, TrainConfig(seq_len=32, compute_dtype="bfloat16", activation_compression="direct", activation_bits=4,
-                                                gradient_bits=4, sync_compression="cocktail"))
+                                                gradient_bits=4, sync_compression="cocktail"), memory=[8000] * 3)
     assert small[0].memory == 8000 and all(c.bytes_per_sample < p.bytes_per_sample / 7 for c, p in zip(small, plain))
 
 
