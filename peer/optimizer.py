@@ -2,8 +2,11 @@
 
 Every replica of a stage calls ``step`` with the same summed gradient and divisor (exact sync)
 or with its own (cocktail's local step), so the step is the one place where gradients become
-weights. Its state (AdamW's moments and step counts) travels with the weights when a replica
-hands its stage to a joiner.
+weights. The optimizer is AdamW (``--optimizer adamw``, fp32 moments) or bitsandbytes' 8-bit
+AdamW (``adamw8bit``: uint8 moments with fp32 block scales, a quarter of the memory). Its state
+travels with the weights, tensor by tensor, when a replica hands its stage to a joiner, and
+goes into checkpoints beside them. A gradient that is not finite (fp16's loss scale
+overflowed) is not applied: ``step`` says so and the step is skipped.
 """
 
 from __future__ import annotations
@@ -16,23 +19,40 @@ from torch import nn
 from proto.run_config import TrainConfig
 
 STATE_PREFIX = "optim."
-MOMENTS = ("exp_avg", "exp_avg_sq")
+# State keys that hold one value per parameter element (the rest, 8-bit AdamW's block scales and
+# quantisation maps, have shapes of their own).
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "state1", "state2")
+
+
+def state_key(name: str) -> tuple[str, str]:
+    """``optim.<param>.<key>`` split into the parameter's name and the state key."""
+    param, _, key = name[len(STATE_PREFIX):].rpartition(".")
+    return param, key
 
 
 class StageOptimizer:
-    """AdamW over one stage's parameters, fed flat summed gradients."""
+    """AdamW (or 8-bit AdamW) over one stage's trainable parameters, fed flat summed gradients."""
 
-    def __init__(self, model: nn.Module, train: TrainConfig) -> None:
+    def __init__(self, named: list[tuple[str, nn.Parameter]], train: TrainConfig) -> None:
         self.train = train
-        self.named = list(model.named_parameters())
+        self.named = named
         self.optimizer = self._fresh()
 
     def _fresh(self) -> torch.optim.Optimizer:
         t = self.train
-        return torch.optim.AdamW([p for _, p in self.named], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        params = [p for _, p in self.named]
+        if t.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
 
-    def step(self, summed: torch.Tensor, divisor: float) -> None:
-        """One update from ``summed`` (a flat fp32 vector in parameter order) divided by ``divisor`` (loss tokens)."""
+            return bnb.optim.AdamW8bit(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+    def step(self, summed: torch.Tensor, divisor: float) -> bool:
+        """One update from ``summed`` (a flat fp32 vector in parameter order) divided by ``divisor`` (loss tokens,
+        times the loss scale under fp16). Returns False, and changes nothing, if the gradient is not finite."""
+        if not torch.isfinite(summed).all():
+            self.zero_grad()
+            return False
         # 1. Gradients in.
         offset = 0
         for _, p in self.named:
@@ -45,26 +65,32 @@ class StageOptimizer:
         # 3. Step.
         self.optimizer.step()
         self.zero_grad()
+        return True
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """AdamW's moments as CPU tensors named ``optim.<param>.<moment>``, and each parameter's step count."""
+        """The optimizer's state as CPU tensors named ``optim.<param>.<key>`` (AdamW: exp_avg, exp_avg_sq; 8-bit
+        AdamW: state1, state2, absmax1, absmax2, qmap1, qmap2), and each parameter's step count."""
         tensors, steps = {}, {}
         for name, p in self.named:
             state = self.optimizer.state.get(p)
             if not state:
                 continue
-            for moment in MOMENTS:
-                tensors[f"{STATE_PREFIX}{name}.{moment}"] = state[moment].detach().to("cpu", copy=True)
+            for key, value in state.items():
+                if key != "step" and isinstance(value, torch.Tensor):
+                    tensors[f"{STATE_PREFIX}{name}.{key}"] = value.detach().to("cpu", copy=True)
             steps[name] = float(state["step"])
         return tensors, steps
 
     def load_state(self, tensors: dict[str, torch.Tensor], steps: dict[str, Any]) -> None:
-        """A fresh AdamW holding the moments and steps of ``state_tensors`` (parameters without them start anew)."""
+        """A fresh optimizer holding the state of ``state_tensors`` (parameters without it start anew)."""
         self.optimizer = self._fresh()
+        integer_steps = self.train.optimizer == "adamw8bit"
         for name, p in self.named:
-            if name in steps and f"{STATE_PREFIX}{name}.exp_avg" in tensors:
-                self.optimizer.state[p] = {"step": torch.tensor(float(steps[name]))} | {
-                    moment: tensors[f"{STATE_PREFIX}{name}.{moment}"].to(device=p.device, dtype=p.dtype).clone() for moment in MOMENTS}
+            prefix = f"{STATE_PREFIX}{name}."
+            state = {key[len(prefix):]: t.to(p.device).clone() for key, t in tensors.items() if key.startswith(prefix)}
+            if name in steps and state:
+                state["step"] = int(steps[name]) if integer_steps else torch.tensor(float(steps[name]))
+                self.optimizer.state[p] = state
