@@ -1,4 +1,4 @@
-"""Ask a running swarm for logits: a forward-only trip through its pipeline, from outside it.
+"""Ask a running swarm from outside it: logits (a forward-only trip through its pipeline), or a replica's state.
 
 Used to evaluate the live model (and by tests to compare the swarm with a published
 checkpoint). The client joins the DHT in client mode, picks a stage-0 peer from the stage
@@ -19,6 +19,7 @@ from proto.codec import WireKind
 
 from .directory import StageDirectory
 from .pipeline import INFER_HANDLER
+from .state_transfer import ReceivedState, fetch_state
 from .transport import FrameTransport, WireCounters
 
 
@@ -49,5 +50,21 @@ def swarm_logits(initial_peers: list[str], run_id: str, input_ids: torch.Tensor,
     dht = hivemind.DHT(initial_peers=initial_peers, start=True, client_mode=True, await_ready=True)
     try:
         return asyncio.run(_infer(dht, run_id, input_ids, prefix_lengths, timeout))
+    finally:
+        dht.shutdown()
+
+
+def swarm_stage_state(initial_peers: list[str], run_id: str, peer_id: str, stage: int, timeout: float = 120.0) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """A replica's whole state, as it hands it to a joiner: (round it is ready for, tensors, extras). For checking
+    that replicas agree, weights and optimizer state alike."""
+
+    async def fetch(dht: hivemind.DHT) -> ReceivedState:
+        transport = FrameTransport(await dht.replicate_p2p(), WireCounters())
+        return await asyncio.wait_for(fetch_state(transport, peer_id, run_id, stage), timeout)
+
+    dht = hivemind.DHT(initial_peers=initial_peers, start=True, client_mode=True, await_ready=True)
+    try:
+        state = asyncio.run(fetch(dht))
+        return state.next_round, state.tensors, state.extras
     finally:
         dht.shutdown()
