@@ -12,15 +12,18 @@ progress reports, the step and its checksum), not peer start-up. Round 1 is warm
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GPTJForCausalLM
+from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
 from coordinator.data.build import build_mixer
 from coordinator.local_swarm import LocalSwarm
+from coordinator.store import Store
+from peer.stage_model import seeded_init
 from proto.run_config import CoordinatorConfig, TrainConfig
 
 
@@ -45,7 +48,11 @@ def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def plain_tokens_per_second(state_dir: Path, rounds: int) -> float:
     t = CoordinatorConfig()  # the swarm's data and training settings: the defaults
-    model = GPTJForCausalLM.from_pretrained(str(state_dir / "checkpoints" / "round-000000"), attn_implementation="eager").train()
+    config = GPTJConfig.from_dict(json.loads(Store(state_dir / "coordinator.sqlite").get_meta("model_config")))
+    config._attn_implementation = "eager"
+    model = GPTJForCausalLM(config)
+    seeded_init(model.named_parameters(), t.seed, config)  # the weights the swarm's peers built from the run's seed
+    model.train()
     tokenizer = AutoTokenizer.from_pretrained(str(state_dir / "tokenizer"))
     data = build_mixer(t, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)

@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import grpc
 import hivemind
@@ -20,22 +20,30 @@ from proto import GRPC_MAX_MESSAGE_BYTES, PACKAGE_VERSION
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 from proto.addresses import resolve_ipv4
+from proto.memory_plan import GIB, StageShape, plan_layer_ranges, plan_settings, plan_stage
 from proto.run_config import ConfigError, CoordinatorConfig
 
 from .assignment import stage_layer_ranges, stage_needs
 from .checkpoint import (
+    adapter_config,
     checkpoint_dir_name,
     load_signing_key,
     public_key_hex,
     remove_incomplete,
-    split_state_dict,
     write_checkpoint,
 )
 from .data.build import build_mixer, tokenizer_documents, tokenizer_special_tokens
 from .http_server import StatusHTTPServer
 from .membership import Membership
 from .metrics import CoordinatorMetrics
-from .model_presets import initial_state, preset_config, pretrained_state, stage_parameter_counts
+from .model_presets import (
+    preset_config,
+    pretrained_config,
+    pretrained_stage_tensors,
+    stage_adapter_shapes,
+    stage_parameter_counts,
+    stage_tensor_shapes,
+)
 from .rounds import RoundEngine
 from .service import CoordinatorService
 from .status import StatusReport
@@ -45,6 +53,7 @@ from .data.tokenizer import load_or_train
 log = logging.getLogger(__name__)
 
 GRPC_BIND_SECONDS = 10.0
+PEER_CACHE_BYTES = 1024 << 20  # what a peer's AQ-SGD caches may hold by default (peer join --activation-cache-mb)
 
 
 class CoordinatorApp:
@@ -70,16 +79,17 @@ class CoordinatorApp:
         """Refuse a model and stage count that cannot work before anything is trained or written."""
         cfg = self.config
         if cfg.init_from:
-            n_layer = int(json.loads((Path(cfg.init_from) / "config.json").read_text()).get("n_layer", 0))
+            n_layer = pretrained_config(Path(cfg.init_from)).n_layer
             origin = f"--init-from {cfg.init_from}"
         else:
             n_layer = preset_config(cfg.model, 1, 0, cfg.seq_len).n_layer
             origin = f"--model {cfg.model}"
-        if not 1 <= cfg.stages <= n_layer:
+        if not (1 if not cfg.stage_memory_gb else 0) <= cfg.stages <= n_layer:
             raise ConfigError(f"--stages {cfg.stages}: {origin} has {n_layer} blocks, so it can be split into 1 to {n_layer} stages")
 
     def _prepare_run(self) -> None:
-        """Run id, tokenizer, model config, data and the round-0 checkpoint: created once, reused on restart."""
+        """Run id, tokenizer, model config and data, created once and reused on restart; with --init-from, its
+        round-0 checkpoint, re-sharded by stage. A run from the seed has none: each peer builds its own stage."""
         cfg = self.config
         if not (self.state_dir / "coordinator.sqlite").is_file():
             self._check_shape()
@@ -100,11 +110,10 @@ class CoordinatorApp:
             f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else f"BPE trained on the run's data, --vocab-size {cfg.vocab_size}")
         log.info("tokenizer: %d entries (%s), EOS id %d", len(self.tokenizer), origin, eos)
         saved = self.store.get_meta("model_config")
-        initial: dict[str, torch.Tensor] | None = None
         if saved:
             self.model_config = GPTJConfig.from_dict(json.loads(saved))
         elif cfg.init_from:
-            self.model_config, initial = pretrained_state(Path(cfg.init_from))
+            self.model_config = pretrained_config(Path(cfg.init_from))
         else:
             self.model_config = preset_config(cfg.model, len(self.tokenizer), eos, cfg.seq_len)
         if self.model_config.n_positions < cfg.seq_len:
@@ -117,10 +126,7 @@ class CoordinatorApp:
                 "(or already holds the UL2 tokens), a --init-from checkpoint with a larger vocabulary, or a new --state-dir"
             )
         self.store.set_meta("model_config", self.model_config.to_json_string())
-        try:
-            self.layer_ranges = stage_layer_ranges(self.model_config.n_layer, cfg.stages)
-        except ValueError as exc:  # a restarted run keeps its model: --stages must still fit it
-            raise ConfigError(str(exc)) from None
+        self.layer_ranges = self._plan_stages()
         self.data = build_mixer(cfg, self.tokenizer)
         self.data_description = self.data.describe()
         for source in self.data_description["sources"]:
@@ -130,16 +136,33 @@ class CoordinatorApp:
                      i, phase["objective"], phase["from_tokens"], phase["until_tokens"] or "the end", phase["weights"])
         for leftover in remove_incomplete(self.checkpoint_root):
             log.warning("removed an interrupted checkpoint write: %s", leftover)
-        if not self.store.checkpoints():
-            if initial is None:
-                initial = initial_state(self.model_config, cfg.seed)
-            stages = split_state_dict(initial, self.layer_ranges, self.model_config.n_layer)
-            self._publish(0, 0, None, stages)
+        if not self.store.checkpoints() and cfg.init_from:
+            self._publish(0, 0, None, pretrained_stage_tensors(Path(cfg.init_from), self.layer_ranges))
 
-    def _publish(self, round: int, tokens: int, loss: float | None, stage_tensors: list[dict[str, torch.Tensor]]) -> None:
+    def _plan_stages(self) -> list[tuple[int, int]]:
+        """The stages' layer ranges: planned to fit --stage-memory-gb, or the blocks split evenly; logged with their plans."""
+        cfg, config = self.config, self.model_config
+        settings = plan_settings(cfg.train_config(), aqsgd_cache_bytes=PEER_CACHE_BYTES)
+        try:
+            if cfg.stage_memory_gb:
+                ranges = plan_layer_ranges(config, settings, int(cfg.stage_memory_gb * GIB), cfg.stages)
+            else:
+                ranges = stage_layer_ranges(config.n_layer, cfg.stages)
+        except ValueError as exc:  # a restarted run keeps its model: --stages must still fit it
+            raise ConfigError(f"{exc}; change --stage-memory-gb, --stages, or lighten the stages (--compute-dtype bfloat16, "
+                              "--optimizer adamw8bit, --activation-checkpointing, --micro-batch-size, --max-inflight)") from None
+        how = f"planned to fit {cfg.stage_memory_gb:g} GiB (--stage-memory-gb)" if cfg.stage_memory_gb else "blocks split evenly (--stage-memory-gb plans by memory)"
+        for k, (a, b) in enumerate(ranges):
+            log.info("stage %d: blocks [%d, %d) needs %s; %s", k, a, b, plan_stage(StageShape.of(config, a, b), settings).describe(), how)
+        return ranges
+
+    def _publish(self, round: int, tokens: int, loss: float | None, stage_tensors: Iterable[dict[str, torch.Tensor] | Path],
+                 optimizer_files: list[Path] | None = None) -> None:
+        adapters = adapter_config(self.config, str((self.checkpoint_root / checkpoint_dir_name(0)).resolve())) if self.config.lora_rank and round else None
         info = write_checkpoint(
             self.checkpoint_root, run_id=self.run_id, round=round, tokens=tokens, loss=loss, config=self.model_config,
             stage_tensors=stage_tensors, tokenizer_dir=self.tokenizer_dir, signing_key=self.signing_key,
+            num_stages=len(self.layer_ranges), optimizer_files=optimizer_files or (), adapter_config=adapters,
         )
         self.store.record_checkpoint(round, str(info.path), tokens, loss, info.total_bytes, info.seconds)
         self.metrics.checkpoints.inc()
@@ -186,8 +209,16 @@ class CoordinatorApp:
         cfg = self.config
         await asyncio.get_running_loop().run_in_executor(None, self._prepare_run)
         counts = stage_parameter_counts(self.model_config, self.layer_ranges)
-        self.membership = Membership(cfg.stages, cfg.heartbeat_timeout, stage_needs(counts, self.model_config.n_embd, cfg.train_config()))
-        self.engine = RoundEngine(cfg, self.store, self.data, self.membership, self._publish, self.layer_ranges)
+        settings = plan_settings(cfg.train_config(), aqsgd_cache_bytes=PEER_CACHE_BYTES)
+        memory = [plan_stage(StageShape.of(self.model_config, a, b), settings).peak for a, b in self.layer_ranges]
+        self.membership = Membership(len(self.layer_ranges), cfg.heartbeat_timeout,
+                                     stage_needs(counts, self.model_config.n_embd, cfg.train_config(), memory))
+        if cfg.lora_rank:  # what each stage uploads: its adapters only
+            shapes = [stage_adapter_shapes(self.model_config, a, b, cfg.lora_rank, cfg.lora_target_modules) for a, b in self.layer_ranges]
+        else:
+            shapes = [stage_tensor_shapes(self.model_config, a, b) for a, b in self.layer_ranges]
+        self.engine = RoundEngine(cfg, self.store, self.data, self.membership, self._publish, self.layer_ranges,
+                                  stage_shapes=shapes, spool_dir=self.state_dir / "uploads")
         self.engine.on_round_recorded.append(self._on_round)
         self.engine.on_sample_dropped.append(self.metrics.samples_dropped.inc)
         self.engine.on_failure.append(
@@ -206,12 +237,11 @@ class CoordinatorApp:
                           f"{exc.strerror or exc}; is another coordinator running? stop it or pick another --http-port") from None
         self.http.start()
 
-        latest = self.store.checkpoints()[-1]
         self.join_template = pb.JoinReply(
-            num_stages=cfg.stages, run_id=self.run_id, initial_peers=maddrs,
+            num_stages=len(self.layer_ranges), run_id=self.run_id, initial_peers=maddrs,
             model_config_json=self.model_config.to_json_string(), train_config_json=cfg.train_config().to_json(),
-            checkpoint_url=self.checkpoint_url(latest["round"]), checkpoint_round=latest["round"],
             heartbeat_interval=cfg.heartbeat_interval, checkpoint_public_key=public_key_hex(self.signing_key),
+            base_checkpoint_url=self.checkpoint_url(0) if cfg.lora_rank else "",
         )
         self._point_at_latest_checkpoint()
         self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
@@ -233,7 +263,7 @@ class CoordinatorApp:
                           f"{GRPC_BIND_SECONDS:.0f}s): is another coordinator running? stop it or pick another --port")
         self.grpc_server = server
         await self.grpc_server.start()
-        log.info("run %s: round %d, %d stages %s, hometrain %s", self.run_id, self.engine.round, cfg.stages, self.layer_ranges, PACKAGE_VERSION)
+        log.info("run %s: round %d, %d stages %s, hometrain %s", self.run_id, self.engine.round, len(self.layer_ranges), self.layer_ranges, PACKAGE_VERSION)
         log.info("control plane on %s:%d; status page http://%s:%d/", cfg.public_host, self.grpc_port, cfg.public_host, self.http.port)
 
     # ------------------------------------------------------------ running
@@ -250,8 +280,11 @@ class CoordinatorApp:
             self.metrics.tokens_per_second.set(self.last_tokens_per_second)
 
     def _point_at_latest_checkpoint(self) -> None:
-        """Joiners and peers that must reload are sent to the newest published checkpoint."""
-        latest = self.store.checkpoints()[-1]["round"]
+        """Joiners and peers that must reload are sent to the newest published checkpoint (none yet: the seed)."""
+        checkpoints = self.store.checkpoints()
+        if not checkpoints:
+            return
+        latest = checkpoints[-1]["round"]
         self.join_template.checkpoint_url = self.checkpoint_url(latest)
         self.join_template.checkpoint_round = latest
         self.engine.latest_checkpoint = (self.checkpoint_url(latest), latest)

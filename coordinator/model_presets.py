@@ -1,11 +1,20 @@
-"""Model presets: the GPT-J shapes a run can train, and the initial weights of a run."""
+"""Model presets and shapes: the GPT-J a run trains, its stages' tensors, and a pretrained checkpoint read stage by stage.
+
+The coordinator never builds the model: it knows the shape; a run from the seed is built by
+each peer for its own stage, and ``--init-from`` is re-sharded one stage at a time."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from transformers import GPTJConfig, GPTJForCausalLM
+from safetensors import safe_open
+from transformers import GPTJConfig
+
+from proto.manifest import ADAPTER_PREFIX
+
+from .checkpoint import stage_of
 
 
 def preset_config(name: str, vocab_size: int, eos_token_id: int, max_positions: int) -> GPTJConfig:
@@ -39,16 +48,68 @@ def stage_parameter_counts(config: GPTJConfig, ranges: list[tuple[int, int]]) ->
     return counts
 
 
-def initial_state(config: GPTJConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Randomly initialised GPT-J weights, the same for the same (config, seed)."""
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return GPTJForCausalLM(config).state_dict()
+def stage_tensor_shapes(config: GPTJConfig, layer_start: int, layer_end: int) -> dict[str, tuple[int, ...]]:
+    """The HF-named tensors of a stage and their shapes: what its shard in a checkpoint must hold."""
+    d, v = config.n_embd, config.vocab_size
+    inner = config.n_inner or 4 * d
+    shapes: dict[str, tuple[int, ...]] = {}
+    if layer_start == 0:
+        shapes["transformer.wte.weight"] = (v, d)
+    for i in range(layer_start, layer_end):
+        h = f"transformer.h.{i}."
+        shapes |= {h + "ln_1.weight": (d,), h + "ln_1.bias": (d,)}
+        shapes |= {h + f"attn.{p}_proj.weight": (d, d) for p in ("q", "k", "v", "out")}
+        shapes |= {h + "mlp.fc_in.weight": (inner, d), h + "mlp.fc_in.bias": (inner,), h + "mlp.fc_out.weight": (d, inner), h + "mlp.fc_out.bias": (d,)}
+    if layer_end == config.n_layer:
+        shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,), "lm_head.weight": (v, d), "lm_head.bias": (v,)}
+    return shapes
 
 
-def pretrained_state(directory: Path) -> tuple[GPTJConfig, dict[str, torch.Tensor]]:
-    """Config and weights of an existing Hugging Face GPT-J checkpoint (``--init-from``)."""
+def stage_adapter_shapes(config: GPTJConfig, layer_start: int, layer_end: int, rank: int, targets: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """LoRA runs: the adapter tensors of a stage, named as peft saves them, and their shapes (A: rank x in, B: out x rank)."""
+    d, inner = config.n_embd, config.n_inner or 4 * config.n_embd
+    dims = {"q_proj": ("attn", d, d), "k_proj": ("attn", d, d), "v_proj": ("attn", d, d), "out_proj": ("attn", d, d),
+            "fc_in": ("mlp", d, inner), "fc_out": ("mlp", inner, d)}
+    shapes = {}
+    for i in range(layer_start, layer_end):
+        for target in targets:
+            where, fan_in, fan_out = dims[target]
+            module = f"{ADAPTER_PREFIX}transformer.h.{i}.{where}.{target}"
+            shapes[f"{module}.lora_A.weight"] = (rank, fan_in)
+            shapes[f"{module}.lora_B.weight"] = (fan_out, rank)
+    return shapes
+
+
+def pretrained_config(directory: Path) -> GPTJConfig:
+    """The config of an existing Hugging Face GPT-J checkpoint (``--init-from``); no weights are read."""
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"--init-from {directory}: no config.json there; point it at a GPT-J checkpoint directory")
-    model = GPTJForCausalLM.from_pretrained(str(directory))
-    return model.config, model.state_dict()
+    config = GPTJConfig.from_pretrained(str(directory))
+    config.architectures = ["GPTJForCausalLM"]
+    return config
+
+
+def pretrained_stage_tensors(directory: Path, layer_ranges: list[tuple[int, int]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each stage's tensors from a Hugging Face GPT-J checkpoint, one stage at a time, read lazily from
+    its safetensors files (or memory-mapped from pytorch_model.bin): the rest of the model is never loaded."""
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), "pt") as shard:
+                where |= {name: file for name in shard.keys()}
+        for stage in range(len(layer_ranges)):
+            tensors = {}
+            for file in sorted({f for n, f in where.items() if stage_of(n, layer_ranges) == stage}):
+                with safe_open(str(file), "pt") as shard:
+                    tensors |= {n: shard.get_tensor(n) for n in shard.keys() if stage_of(n, layer_ranges) == stage}
+            yield tensors
+        return
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"--init-from {directory}: no *.safetensors or pytorch_model*.bin weights there")
+    state = {}
+    for file in bins:
+        state |= torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+    for stage in range(len(layer_ranges)):
+        yield {n: t for n, t in state.items() if stage_of(n, layer_ranges) == stage}

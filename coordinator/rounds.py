@@ -22,14 +22,12 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-import torch
-from safetensors.torch import load as load_safetensors
 
 from proto import codec
 from proto import hometrain_pb2 as pb
-from proto.manifest import sha256_bytes
 from proto.run_config import CoordinatorConfig
 
 from .membership import Membership, PeerRecord
@@ -69,6 +67,9 @@ from .data.accounting import DataAccounting
 from .data.batch import MicrobatchInfo
 from .data.mixer import DataMixer
 from .store import RoundRecord, Store
+from .loss_scale import STORE_KEY as LOSS_SCALE_KEY
+from .loss_scale import DynamicLossScale
+from .uploads import PARTS, WEIGHTS, UploadError, check_shard, expected_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class OpenRound:
     members: dict[str, int] = field(default_factory=dict)       # coordinator peer id -> stage
     step_reports: dict[str, pb.StepReport] = field(default_factory=dict)
     uploaders: dict[int, str] = field(default_factory=dict)     # stage -> peer id asked to upload
-    uploads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    uploads: dict[int, Path] = field(default_factory=dict)             # stage -> its checked weights shard, spooled
+    optimizer_uploads: dict[int, Path] = field(default_factory=dict)   # stage -> its optimizer state shard
     publish_started: float | None = None
     sync_attempt: int = 0                                        # bumped when a stage must average again
     deadline: float = 0.0                                        # seconds after `started` the round closes
@@ -111,9 +113,15 @@ class RoundEngine:
         store: Store,
         data: DataMixer,
         membership: Membership,
-        publish: Callable[[int, int, float | None, list[dict[str, torch.Tensor]]], None],
+        publish: Callable[..., None],
         layer_ranges: list[tuple[int, int]],
+        stage_shapes: list[dict[str, tuple[int, ...]]] | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
+        self.stage_shapes = stage_shapes or [{} for _ in layer_ranges]  # what each stage's checkpoint shard holds
+        self.spool_dir = spool_dir
+        self.loss_scale = (DynamicLossScale.from_json(store.get_meta(LOSS_SCALE_KEY), config.micro_batch_size * config.seq_len)
+                           if config.compute_dtype == "float16" else None)
         self.config = config
         self.layer_ranges = layer_ranges
         self.store = store
@@ -357,6 +365,12 @@ class RoundEngine:
         return checksums
 
     def _record_round(self, cur: OpenRound, now: float, checksums: dict[str, list[str]]) -> None:
+        if self.loss_scale is not None:
+            overflow = any(r.overflow for r in cur.step_reports.values())
+            if overflow:
+                log.warning("round %d: a gradient overflowed at loss scale %g; those steps were skipped and the scale halves", cur.number, self.loss_scale.value)
+            self.loss_scale.update(overflow)
+            self.store.set_meta(LOSS_SCALE_KEY, self.loss_scale.to_json())
         loss = cur.loss_sum / cur.tokens if cur.tokens else None
         record = RoundRecord(
             round=cur.number, loss=loss, tokens=cur.tokens, samples=cur.samples, dropped=cur.dropped * self.config.micro_batch_size,
@@ -419,9 +433,10 @@ class RoundEngine:
             log.warning("round %d: checkpoint uploads incomplete after %.0fs; skipped", cur.number, self.config.round_timeout)
         else:
             stages = [cur.uploads[k] for k in range(self.membership.num_stages)]
+            optimizer = [cur.optimizer_uploads[k] for k in range(self.membership.num_stages)] if len(cur.optimizer_uploads) == len(stages) else []
             loss = cur.loss_sum / cur.tokens if cur.tokens else None
             tokens_total = self.store.totals()["tokens"]
-            await asyncio.get_running_loop().run_in_executor(None, self._publish, cur.number, tokens_total, loss, stages)
+            await asyncio.get_running_loop().run_in_executor(None, self._publish, cur.number, tokens_total, loss, stages, optimizer)
         await self._next_round()
 
     async def _next_round(self) -> None:
@@ -465,7 +480,7 @@ class RoundEngine:
         cur.in_flight[index] = peer.peer_id
         mb, cur.infos[index] = self.data.microbatch_with_info(cur.number, index, self.config.micro_batch_size, cur.tokens_before)
         return pb.Microbatch(
-            available=True, round=cur.number, index=index, sample_ids=mb.sample_ids, open_attempt=cur.attempt,
+            available=True, round=cur.number, index=index, sample_ids=mb.sample_ids, open_attempt=cur.attempt, loss_scale=self.current_loss_scale,
             input_ids=codec.to_message(mb.input_ids), target_ids=codec.to_message(mb.target_ids),
             loss_mask=codec.to_message(mb.loss_mask), prefix_lengths=codec.to_message(mb.prefix_lengths),
         )
@@ -514,18 +529,32 @@ class RoundEngine:
         cur.step_reports[peer.peer_id] = report
         await self.tick()
 
-    async def accept_upload(self, peer: PeerRecord, round: int, stage: int, sha256: str, payload: bytes) -> str:
-        """Store one stage's uploaded tensors; returns "" if accepted, else why not."""
+    def upload_wanted(self, peer: PeerRecord, round: int, stage: int, part: str, nbytes: int) -> str:
+        """"" if ``peer`` may upload ``part`` of ``stage`` for ``round`` now, of ``nbytes``; else why not."""
         cur = self.current
-        if self.phase != pb.PUBLISH or cur is None or round != cur.number or cur.uploaders.get(stage) != peer.peer_id:
-            return f"no upload of stage {stage} for round {round} was requested from this peer (now round {self.round})"
-        if sha256_bytes(payload) != sha256:
-            return "upload corrupted: sha256 does not match"
-        tensors = load_safetensors(payload)
-        for name, tensor in tensors.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                return f"tensor {name} holds NaN/Inf; checkpoint refused"
-        cur.uploads[stage] = tensors
+        if self.phase != pb.PUBLISH or cur is None or round != cur.number or cur.uploaders.get(stage) != peer.peer_id or part not in PARTS:
+            return f"no upload of stage {stage} ({part!r}) for round {round} was requested from this peer (now round {self.round})"
+        limit = expected_bytes(self.stage_shapes[stage], part)
+        if nbytes > limit:
+            return f"an upload of {nbytes} bytes is more than stage {stage}'s {part} can hold ({limit} bytes)"
+        return ""
+
+    def spool_path(self, round: int, stage: int, part: str) -> Path:
+        return self.spool_dir / f"round-{round:06d}-stage-{stage}-{part}.safetensors"
+
+    async def accept_upload(self, peer: PeerRecord, round: int, stage: int, part: str, path: Path) -> str:
+        """Keep one stage's spooled shard if it is what the stage holds; returns "" if accepted, else why not."""
+        problem = self.upload_wanted(peer, round, stage, part, 0)
+        if not problem:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, check_shard, path, part, self.stage_shapes[stage])
+            except UploadError as exc:
+                problem = str(exc)
+        cur = self.current
+        if problem:
+            path.unlink(missing_ok=True)
+            return problem
+        (cur.uploads if part == WEIGHTS else cur.optimizer_uploads)[stage] = path
         await self.tick()
         return ""
 
@@ -533,6 +562,7 @@ class RoundEngine:
         a, b = self.layer_ranges[peer.stage]
         state = pb.RoundState(round=self.round, phase=self.phase, stage=peer.stage, layer_start=a, layer_end=b,
                               message=self.waiting_reason, adopt_round=peer.adopt_round, open_attempt=self.open_attempt,
+                              loss_scale=self.current_loss_scale,
                               checkpoint_url=self.latest_checkpoint[0], checkpoint_round=self.latest_checkpoint[1])
         for stage, field in ((peer.stage, state.stage_peers), (peer.stage + 1, state.next_stage_peers)):
             others = [p for p in self.membership.online(stage) if p.peer_id != peer.peer_id and p.dht_peer_id]
@@ -547,6 +577,10 @@ class RoundEngine:
             state.sync_attempt = cur.sync_attempt
             state.upload_checkpoint = self.phase == pb.PUBLISH and cur.uploaders.get(peer.stage) == peer.peer_id and peer.stage not in cur.uploads
         return state
+
+    @property
+    def current_loss_scale(self) -> float:
+        return self.loss_scale.value if self.loss_scale is not None else 1.0
 
     def _attempt(self) -> int:
         return self.current.sync_attempt if self.current is not None else 0

@@ -15,10 +15,9 @@ from proto import hometrain_pb2_grpc as pb_grpc
 from .membership import Membership, PeerRecord
 from .metrics import CoordinatorMetrics
 from .rounds import RoundEngine
+from .uploads import WEIGHTS, UploadError, spool
 
 log = logging.getLogger(__name__)
-
-MAX_UPLOAD_BYTES = 64 << 30
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -133,21 +132,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.StepAck()
 
     async def UploadCheckpoint(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.UploadReply:
-        header = None
-        payload = bytearray()
-        async for chunk in request_iterator:
-            if header is None:
-                header = chunk
-                if chunk.total_bytes > MAX_UPLOAD_BYTES:
-                    await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "oversized", f"upload of {chunk.total_bytes} bytes exceeds {MAX_UPLOAD_BYTES}")
-            payload += chunk.data
-            if len(payload) > header.total_bytes:
-                await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "oversized", f"upload exceeds the {header.total_bytes} bytes announced")
-        if header is None:
+        """A stage's shard, streamed to disk: the sender, stage, part and size are checked before anything is read."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
             return pb.UploadReply(accepted=False, message="empty upload")
-        self.metrics.control_bytes.labels("received").inc(len(payload))
-        record = await self._peer(header.peer_id, context)
-        problem = await self.engine.accept_upload(record, header.round, header.stage, header.sha256, bytes(payload))
+        record = await self._peer(first.peer_id, context)
+        part = first.part or WEIGHTS
+        problem = self.engine.upload_wanted(record, first.round, first.stage, part, first.total_bytes)
+        if not problem:
+            path = self.engine.spool_path(first.round, first.stage, part)
+            try:
+                digest = await spool(first, aiter(request_iterator), path)
+                problem = "upload corrupted: sha256 does not match" if digest != first.sha256 else ""
+            except UploadError as exc:
+                problem = str(exc)
+            self.metrics.control_bytes.labels("received").inc(path.stat().st_size if path.exists() else 0)
+            problem = problem or await self.engine.accept_upload(record, first.round, first.stage, part, path)
+            if problem:
+                path.unlink(missing_ok=True)
         if problem:
             self.metrics.rpc_errors.labels("upload").inc()
             log.warning("checkpoint upload from %s refused: %s", record.peer_id, problem)

@@ -115,6 +115,7 @@ class StatusReport:
             "progress": app.engine.progress(),
             "dht_maddrs": list(app.join_template.initial_peers),
             "train": json.loads(app.config.train_config().to_json()),
+            "loss_scale": app.engine.loss_scale.value if app.engine.loss_scale is not None else None,
             "data": self.data_status(),
             "now": time.time(),
         }

@@ -27,6 +27,7 @@ from proto import PROTOCOL_VERSION, codec
 from proto import hometrain_pb2 as pb
 from proto.addresses import reachable_maddrs, reachable_url
 from proto.manifest import ManifestError
+from proto.memory_plan import StageShape, fit_advice, plan_settings, plan_stage
 from proto.run_config import PeerConfig, TrainConfig
 
 from .compression.boundary import BoundaryCodec
@@ -132,6 +133,7 @@ class PeerNode:
         how = "you asked for it with --stage" if self.config.stage >= 0 else "chosen by the coordinator; --stage N asks for another"
         log.info("joined run %s as %s: stage %d of %d, blocks [%d, %d) (%s)", self.run_id, self.peer_id, self.stage, join.num_stages,
                  join.layer_start, join.layer_end, how)
+        self._check_memory(model_config, join.layer_start, join.layer_end)
 
         state_dir = Path(self.config.state_dir) if self.config.state_dir else None
         if state_dir is not None:
@@ -157,7 +159,8 @@ class PeerNode:
         self.pipeline = Pipeline(self.runtime, self.transport, self.directory, Router(rng=random.Random(self.dht_id)), self.boundary,
                                  self.run_id, self.stage, self.train.round_timeout, self.failures)
         self.weights = StageWeights(self.transport, self.run_id, join.checkpoint_public_key, self.stopping, self.config.connect_timeout,
-                                    show_progress=not self.config.quiet)
+                                    show_progress=not self.config.quiet, num_stages=join.num_stages, seed=self.train.seed,
+                                    base_url=reachable_url(join.base_checkpoint_url, self.coordinator_host))
         await self.pipeline.start()
         await self.exchange.start()
         await self.weights.serve(lambda: (self.stage, self.runtime, self.sync))
@@ -170,6 +173,15 @@ class PeerNode:
                 raise CannotStart(f"cannot serve metrics on port {self.config.metrics_port} (--metrics-port): {exc.strerror or exc}; "
                                   "pick a free port, or 0 to turn metrics off") from None
         await self._load_weights()
+
+    def _check_memory(self, model_config: GPTJConfig, layer_start: int, layer_end: int) -> None:
+        """Refuse a stage this device cannot hold (before allocating it), saying what would fit."""
+        settings = plan_settings(self.train, aqsgd_cache_bytes=self.config.activation_cache_mb << 20)
+        plan = plan_stage(StageShape.of(model_config, layer_start, layer_end), settings)
+        free = self.device.free_memory_bytes
+        if free and plan.peak > free:
+            raise CannotStart(fit_advice(model_config, layer_start, layer_end, settings, free))
+        log.info("stage %d needs %s; %s", self.stage, plan.describe(), f"{free / 2**30:.1f} GiB free here" if free else "free memory unknown")
 
     async def _train(self) -> int:
         """Heartbeats, DHT records and the round loop, until the run ends or the peer is told to stop."""
@@ -399,7 +411,8 @@ class PeerNode:
         if state.phase == pb.OPEN and self.stage == 0 and self.runtime.next_round == r and self._first("feed", (r, state.open_attempt)):
             self._spawn(self._feed_round(r, state.open_attempt))
         elif state.phase == pb.SYNC and state.in_sync_group and self.runtime.next_round == r and self._first("sync", (r, state.sync_attempt)):
-            self._spawn(self._step_round(r, list(state.sync_group), state.tokens_in_round, state.sync_attempt, state.open_attempt))
+            self._spawn(self._step_round(r, list(state.sync_group), state.tokens_in_round, state.sync_attempt, state.open_attempt,
+                                         state.loss_scale or 1.0))
         elif state.phase == pb.PUBLISH and state.upload_checkpoint and self._first("upload", r):
             self._spawn(self.weights.upload(self.client, self.peer_id, r, self.stage, self.runtime, self.sync))
 
@@ -430,7 +443,7 @@ class PeerNode:
                 "loss_mask": codec.from_message(mb.loss_mask), "prefix_lengths": codec.from_message(mb.prefix_lengths),
             }
             header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=mb.round, microbatch=mb.index, stage=0,
-                                    sample_ids=mb.sample_ids, open_attempt=mb.open_attempt)
+                                    sample_ids=mb.sample_ids, open_attempt=mb.open_attempt, loss_scale=mb.loss_scale)
             loss_sum, tokens, _ = await self.pipeline.run_stage(header, batch["input_ids"], batch)
             report.ok, report.loss_sum, report.tokens = True, loss_sum, tokens
         except Exception as exc:
@@ -450,15 +463,15 @@ class PeerNode:
             log.warning("microbatch %d of round %d dropped%s: %s", mb.index, mb.round, more, error)
             self._drops_logged = (now, self.drops)
 
-    async def _step_round(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int) -> None:
+    async def _step_round(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int, loss_scale: float) -> None:
         """SYNC: close the round, sync with the replica group and step (``peer.replica_sync``), report the checksum."""
         try:  # learn the group's addresses, in case libp2p does not know where a member is
             await self.directory.replicas(self.stage, max_age=5.0)
         except Exception as exc:
             log.debug("stage directory lookup failed: %s", exc)
-        outcome = await self.sync.step_round(round, group, tokens, attempt, open_attempt)
+        outcome = await self.sync.step_round(round, group, tokens, attempt, open_attempt, loss_scale)
         report = pb.StepReport(peer_id=self.peer_id, round=round, synced=outcome.synced, diverged=outcome.diverged,
-                               error=outcome.error, checksum=outcome.checksum)
+                               error=outcome.error, checksum=outcome.checksum, overflow=outcome.overflow)
         report.stats.CopyFrom(self.stats())
         await self.client.report_step(report)
         if not self.config.quiet:

@@ -197,9 +197,11 @@ class Pipeline:
             ctx = await self._compute("forward", header, runtime.forward, header.round, inputs, batch["prefix_lengths"], batch["loss_mask"],
                                       header.microbatch, header.open_attempt)
             if runtime.model.is_last:
-                return await self._compute("loss and backward", header, runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"])
+                return await self._compute("loss and backward", header, runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"],
+                                           header.loss_scale or 1.0)
             next_header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
-                                         stage=self.stage + 1, sample_ids=header.sample_ids, open_attempt=header.open_attempt)
+                                         stage=self.stage + 1, sample_ids=header.sample_ids, open_attempt=header.open_attempt,
+                                         loss_scale=header.loss_scale)
             extras = {name: batch[name] for name in ("target_ids", "loss_mask", "prefix_lengths")}
             outgoing = Outgoing(list(header.sample_ids), ctx.outputs.detach(), extras)
             reply_header, reply = await self.send_forward(next_header, outgoing)

@@ -184,6 +184,7 @@ class StepOutcome:
     how: str
     checksum: str
     error: str = ""
+    overflow: bool = False  # the gradient was not finite (fp16): the step was skipped
 
 
 class StageSync:
@@ -199,6 +200,8 @@ class StageSync:
         self.anchor: torch.Tensor | None = None  # cocktail: the weights all replicas last agreed on (flat fp32, CPU)
         self.stepped_round = 0                   # cocktail: the round whose local step is done (a retry must not step again)
         self.unsynced_tokens = 0                 # cocktail: loss tokens behind params - anchor (the weight of this replica's delta)
+        self.loss_scale = 1.0                    # the round's (fp16)
+        self.overflowed = False                  # this round's gradient was not finite: no step
 
     # ------------------------------------------------------------ the agreed weights (compute thread)
 
@@ -207,7 +210,7 @@ class StageSync:
         if self.anchor is None:
             return self.runtime.weights()
         out, offset = {}, 0
-        for name, p in self.runtime.model.named_parameters():
+        for name, p in self.runtime.trainable():
             out[name] = self.anchor[offset : offset + p.numel()].view(p.shape).to(p.dtype)
             offset += p.numel()
         return out
@@ -223,7 +226,7 @@ class StageSync:
     def adopt(self, state: dict[str, torch.Tensor], next_round: int) -> None:
         """After the weights were loaded (from a replica, with its ``state()``, or from a checkpoint): agree on them."""
         anchor = state.get(ANCHOR)
-        numel = sum(p.numel() for p in self.runtime.model.parameters())
+        numel = sum(p.numel() for _, p in self.runtime.trainable())
         if anchor is not None and (anchor.dtype != torch.float32 or tuple(anchor.shape) != (numel,) or not torch.isfinite(anchor).all()):
             raise codec.FrameError(f"anchor must be {numel} finite float32 values, received {anchor.dtype} {list(anchor.shape)}")
         self.anchor = None
@@ -238,8 +241,11 @@ class StageSync:
 
     # ------------------------------------------------------------ one round
 
-    async def step_round(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int) -> StepOutcome:
-        """Close ``round`` here, sync with ``group`` and step; says what happened and the checksum after it."""
+    async def step_round(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int,
+                         loss_scale: float = 1.0) -> StepOutcome:
+        """Close ``round`` here, sync with ``group`` and step (gradients divided by ``loss_scale`` too, fp16's);
+        says what happened and the checksum after it."""
+        self.loss_scale, self.overflowed = loss_scale, False
         runtime, train = self.runtime, self.train
         runtime.closed_round = round
         deadline = time.monotonic() + train.sync_timeout
@@ -260,7 +266,7 @@ class StageSync:
                 synced, error, how = False, str(exc), "failed"
                 log.warning("round %d: sync (attempt %d) failed: %s", round, attempt + 1, exc)
             checksum = await runtime.run(self.checksum)
-        return StepOutcome(synced, diverged, how, checksum, error)
+        return StepOutcome(synced, diverged, how, checksum, error, self.overflowed)
 
     async def _exact(self, round: int, group: list[str], tokens: int, attempt: int) -> str:
         """Sum gradients over the group, divide by the round's tokens, one step."""
@@ -269,7 +275,7 @@ class StageSync:
         summed = flat if len(group) == 1 else await self.exchange.all_reduce_sum(
             flat, group, round, self.stage, self.train.sync_timeout, attempt, runtime.run)
         if tokens > 0:
-            await runtime.run(runtime.apply_step, summed, tokens)
+            self.overflowed = not await runtime.run(runtime.apply_step, summed, tokens * self.loss_scale)
         else:
             await runtime.run(runtime.discard_gradients)
         if self.anchor is not None:  # cocktail's warm-up: the exact weights are what the replicas agree on
@@ -283,7 +289,7 @@ class StageSync:
             local = runtime.round_tokens
             self.unsynced_tokens += local
             if local > 0:
-                await runtime.run(lambda: runtime.apply_step(runtime.flat_gradients(), local))
+                self.overflowed = not await runtime.run(lambda: runtime.apply_step(runtime.flat_gradients(), local * self.loss_scale))
             else:
                 await runtime.run(runtime.discard_gradients)
             self.stepped_round = round

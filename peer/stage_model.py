@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GPTJConfig
 from transformers.models.gptj.modeling_gptj import GPTJBlock, GPTJRotaryEmbedding
 
@@ -48,8 +49,9 @@ def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: to
 class StageModel(nn.Module):
     """GPT-J blocks ``[layer_start, layer_end)``, plus the embedding and/or head at the ends."""
 
-    def __init__(self, config: GPTJConfig, layer_start: int, layer_end: int) -> None:
+    def __init__(self, config: GPTJConfig, layer_start: int, layer_end: int, checkpointing: bool = False) -> None:
         super().__init__()
+        self.checkpointing = checkpointing  # recompute each block in the backward instead of keeping its activations
         if not 0 <= layer_start < layer_end <= config.n_layer:
             raise ValueError(f"stage layers [{layer_start}, {layer_end}) do not fit a model of {config.n_layer} blocks")
         config._attn_implementation = "eager"
@@ -74,10 +76,38 @@ class StageModel(nn.Module):
         bias = attention_bias(seq_len, prefix_lengths, torch.float32, hidden.device)
         position_embeddings = self.rotary(hidden, position_ids)
         for block in self.transformer.h.values():
-            hidden = block(hidden, attention_mask=bias, position_ids=position_ids, position_embeddings=position_embeddings)
+            if self.checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(block, hidden, attention_mask=bias, position_ids=position_ids,
+                                    position_embeddings=position_embeddings, use_reentrant=False)
+            else:
+                hidden = block(hidden, attention_mask=bias, position_ids=position_ids, position_embeddings=position_embeddings)
         if self.is_last:
             hidden = self.lm_head(self.transformer.ln_f(hidden))
         return hidden
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
+
+
+@torch.no_grad()
+def seeded_init(parameters, seed: int, config: GPTJConfig) -> None:
+    """GPT-J's own initialisation, each tensor from a generator seeded by (run seed, tensor name).
+
+    The distributions are GPTJPreTrainedModel's: normal(0, initializer_range) for linear and
+    embedding weights, zero biases, LayerNorms at weight 1 and bias 0. Because no tensor's draw
+    depends on another's, a stage built alone is exactly that slice of the whole model
+    initialised the same way: a peer builds its stage from the seed, with no download, and
+    every replica builds the same one. ``parameters``: (HF name, tensor) pairs, on any device.
+    """
+    for name, p in parameters:
+        if ".ln_" in name or name.startswith("transformer.ln_f"):
+            p.fill_(1.0 if name.endswith(".weight") else 0.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
+            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, config.initializer_range, generator=generator))
 
 
 def parameter_checksum(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:

@@ -22,12 +22,14 @@ from transformers import GPTJConfig
 from proto.codec import FrameError, StaleFrame
 from proto.run_config import TrainConfig
 
-from .optimizer import STATE_PREFIX, StageOptimizer
-from .stage_model import StageModel, summed_token_loss
+from .lora import add_adapters, quantize_base
+from .optimizer import MOMENT_KEYS, STATE_PREFIX, StageOptimizer, state_key
+from .stage_model import StageModel, seeded_init, summed_token_loss
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --compute-dtype -> autocast dtype
 
 
 @dataclass
@@ -52,12 +54,15 @@ class StageRuntime:
     def __init__(self, model_config: GPTJConfig, train: TrainConfig, layer_start: int, layer_end: int, device: torch.device) -> None:
         self.train = train
         self.device = device
-        self.dtype = getattr(torch, train.compute_dtype)
+        # Weights, gradients and optimizer state stay fp32 (the master copy); bf16 and fp16 are autocast's.
+        self.autocast = AUTOCAST[train.compute_dtype]
         with torch.device(device):
-            self.model = StageModel(model_config, layer_start, layer_end)
-        self.model.to(self.dtype)
+            self.model = StageModel(model_config, layer_start, layer_end, checkpointing=train.activation_checkpointing)
         self.model.train()
-        self.optimizer = StageOptimizer(self.model, train)
+        self.lora = train.lora_rank > 0                # adapters on a frozen base: they are all that trains and travels
+        self.base_names = [name for name, _ in self.model.named_parameters()]  # the stage's tensors in a full checkpoint
+        self.base_loaded = not self.lora
+        self.optimizer = StageOptimizer(self.trainable(), train)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.next_round = 0            # round the weights are ready to accumulate; 0 until loaded
         self.closed_round = 0          # frames of rounds <= this are refused (SYNC began)
@@ -119,17 +124,22 @@ class StageRuntime:
             self.keep_only_attempt(attempt)
         inputs = inputs.to(self.device)
         if inputs.is_floating_point():
-            inputs = inputs.detach().to(self.dtype).requires_grad_(True)  # a leaf of its own, whoever holds the tensor
-        outputs = self.model(inputs, prefix_lengths.to(self.device))
+            inputs = inputs.detach().float().requires_grad_(True)  # a leaf of its own, whoever holds the tensor
+        with self._autocast():
+            outputs = self.model(inputs, prefix_lengths.to(self.device))
         return ForwardContext(round, inputs, outputs, int(loss_mask.sum().item()), microbatch, attempt)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
     @torch.no_grad()
     def infer(self, inputs: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
         """Forward without autograd (evaluation); reads the weights of the last completed step."""
         inputs = inputs.to(self.device)
         if inputs.is_floating_point():
-            inputs = inputs.to(self.dtype)
-        return self.model(inputs, prefix_lengths.to(self.device))
+            inputs = inputs.float()
+        with self._autocast():
+            return self.model(inputs, prefix_lengths.to(self.device)).float()
 
     def _require_context(self, ctx: ForwardContext) -> None:
         self.require_round(ctx.round, ctx.attempt)
@@ -147,14 +157,17 @@ class StageRuntime:
         self._count(ctx)
         return ctx.inputs.grad if ctx.inputs.is_floating_point() else None
 
-    def loss_backward(self, ctx: ForwardContext, targets: torch.Tensor, loss_mask: torch.Tensor) -> tuple[float, int, torch.Tensor | None]:
-        """Last stage: summed token loss of the logits, its backward; returns (loss_sum, tokens, input grad)."""
+    def loss_backward(self, ctx: ForwardContext, targets: torch.Tensor, loss_mask: torch.Tensor,
+                      loss_scale: float = 1.0) -> tuple[float, int, torch.Tensor | None]:
+        """Last stage: summed token loss of the logits, its backward (of the loss times ``loss_scale``, fp16's);
+        returns (loss_sum, tokens, input grad)."""
         self._require_context(ctx)
         loss = summed_token_loss(ctx.outputs, targets.to(self.device), loss_mask.to(self.device))
+        scaled = loss * loss_scale if loss_scale != 1.0 else loss
         if self._accumulated_before(ctx):
-            grad = self._input_gradient(ctx, loss, None)
+            grad = self._input_gradient(ctx, scaled, None)
         else:
-            loss.backward()
+            scaled.backward()
             self._count(ctx)
             grad = ctx.inputs.grad if ctx.inputs.is_floating_point() else None
         return float(loss.item()), int(loss_mask.sum().item()), grad
@@ -185,14 +198,16 @@ class StageRuntime:
     def flat_gradients(self) -> torch.Tensor:
         """All parameter gradients as one fp32 vector (zeros where no microbatch touched a parameter)."""
         grads = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1) for p in self.model.parameters()
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1) for _, p in self.trainable()
         ]
         return torch.cat(grads)
 
-    def apply_step(self, summed: torch.Tensor, tokens: int) -> None:
-        """One optimizer step from ``summed`` gradients divided by ``tokens``; clear gradients."""
-        self.optimizer.step(summed, tokens)
+    def apply_step(self, summed: torch.Tensor, divisor: float) -> bool:
+        """One optimizer step from ``summed`` gradients divided by ``divisor``; clear gradients. False if the
+        gradient was not finite and the step was skipped."""
+        stepped = self.optimizer.step(summed, divisor)
         self.discard_gradients()
+        return stepped
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad()
@@ -210,6 +225,15 @@ class StageRuntime:
         self.next_round = round + 1
         self.open_attempt = 0
 
+    def initialise(self, seed: int) -> None:
+        """Weights from the run's seed (``stage_model.seeded_init``), a fresh optimizer, ready for round 1."""
+        if not self.lora:
+            seeded_init(self.model.named_parameters(), seed, self.model.config)  # (LoRA: the adapters were seeded on injection)
+        self.optimizer.load_state({}, {})
+        self.discard_gradients()
+        self.next_round, self.closed_round, self.open_attempt = 1, 0, 0
+        self.loads += 1
+
     def restart_at(self, next_round: int) -> None:
         """Continue as of ``next_round`` with the current weights, dropping unfinished gradients."""
         self.discard_gradients()
@@ -219,13 +243,13 @@ class StageRuntime:
 
     def flat_params(self) -> torch.Tensor:
         """All weights as one fp32 CPU vector, in parameter order."""
-        return torch.cat([p.detach().float().reshape(-1).cpu() for p in self.model.parameters()])
+        return torch.cat([p.detach().float().reshape(-1).cpu() for _, p in self.trainable()])
 
     def load_flat_params(self, flat: torch.Tensor) -> None:
         """Set the weights from ``flat`` (inverse of ``flat_params``)."""
         offset = 0
         with torch.no_grad():
-            for p in self.model.parameters():
+            for _, p in self.trainable():
                 n = p.numel()
                 p.copy_(flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype))
                 offset += n
@@ -243,13 +267,32 @@ class StageRuntime:
         return tensors | moments, {"steps": steps, "next_round": self.next_round}
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+        return {name: p.detach() for name, p in self.trainable()}
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What the stage trains, syncs, hands off and publishes: every weight, or under LoRA the adapters only."""
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def load_base(self, tensors: dict[str, torch.Tensor], seed: int) -> None:
+        """LoRA: the frozen base weights of the stage (a full checkpoint's), held in --lora-base-bits, then adapters on it."""
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            raise FrameError(f"the base checkpoint lacks this stage's {missing[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+        if self.train.lora_base_bits != 32:
+            quantize_base(self.model, self.train.lora_base_bits, self.train.lora_target_modules)
+        add_adapters(self.model, self.train, seed)
+        self.optimizer = StageOptimizer(self.trainable(), self.train)
+        self.base_loaded = True
 
     def import_state(self, tensors: dict[str, torch.Tensor], extras: dict[str, Any] | None, next_round: int,
                      also: tuple[str, ...] = ()) -> None:
         """Load weights (and optimizer state if present), checking names, shapes and finiteness first; tensors
         named in ``also`` are someone else's (the replica sync's) and checked there."""
-        params = dict(self.model.named_parameters())
+        params = dict(self.trainable())
         missing = sorted(set(params) - set(tensors))
         unexpected = sorted(k for k in tensors if k not in params and not k.startswith(STATE_PREFIX) and k not in also)
         if missing or unexpected:
@@ -257,9 +300,11 @@ class StageRuntime:
         for name, tensor in tensors.items():
             if name in also:
                 continue
-            base = name[len(STATE_PREFIX):].rsplit(".", 1)[0] if name.startswith(STATE_PREFIX) else name
-            if base not in params or tuple(tensor.shape) != tuple(params[base].shape):
-                raise FrameError(f"tensor {name} has shape {list(tensor.shape)}, the stage expects {list(params[base].shape) if base in params else 'nothing of that name'}")
+            base, key = state_key(name) if name.startswith(STATE_PREFIX) else (name, "")
+            if base not in params:
+                raise FrameError(f"tensor {name} names no parameter of layers [{self.model.layer_start}, {self.model.layer_end})")
+            if (not key or key in MOMENT_KEYS) and tuple(tensor.shape) != tuple(params[base].shape):
+                raise FrameError(f"tensor {name} has shape {list(tensor.shape)}, the stage expects {list(params[base].shape)}")
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise FrameError(f"tensor {name} holds NaN or Inf; refusing the state")
         with torch.no_grad():

@@ -4,7 +4,7 @@ A replica is preferred: it holds the current round's weights and optimizer state
 agreed anchor under cocktail sync), so the newcomer's next step equals its group's; what it
 loads is checked against the sha256 the replica sent with it. The published checkpoint (HTTP,
 signed manifest, sha256 per file, only this stage's shard) is the fallback when no replica
-answers; a download that fails is retried with backoff, saying what to check. At PUBLISH, one
+answers; the state comes in parts checked by hash (``state_transfer``). A download that fails is retried with backoff, saying what to check. At PUBLISH, one
 replica per stage uploads the agreed weights to the coordinator.
 """
 
@@ -28,19 +28,19 @@ from tqdm import tqdm
 from proto import codec
 from proto import hometrain_pb2 as pb
 from proto.codec import WireKind
-from proto.manifest import INDEX, MANIFEST, ManifestError, sha256_bytes, verify_file, verify_manifest
+from proto.manifest import ADAPTER_FILE, INDEX, MANIFEST, ManifestError, optimizer_shard_name, sha256_bytes, verify_file, verify_manifest
 
 from .control_client import ControlClient, Stopped
+from .lora import checkpoint_name, stage_name
 from .replica_sync import StageSync
 from .stage_runtime import StageRuntime
+from .state_transfer import StateServer, TooOld, fetch_state
 from .transport import FrameTransport, Tensors
 
 log = logging.getLogger(__name__)
 
-STATE_HANDLER = "hometrain.state"
 REPLICA_PASSES = 3          # passes over the stage's replicas for their state before falling back to the checkpoint
 REPLICA_RETRY_SECONDS = 2.0
-STATE_TIMEOUT = 300.0
 DOWNLOAD_BACKOFF_MAX = 30.0
 UPLOAD_CHUNK = 1 << 20
 
@@ -65,12 +65,12 @@ def _get(url: str, timeout: float = 60.0, progress: Callable[[int, int], None] |
 
 
 def fetch_checkpoint_tensors(
-    base_url: str, names: set[str], public_key_hex: str, progress: Callable[[str, int, int], None] | None = None
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Download only the shards holding ``names`` from a checkpoint URL; verify everything.
-
-    Returns the tensors and the checkpoint's round. Raises ManifestError on a bad signature,
-    a hash mismatch or a missing tensor.
+    base_url: str, names: set[str], public_key_hex: str, progress: Callable[[str, int, int], None] | None = None,
+    optimizer_shard: str = "",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, int]:
+    """Download only the shards holding ``names`` from a checkpoint URL (and ``optimizer_shard``, if the checkpoint
+    has it); verify everything. Returns the tensors, the optimizer's scalars (None without its shard) and the
+    checkpoint's round. Raises ManifestError on a bad signature, a hash mismatch or a missing tensor.
     """
     manifest = json.loads(_get(base_url + MANIFEST))
     verify_manifest(manifest, public_key_hex)
@@ -86,7 +86,42 @@ def fetch_checkpoint_tensors(
         verify_file(shard, data, manifest)
         loaded = load_safetensors(data)
         tensors.update({k: v for k, v in loaded.items() if k in names})
-    return tensors, int(manifest["round"])
+    extras = None
+    if optimizer_shard and optimizer_shard in manifest.get("files", {}):
+        data = _get(base_url + optimizer_shard, progress=(lambda got, total: progress(optimizer_shard, got, total)) if progress else None)
+        verify_file(optimizer_shard, data, manifest)
+        tensors.update(load_safetensors(data))
+        extras = {"steps": json.loads(_safetensors_metadata(data).get("steps", "{}"))}
+    return tensors, extras, int(manifest["round"])
+
+
+def fetch_adapter_tensors(
+    base_url: str, names: set[str], public_key_hex: str, progress: Callable[[str, int, int], None] | None = None,
+    optimizer_shard: str = "",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, int]:
+    """LoRA runs: the stage's adapters (``names``, as the stage names them) from an adapter checkpoint, verified."""
+    manifest = json.loads(_get(base_url + MANIFEST))
+    verify_manifest(manifest, public_key_hex)
+    data = _get(base_url + ADAPTER_FILE, progress=(lambda got, total: progress(ADAPTER_FILE, got, total)) if progress else None)
+    verify_file(ADAPTER_FILE, data, manifest)
+    adapters = {stage_name(k): v for k, v in load_safetensors(data).items()}
+    missing = sorted(names - set(adapters))
+    if missing:
+        raise ManifestError(f"adapter checkpoint of round {manifest.get('round')} lacks {len(missing)} adapters of this stage, e.g. {missing[:3]}")
+    tensors = {k: v for k, v in adapters.items() if k in names}
+    extras = None
+    if optimizer_shard and optimizer_shard in manifest.get("files", {}):
+        data = _get(base_url + optimizer_shard)
+        verify_file(optimizer_shard, data, manifest)
+        tensors.update(load_safetensors(data))
+        extras = {"steps": json.loads(_safetensors_metadata(data).get("steps", "{}"))}
+    return tensors, extras, int(manifest["round"])
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory (its JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
 
 
 # ------------------------------------------------------------ a stage's whole state, as it travels (compute thread)
@@ -110,39 +145,44 @@ class StageWeights:
     """Loads a stage's weights (replica first, then checkpoint), serves them to joiners, uploads them to publish."""
 
     def __init__(self, transport: FrameTransport, run_id: str, public_key: str, stopping: asyncio.Event,
-                 connect_timeout: float, show_progress: bool) -> None:
+                 connect_timeout: float, show_progress: bool, num_stages: int, seed: int, base_url: str = "") -> None:
+        self.num_stages = num_stages
+        self.base_url = base_url  # LoRA runs: the round-0 checkpoint, the frozen base
+        self.seed = seed
         self.transport = transport
         self.run_id = run_id
         self.public_key = public_key
         self.stopping = stopping
         self.connect_timeout = connect_timeout
         self.show_progress = show_progress
-        self._current: Callable[[], tuple[int, StageRuntime, StageSync]] | None = None
+        self.state_server: StateServer | None = None
 
     async def serve(self, current: Callable[[], tuple[int, StageRuntime, StageSync]]) -> None:
         """Answer joiners' state requests with whatever stage ``current()`` names when they ask."""
-        self._current = current
-        await self.transport.serve(STATE_HANDLER, self._serve_state, receive_kind=WireKind.CONTROL, send_kind=WireKind.STATE)
 
-    async def _serve_state(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
-        stage, runtime, sync = self._current()
-        if header.kind != pb.STATE_REQUEST or header.run_id != self.run_id or header.stage != stage:
-            raise codec.FrameError(f"this peer serves stage {stage} of run {self.run_id}; asked for stage {header.stage} of run {header.run_id!r}")
-        if runtime.next_round == 0:
-            raise codec.FrameError("this peer is still loading its own weights")
-        async with runtime.state_lock:  # never mid-step: the copy is of one round
-            state, extras = await runtime.run(export_stage, runtime, sync)
-            next_round = runtime.next_round
-        log.info("sent stage %d state of round %d to %s", stage, next_round - 1, sender.to_base58()[-8:])
-        return pb.FrameHeader(kind=pb.STATE, run_id=self.run_id, stage=stage, round=next_round, json=json.dumps(extras)), state
+        def held() -> tuple[int, int]:
+            stage, runtime, _ = current()
+            return stage, runtime.next_round
+
+        async def export() -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+            _, runtime, sync = current()
+            async with runtime.state_lock:  # never mid-step: the copy is of one round
+                tensors, extras = await runtime.run(export_stage, runtime, sync)
+                return runtime.next_round, tensors, extras
+
+        self.state_server = StateServer(self.transport, self.run_id, held, export)
+        await self.state_server.start()
 
     async def load(self, stage: int, runtime: StageRuntime, sync: StageSync, sources: Callable[[], Any],
                    checkpoint: Callable[[], tuple[str, int]]) -> None:
-        """Current weights from a live replica of the stage, else from the latest checkpoint.
+        """Current weights from a live replica of the stage, else from the latest checkpoint, else (none published
+        yet) from the run's seed, built here.
 
-        ``sources()`` gives the replicas to try (awaitable); ``checkpoint()`` the latest (url, round)."""
+        ``sources()`` gives the replicas to try (awaitable); ``checkpoint()`` the latest (url, round; "" for none)."""
         # Refuse new microbatches and let those in flight finish: their backward needs the old weights.
         runtime.next_round = 0
+        if not runtime.base_loaded:  # LoRA: the frozen base first; replicas and checkpoints only hold adapters
+            await self.load_base(stage, runtime, self.base_url)
         deadline = time.monotonic() + sync.train.sync_timeout
         while runtime.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -157,50 +197,81 @@ class StageWeights:
                     return
             if attempt + 1 < REPLICA_PASSES:
                 await asyncio.sleep(REPLICA_RETRY_SECONDS)
+        if not checkpoint()[0] or (runtime.lora and checkpoint()[1] == 0):
+            await runtime.run(self._from_seed, runtime, sync)
+            log.info("built stage %d %s from the run's seed (no checkpoint of them is published yet)", stage,
+                     "adapters" if runtime.lora else "weights")
+            return
         await self._from_checkpoint(stage, runtime, sync, checkpoint)
 
+    def _from_seed(self, runtime: StageRuntime, sync: StageSync) -> None:
+        runtime.initialise(self.seed)
+        sync.adopt({}, runtime.next_round)
+
     async def _from_replica(self, stage: int, runtime: StageRuntime, sync: StageSync, replica: str, checkpoint_round: int) -> bool:
+        bar = tqdm(unit="B", unit_scale=True, desc=f"stage {stage} state from {replica[-8:]}", leave=False,
+                   disable=not self.show_progress or not sys.stderr.isatty())
+
+        def progress(got: int, total: int) -> None:
+            bar.total = total
+            bar.update(got - bar.n)
+
         try:
-            header, tensors = await self.transport.call(
-                PeerID.from_base58(replica), STATE_HANDLER, pb.FrameHeader(kind=pb.STATE_REQUEST, run_id=self.run_id, stage=stage), {},
-                WireKind.CONTROL, WireKind.STATE, timeout=STATE_TIMEOUT,
-            )
-            if header.round <= checkpoint_round:
-                log.info("replica %s holds round %d, older than the checkpoint of round %d; trying the next source",
-                         replica[-8:], header.round - 1, checkpoint_round)
-                return False
-            extras = json.loads(header.json or "{}")
-            got = await runtime.run(import_stage, runtime, sync, tensors, extras, header.round)
-            if got != extras.get("checksum"):
+            state = await fetch_state(self.transport, replica, self.run_id, stage, newer_than=checkpoint_round, progress=progress)
+            got = await runtime.run(import_stage, runtime, sync, state.tensors, state.extras, state.next_round)
+            if got != state.extras.get("checksum"):
                 runtime.next_round = 0  # not usable: the next source (or the checkpoint) replaces it
-                raise codec.FrameError(f"state checksum {got[:12]} does not match the {str(extras.get('checksum'))[:12]} the replica sent")
-            log.info("loaded stage %d weights and optimizer state of round %d from replica %s", stage, header.round - 1, replica[-8:])
+                raise codec.FrameError(f"state checksum {got[:12]} does not match the {str(state.extras.get('checksum'))[:12]} the replica sent")
+            log.info("loaded stage %d weights and optimizer state of round %d from replica %s", stage, state.next_round - 1, replica[-8:])
             return True
+        except TooOld as exc:
+            log.info("replica %s: %s (the checkpoint's round); trying the next source", replica[-8:], exc)
+            return False
         except Exception as exc:
             log.warning("replica %s could not give its state (%s); trying the next source", replica[-8:], exc)
             return False
+        finally:
+            bar.close()
 
     async def _from_checkpoint(self, stage: int, runtime: StageRuntime, sync: StageSync, checkpoint: Callable[[], tuple[str, int]]) -> None:
         names = set(runtime.weights())
+        if runtime.lora:  # the checkpoint holds adapters, named as peft names them
+            fetch = lambda url, progress: fetch_adapter_tensors(url, names, self.public_key, progress, optimizer_shard_name(stage, self.num_stages))  # noqa: E731
+        else:
+            fetch = lambda url, progress: fetch_checkpoint_tensors(url, names, self.public_key, progress, optimizer_shard_name(stage, self.num_stages))  # noqa: E731
+        (tensors, extras, round), url = await self._download(stage, lambda: checkpoint()[0], fetch)
+        await runtime.run(import_stage, runtime, sync, tensors, extras, round + 1)
+        what = "weights and optimizer state" if extras is not None else "weights"
+        log.info("loaded stage %d %s from the checkpoint of round %d (%s)", stage, "adapters" if runtime.lora else what, round, url)
+
+    async def load_base(self, stage: int, runtime: StageRuntime, url: str) -> None:
+        """LoRA: the frozen base of the stage, from the run's round-0 checkpoint, then adapters on it."""
+        (tensors, _, round), _ = await self._download(stage, lambda: url, lambda u, progress: fetch_checkpoint_tensors(
+            u, set(runtime.base_names), self.public_key, progress))
+        await runtime.run(runtime.load_base, tensors, self.seed)
+        log.info("loaded stage %d's frozen base from the checkpoint of round %d; %d adapter parameters train", stage, round,
+                 sum(p.numel() for _, p in runtime.trainable()))
+
+    async def _download(self, stage: int, url: Callable[[], str], fetch) -> tuple[Any, str]:
+        """``fetch(url, progress)`` in a worker thread, retried with backoff until --connect-timeout; says what to check."""
         bars: dict[str, tqdm] = {}
 
         def progress(shard: str, got: int, total: int) -> None:
             bar = bars.get(shard)
             if bar is None:
-                bar = bars[shard] = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"stage {stage} weights {shard}",
+                bar = bars[shard] = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"stage {stage} {shard}",
                                          disable=not self.show_progress or not sys.stderr.isatty(), leave=False)
             bar.update(got - bar.n)
 
         delay, give_up = 1.0, time.monotonic() + self.connect_timeout
         while True:
-            url = checkpoint()[0]
+            current = url()
             try:
-                tensors, round = await asyncio.get_running_loop().run_in_executor(None, fetch_checkpoint_tensors, url, names, self.public_key, progress)
-                break
+                return await asyncio.get_running_loop().run_in_executor(None, fetch, current, progress), current
             except ConnectionError as exc:
                 left = give_up - time.monotonic()
                 advice = (f"no live replica of stage {stage} gave its state, and the checkpoint download failed ({exc}). "
-                          f"Check that this machine can reach the coordinator's HTTP port at {url} (a firewall?); "
+                          f"Check that this machine can reach the coordinator's HTTP port at {current} (a firewall?); "
                           "an organiser whose machine is behind NAT or a container network starts it with --announce-host ADDRESS")
                 if left < delay:
                     raise CannotStart(f"giving up after --connect-timeout {self.connect_timeout:.0f}s: {advice}") from None
@@ -215,29 +286,34 @@ class StageWeights:
                 for bar in bars.values():
                     bar.close()
                 bars.clear()
-        await runtime.run(import_stage, runtime, sync, tensors, None, round + 1)
-        log.info("loaded stage %d weights from the checkpoint of round %d (%s)", stage, round, url)
 
     async def upload(self, client: ControlClient, peer_id: str, round: int, stage: int, runtime: StageRuntime, sync: StageSync) -> None:
-        """PUBLISH: send the stage's agreed weights (safetensors, streamed in chunks) to the coordinator."""
+        """PUBLISH: send the stage's agreed weights, then its optimizer state (safetensors, streamed in chunks)."""
 
-        def serialise() -> tuple[bytes, str]:
-            payload = save_safetensors({k: v.detach().cpu().clone() for k, v in sync.agreed_weights().items()})
-            return payload, sha256_bytes(payload)
+        def serialise() -> list[tuple[str, bytes]]:
+            named = (lambda k: checkpoint_name(k)) if runtime.lora else (lambda k: k)
+            weights = save_safetensors({named(k): v.detach().cpu().clone() for k, v in sync.agreed_weights().items()})
+            moments, steps = runtime.optimizer.state_tensors()
+            optimizer = save_safetensors(moments, metadata={"steps": json.dumps(steps)}) if moments else b""
+            return [("weights", weights)] + ([("optimizer", optimizer)] if optimizer else [])
 
         async with runtime.state_lock:
-            payload, digest = await runtime.run(serialise)
+            parts = await runtime.run(serialise)
+        for part, payload in parts:
+            digest = sha256_bytes(payload)
 
-        async def chunks():
-            for offset in range(0, max(len(payload), 1), UPLOAD_CHUNK):
-                chunk = pb.CheckpointChunk(data=payload[offset : offset + UPLOAD_CHUNK])
-                if offset == 0:
-                    chunk.peer_id, chunk.round, chunk.stage, chunk.sha256, chunk.total_bytes = peer_id, round, stage, digest, len(payload)
-                yield chunk
+            async def chunks(payload=payload, digest=digest, part=part):
+                for offset in range(0, max(len(payload), 1), UPLOAD_CHUNK):
+                    chunk = pb.CheckpointChunk(data=payload[offset : offset + UPLOAD_CHUNK])
+                    if offset == 0:
+                        chunk.peer_id, chunk.round, chunk.stage, chunk.sha256, chunk.total_bytes = peer_id, round, stage, digest, len(payload)
+                        chunk.part = part
+                    yield chunk
 
-        reply = await client.upload_checkpoint(chunks(), len(payload))
-        if not reply.accepted:
-            log.warning("checkpoint upload for round %d refused: %s", round, reply.message)
+            reply = await client.upload_checkpoint(chunks(), len(payload))
+            if not reply.accepted:
+                log.warning("checkpoint upload (%s) for round %d refused: %s", part, round, reply.message)
+                return
 
 
 def state_sources(stage_peers: list[pb.StagePeer], my_id: str, current_round: int, checkpoint_round: int,

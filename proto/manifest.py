@@ -19,6 +19,21 @@ MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
 
 
+def shard_name(stage: int, num_stages: int) -> str:
+    """The file of a stage's weights in a checkpoint (Hugging Face's sharded layout)."""
+    return f"model-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
+
+
+ADAPTER_FILE = "adapter_model.safetensors"   # LoRA runs: every stage's adapters, named as peft names them
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_PREFIX = "base_model.model."
+
+
+def optimizer_shard_name(stage: int, num_stages: int) -> str:
+    """The file of a stage's optimizer state in a checkpoint (not in the model index; in the manifest)."""
+    return f"optimizer-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
+
+
 class ManifestError(ValueError):
     """A checkpoint that must not be trusted: bad signature, missing file or wrong hash."""
 

@@ -84,9 +84,9 @@ class TrainConfig:
 
     sections: ClassVar[dict[str, tuple[str, ...]]] = {
         "run": ("seed", "round_timeout", "deadline_factor", "deadline_floor"),
-        "model": ("compute_dtype",),
+        "model": ("compute_dtype", "activation_checkpointing", "lora_rank", "lora_alpha", "lora_targets", "lora_base_bits"),
         "data": ("seq_len", "micro_batch_size", "global_batch_size"),
-        "optimizer": ("lr", "weight_decay", "beta1", "beta2", "eps"),
+        "optimizer": ("optimizer", "lr", "weight_decay", "beta1", "beta2", "eps"),
         "compression": ("activation_compression", "activation_bits", "activation_first_bits", "gradient_bits", "boundary_block",
                         "sync_compression", "sync_random_ratio", "sync_topk_ratio", "sync_bits", "p_skip", "resync_every",
                         "sync_warmup_rounds"),
@@ -107,7 +107,16 @@ class TrainConfig:
     deadline_floor: float = opt(10.0, "The adaptive round deadline is never shorter than this.", unit="s")
     sync_timeout: float = opt(30.0, "How long replicas wait for each other while syncing before retrying without the missing.", unit="s")
     max_inflight: int = opt(2, "Microbatches a stage-0 peer keeps in flight at once (pipelining).")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Dtype of stage weights and activations on peers.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "Precision of the stages' compute: float32 (the exact reference), bfloat16 (autocast over fp32 master "
+        "weights) or float16 (autocast with a dynamic loss scale, for cards without bf16; an overflow skips the step).")
+    optimizer: Literal["adamw", "adamw8bit"] = opt("adamw", "AdamW with fp32 moments, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory).")
+    activation_checkpointing: bool = opt(False, "Keep only each block's input through the forward and recompute the block in the backward.")
+    lora_rank: int = opt(0, "LoRA: train low-rank adapters of this rank on a frozen base (peft); only adapters cross the wire. "
+                            "0: train every weight. The LoRA paper found rank 4-8 on the attention's query and value enough.")
+    lora_alpha: float = opt(16.0, "LoRA: the adapters' scale is alpha / rank.")
+    lora_targets: str = opt("q_proj,v_proj", "LoRA: the linear layers that get adapters, comma-separated (q_proj, k_proj, v_proj, out_proj, fc_in, fc_out).")
+    lora_base_bits: Literal[32, 8, 4] = opt(32, "LoRA: how the frozen base is held: 32 (fp32), 8 (bitsandbytes int8) or 4 (NF4), where the device supports it.")
     activation_compression: Literal["none", "direct", "aqsgd"] = opt("none", "Activations forward: none, direct (quantize each frame) or aqsgd (quantize the change since the sample's last visit).")
     activation_bits: Literal[2, 4, 8] = opt(4, "Bits per activation value when compressed.")
     activation_first_bits: Literal[2, 4, 8] = opt(8, "AQ-SGD: bits for a frame holding a sample's first visit (it fills both caches).")
@@ -155,8 +164,19 @@ class TrainConfig:
             raise ConfigError(f"--resync-every must be >= 0, got {self.resync_every}")
         if self.sync_warmup_rounds < 0:
             raise ConfigError(f"--sync-warmup-rounds must be >= 0, got {self.sync_warmup_rounds}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        unknown = sorted(set(self.lora_target_modules) - set(LORA_TARGETS))
+        if self.lora_rank and (unknown or not self.lora_target_modules):
+            raise ConfigError(f"--lora-targets must name some of {', '.join(LORA_TARGETS)}; got {self.lora_targets!r}")
+        if self.lora_base_bits != 32 and not self.lora_rank:
+            raise ConfigError(f"--lora-base-bits {self.lora_base_bits} needs --lora-rank > 0: only a frozen base can be held in fewer bits")
         if self.sync_warmup_rounds > 0 and self.sync_compression != "cocktail":
             raise ConfigError(f"--sync-warmup-rounds {self.sync_warmup_rounds} needs --sync-compression cocktail: without it every round's sync is exact")
+
+    @property
+    def lora_target_modules(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     def compresses_sync(self, round: int) -> bool:
         """Whether ``round`` syncs compressed parameter deltas (cocktail, past the warm-up) rather than summing gradients exactly."""
@@ -186,7 +206,7 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
     sections: ClassVar[dict[str, tuple[str, ...]]] = {
         "run": TrainConfig.sections["run"] + ("state_dir", "rounds", "checkpoint_every", "stall_limit", "linger", "min_replicas",
                                              "heartbeat_interval", "heartbeat_timeout", "join_token"),
-        "model": ("model", "init_from", "stages") + TrainConfig.sections["model"],
+        "model": ("model", "init_from", "stages", "stage_memory_gb") + TrainConfig.sections["model"],
         "data": TrainConfig.sections["data"] + ("ul2_tokens", "instruction_share", "ul2_shares", "pack_instructions", "tokenizer",
                                                "vocab_size", "sources"),
         "optimizer": TrainConfig.sections["optimizer"],
@@ -206,7 +226,10 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
     state_dir: str = opt("run", "Directory of the run's SQLite store, tokenizer and checkpoints.")
     model: Literal["tiny", "small", "gptj-6b"] = opt("tiny", "Model preset: tiny (4 blocks, d_model 128), small (8 blocks, d_model 512) or gptj-6b.")
     init_from: str = opt("", "Start from this Hugging Face GPT-J checkpoint directory instead of random init.")
-    stages: int = opt(2, "Pipeline stages the blocks are split into.")
+    stages: int = opt(2, "Pipeline stages the blocks are split into (0 with --stage-memory-gb: as few as fit).")
+    stage_memory_gb: float = opt(
+        0.0, "Plan the stages' layer ranges so each fits this much device memory with the run's settings (the "
+        "planner counts weights, gradients, optimizer, activations, sync); 0: split the blocks evenly.", unit="GiB")
     rounds: int = opt(0, "Stop after this many rounds (0: run until Ctrl-C).")
     checkpoint_every: int = opt(10, "Publish a checkpoint every N rounds.")
     join_token: str = opt("", "Secret a peer must present to join (empty: anyone may join).", secret=True)
@@ -241,10 +264,14 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
             raise ConfigError(f"--init-from {self.init_from}: no config.json there; point it at a Hugging Face GPT-J checkpoint directory")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"--tokenizer {self.tokenizer}: no such directory; point it at a saved Hugging Face tokenizer")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("--lora-rank trains adapters on a frozen base: pass --init-from DIR, the Hugging Face GPT-J checkpoint to adapt")
         if self.stall_limit < 0:
             raise ConfigError(f"--stall-limit must be >= 0 (0: never give up), got {self.stall_limit}")
-        if self.stages < 1:
-            raise ConfigError(f"--stages must be >= 1, got {self.stages}")
+        if self.stages < (0 if self.stage_memory_gb > 0 else 1):
+            raise ConfigError(f"--stages must be >= 1 (0 only with --stage-memory-gb), got {self.stages}")
+        if self.stage_memory_gb < 0:
+            raise ConfigError(f"--stage-memory-gb must be >= 0 (0: split the blocks evenly), got {self.stage_memory_gb}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.ul2_tokens < 0:
@@ -392,6 +419,7 @@ class PeerConfig(ConsoleConfig):
 
 C = TypeVar("C")
 ENV_PREFIX = "HOMETRAIN_"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 
 
 def _base_type(tp: Any) -> Any:

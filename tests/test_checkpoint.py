@@ -10,9 +10,11 @@ from transformers import AutoTokenizer, GPTJForCausalLM
 
 from coordinator.assignment import stage_layer_ranges
 from coordinator.checkpoint import load_signing_key, public_key_hex, remove_incomplete, split_state_dict, write_checkpoint
-from coordinator.model_presets import initial_state, preset_config
+from coordinator.model_presets import preset_config
 from coordinator.data.tokenizer import train_tokenizer
 from proto.manifest import ManifestError, verify_directory, verify_file, verify_manifest
+
+from .swarm import seeded_model
 
 
 @pytest.fixture()
@@ -21,7 +23,7 @@ def published(tmp_path):
     tok_dir = tmp_path / "tok"
     tokenizer.save_pretrained(str(tok_dir))
     config = preset_config("tiny", len(tokenizer), tokenizer.eos_token_id, 64)
-    state = initial_state(config, seed=1)
+    state = seeded_model(config, seed=1).state_dict()
     stages = split_state_dict(state, stage_layer_ranges(config.n_layer, 2), config.n_layer)
     key = load_signing_key(tmp_path / "key.pem")
     info = write_checkpoint(tmp_path / "ckpt", run_id="run", round=3, tokens=100, loss=2.5, config=config,

@@ -124,10 +124,12 @@ def test_a_connecting_peer_explains_itself_and_stops_on_the_first_ctrl_c():
 
 @pytest.mark.swarm
 def test_a_peer_that_cannot_download_its_weights_says_what_it_tried(tmp_path):
-    """The coordinator names an address this peer cannot reach: the peer retries, explains, gives up cleanly."""
-    from .swarm import Swarm
+    """The coordinator names an address this peer cannot reach: the peer retries, explains, gives up cleanly.
+    (From a pretrained start: a run from the seed needs no download.)"""
+    from .swarm import Swarm, save_base_model
 
-    swarm = Swarm(tmp_path / "run", "--stages", "2", "--announce-host", "127.0.0.2")  # it listens on 127.0.0.1 only
+    base = save_base_model(tmp_path / "base")
+    swarm = Swarm(tmp_path / "run", "--stages", "2", "--announce-host", "127.0.0.2", "--init-from", str(base))  # it listens on 127.0.0.1 only
     try:
         peer = swarm.add_peer("--stage", "0", "--connect-timeout", "4")
         code = peer.wait(timeout=120)

@@ -9,9 +9,11 @@ loopback; the only test traffic is between the two namespaces.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -53,6 +55,8 @@ def two_hosts():
 
 
 def test_peers_on_another_host_train_without_announce_host(two_hosts, tmp_path):
+    """Peers join and train; then a stage loses its only replica and a newcomer on the peers' host refills it from
+    the latest checkpoint, downloaded from the address it dialled (the coordinator names 127.0.0.1)."""
     coord_ns, peers_ns = two_hosts
     port, http_port = free_port(), free_port()
     state, logs = tmp_path / "run", tmp_path / "logs"
@@ -67,24 +71,47 @@ def test_peers_on_another_host_train_without_announce_host(two_hosts, tmp_path):
         procs.append(proc)
         return proc
 
+    def peer(name: str, stage: int) -> subprocess.Popen:
+        return start(peers_ns, name, "peer", "join", "--coordinator", f"{COORDINATOR_IP}:{port}", "--gpu", "cpu", "--threads", "1",
+                     "--name", name, "--stage", str(stage), "--connect-timeout", "120")
+
+    def rounds() -> list[tuple[int, int]]:
+        try:
+            with sqlite3.connect(state / "coordinator.sqlite") as db:
+                return db.execute("SELECT round, tokens FROM rounds ORDER BY round").fetchall()
+        except sqlite3.Error:
+            return []
+
+    def wait(condition, what: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline or coordinator.poll() is not None:
+                pytest.fail(f"gave up waiting for {what}\n" + tails())
+            time.sleep(0.5)
+
+    def tails() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.iterdir()))
+
     coordinator = start(coord_ns, "coordinator", "coordinator", "serve", "--host", "0.0.0.0", "--port", str(port),
                         "--http-port", str(http_port), "--state-dir", str(state), "--model", "tiny", "--stages", "2",
-                        "--rounds", "3", "--checkpoint-every", "3", "--stall-limit", "3")
-    for i in range(2):
-        start(peers_ns, f"peer-{i}", "peer", "join", "--coordinator", f"{COORDINATOR_IP}:{port}", "--gpu", "cpu", "--threads", "1",
-              "--name", f"peer-{i}", "--connect-timeout", "120")
+                        "--checkpoint-every", "2", "--heartbeat-interval", "1", "--heartbeat-timeout", "4", "--stall-limit", "3")
     try:
-        code = coordinator.wait(timeout=300)
+        peer("peer-0", 0)
+        stage1 = peer("peer-1", 1)
+        wait(lambda: (state / "checkpoints" / "round-000002" / "manifest.json").is_file(), "the checkpoint of round 2")
+        LocalSwarm.kill(stage1)  # stage 1 has no replica now: a newcomer must take its weights from the checkpoint
+        killed_at = len(rounds())
+        peer("peer-2", 1)
+        wait(lambda: len(rounds()) >= killed_at + 2, "two rounds after stage 1 was refilled")
+        coordinator.send_signal(signal.SIGINT)
+        code = coordinator.wait(timeout=60)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 LocalSwarm.kill(proc)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
-    assert code == 0, tails
-    with sqlite3.connect(state / "coordinator.sqlite") as db:
-        rounds = db.execute("SELECT round, tokens FROM rounds ORDER BY round").fetchall()
-    assert [r for r, _ in rounds] == [1, 2, 3] and all(tokens > 0 for _, tokens in rounds), tails
-    peer_logs = "".join((logs / f"peer-{i}.log").read_text() for i in range(2))
-    # Whoever had no replica to copy from downloaded the checkpoint from the address it dialled, not 127.0.0.1.
-    assert f"http://{COORDINATOR_IP}:{http_port}/checkpoints/round-000000/" in peer_logs, tails
-    assert "Traceback" not in peer_logs, tails
+    assert code == 0, tails()
+    assert all(tokens > 0 for _, tokens in rounds()) and [r for r, _ in rounds()] == list(range(1, len(rounds()) + 1)), tails()
+    newcomer = (logs / "peer-2.log").read_text()
+    # It downloaded from the address it dialled, not the loopback one the coordinator names.
+    assert f"from the checkpoint of round" in newcomer and f"(http://{COORDINATOR_IP}:{http_port}/checkpoints/round-" in newcomer, tails()
+    assert "Traceback" not in "".join((logs / f"peer-{i}.log").read_text() for i in range(3)), tails()

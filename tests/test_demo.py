@@ -42,7 +42,7 @@ def test_demo_trains_30_rounds_and_loss_goes_down(tmp_path):
         seen += tokens
     assert 5 <= len(causal) <= 25, f"the UL2 -> causal switch moved: {30 - len(causal)} UL2 rounds"
     assert sum(causal[-5:]) / 5 < sum(causal[:5]) / 5 - 0.15, f"causal-phase loss did not go down: {causal}"
-    assert checkpoints == [0, 15, 30]
+    assert checkpoints == [15, 30]  # round 0 is the seed: each peer builds its own stage, nothing is published
 
 
 def test_peer_refuses_a_gpu_that_is_not_there():

@@ -11,7 +11,7 @@ import json
 import grpc
 import pytest
 import torch
-from transformers import AutoTokenizer, GPTJForCausalLM
+from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
 from coordinator.data.build import build_mixer
 from peer.swarm_client import swarm_logits
@@ -21,7 +21,7 @@ from proto import hometrain_pb2_grpc as pb_grpc
 from proto.manifest import verify_directory
 from proto.run_config import CoordinatorConfig
 
-from .swarm import Swarm
+from .swarm import Swarm, seeded_model
 
 pytestmark = pytest.mark.swarm
 ROUNDS = 10
@@ -46,7 +46,7 @@ def swarm(tmp_path_factory):
 def reference_losses(state_dir, rounds: int) -> list[float]:
     """Plain single-process training on the same batches, seed and optimizer."""
     t = CoordinatorConfig(ul2_tokens=0, instruction_share=0)  # the swarm's settings: defaults plus DATA_ARGS
-    model = GPTJForCausalLM.from_pretrained(str(state_dir / "checkpoints" / "round-000000"), attn_implementation="eager")
+    model = seeded_model(GPTJConfig.from_pretrained(str(state_dir / "checkpoints" / f"round-{ROUNDS:06d}")), t.seed)  # what peers built
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(str(state_dir / "tokenizer"))
     data = build_mixer(t, tokenizer)

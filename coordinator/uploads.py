@@ -1,0 +1,89 @@
+"""Checkpoint uploads: at PUBLISH one replica per stage streams its shard, which is spooled to disk and checked before it is kept.
+
+Nothing is held in memory: chunks go to a file as they arrive, hashed on the way, and never
+past the size the coordinator expects of that stage. A shard is kept only if it holds exactly
+the stage's tensors, with their shapes, floating point and finite (the optimizer shard: only
+state of the stage's parameters, finite); otherwise it is deleted and the upload refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from safetensors import safe_open
+
+from proto import hometrain_pb2 as pb
+
+WEIGHTS, OPTIMIZER = "weights", "optimizer"
+PARTS = (WEIGHTS, OPTIMIZER)
+OPTIMIZER_PREFIX = "optim."
+HEADER_ALLOWANCE = 1 << 20           # a safetensors header, beyond the tensors' bytes
+OPTIMIZER_FACTOR = 3                 # optimizer state is at most this many times the weights (AdamW: 2 moments)
+
+
+class UploadError(ValueError):
+    """An upload that is refused; the message says why."""
+
+
+def expected_bytes(shapes: dict[str, tuple[int, ...]], part: str) -> int:
+    """The most a stage's upload of ``part`` may hold: fp32 weights (or optimizer state) plus a header."""
+    weights = sum(4 * _numel(shape) for shape in shapes.values())
+    return (weights if part == WEIGHTS else OPTIMIZER_FACTOR * weights + (4 << 10) * len(shapes)) + HEADER_ALLOWANCE
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+async def spool(first: pb.CheckpointChunk, rest: AsyncIterator[pb.CheckpointChunk], path: Path) -> str:
+    """Write the upload's bytes to ``path`` as they arrive; returns their sha256. Raises UploadError past
+    the size the first chunk announced (which the caller has already bounded)."""
+    digest, written = hashlib.sha256(), 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        chunk = first
+        while chunk is not None:
+            written += len(chunk.data)
+            if written > first.total_bytes:
+                raise UploadError(f"upload exceeds the {first.total_bytes} bytes announced")
+            digest.update(chunk.data)
+            out.write(chunk.data)
+            chunk = await anext(rest, None)
+    if written != first.total_bytes:
+        raise UploadError(f"upload ended after {written} of {first.total_bytes} bytes announced")
+    return digest.hexdigest()
+
+
+def check_shard(path: Path, part: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise UploadError unless ``path`` is a safetensors file of exactly the stage's tensors (or optimizer state)."""
+    try:
+        with safe_open(str(path), "pt") as shard:
+            names = list(shard.keys())
+            if part == WEIGHTS:
+                missing, unexpected = sorted(set(shapes) - set(names)), sorted(set(names) - set(shapes))
+                if missing or unexpected:
+                    raise UploadError(f"the shard does not hold this stage's tensors: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            else:
+                strangers = [n for n in names if not n.startswith(OPTIMIZER_PREFIX) or n[len(OPTIMIZER_PREFIX):].rsplit(".", 1)[0] not in shapes]
+                if strangers:
+                    raise UploadError(f"optimizer state names no parameter of this stage: {strangers[:3]}")
+                steps = (shard.metadata() or {}).get("steps", "{}")
+                if not isinstance(json.loads(steps), dict):
+                    raise UploadError("optimizer state metadata 'steps' must be a JSON object")
+            for name in names:
+                tensor = shard.get_tensor(name)
+                if part == WEIGHTS and (tuple(tensor.shape) != shapes[name] or not tensor.is_floating_point()):
+                    raise UploadError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, expected floating point {list(shapes[name])}")
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise UploadError(f"tensor {name} holds NaN/Inf; checkpoint refused")
+    except UploadError:
+        raise
+    except Exception as exc:  # not a safetensors file, or a broken one
+        raise UploadError(f"the upload is no readable safetensors file: {type(exc).__name__}: {exc}") from None
