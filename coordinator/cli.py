@@ -1,11 +1,13 @@
-"""`coordinator serve` (one run's coordinator) and `coordinator demo` (a local swarm)."""
+"""`coordinator serve` (one run's coordinator), `coordinator demo` (a local swarm), `coordinator export` (a checkpoint for transformers)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
+from pathlib import Path
 
 from proto.console import quiet_libraries, setup_logging
 from proto.lifecycle import die_with_parent
@@ -35,6 +37,19 @@ def _serve(config: CoordinatorConfig) -> int:
     return asyncio.run(run())
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import ExportConfig, export_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_checkpoint(ExportConfig(args.checkpoint, args.out, args.merge, args.base))
+    except (ConfigError, OSError) as exc:
+        print(f"coordinator export: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="Run a hometrain training run's coordinator.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,11 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     about = "Start a coordinator and local CPU peers training a tiny GPT-J on this machine."
     demo = commands.add_parser("demo", help=about, description=about)
     add_arguments(demo, DemoConfig)
+    about = "Write a published checkpoint as a Hugging Face model directory (LoRA adapters merged with --merge)."
+    export = commands.add_parser("export", help=about, description=about)
+    export.add_argument("checkpoint", type=Path, help="A checkpoint directory, e.g. STATE_DIR/checkpoints/round-000030.")
+    export.add_argument("--out", type=Path, required=True, help="New directory to write (must not exist or be empty).")
+    export.add_argument("--merge", action="store_true", help="LoRA checkpoints: fold the adapters into the base weights (peft's merge_and_unload).")
+    export.add_argument("--base", type=Path, default=None,
+                        help="LoRA checkpoints: the base model directory, if not where the adapter config says (the run's round-0 checkpoint).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     try:
         config = load(CoordinatorConfig, args, args.config) if args.command == "serve" else load(DemoConfig, args)
         setup_logging(config, "%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -40,8 +40,9 @@ def stage_name(name: str) -> str:
     return base
 
 
-def quantize_base(model: nn.Module, bits: int, targets: tuple[str, ...]) -> None:
-    """Hold the blocks' linear layers in ``bits`` (8: int8, 4: NF4) with bitsandbytes, frozen."""
+def quantize_base(model: nn.Module, bits: int) -> None:
+    """Hold every linear layer of the blocks in ``bits`` (8: int8, 4: NF4) with bitsandbytes, frozen (all of the base
+    is frozen, adapted or not)."""
     try:
         import bitsandbytes as bnb
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
@@ -60,7 +61,7 @@ def quantize_base(model: nn.Module, bits: int, targets: tuple[str, ...]) -> None
                 layer.weight = bnb.nn.Params4bit(weight.cpu().clone(), requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(parent, child_name, layer.to(weight.device))
+            setattr(parent, child_name, layer)
 
 
 def add_adapters(model: nn.Module, train: TrainConfig, seed: int) -> None:

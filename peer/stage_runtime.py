@@ -56,10 +56,11 @@ class StageRuntime:
         self.device = device
         # Weights, gradients and optimizer state stay fp32 (the master copy); bf16 and fp16 are autocast's.
         self.autocast = AUTOCAST[train.compute_dtype]
-        with torch.device(device):
+        self.lora = train.lora_rank > 0                # adapters on a frozen base: they are all that trains and travels
+        # A LoRA base is built and quantised on the host, then moved: the device never holds it in fp32.
+        with torch.device("cpu" if self.lora else device):
             self.model = StageModel(model_config, layer_start, layer_end, checkpointing=train.activation_checkpointing)
         self.model.train()
-        self.lora = train.lora_rank > 0                # adapters on a frozen base: they are all that trains and travels
         self.base_names = [name for name, _ in self.model.named_parameters()]  # the stage's tensors in a full checkpoint
         self.base_loaded = not self.lora
         self.optimizer = StageOptimizer(self.trainable(), train)
@@ -283,8 +284,9 @@ class StageRuntime:
             for name, p in params.items():
                 p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
         if self.train.lora_base_bits != 32:
-            quantize_base(self.model, self.train.lora_base_bits, self.train.lora_target_modules)
+            quantize_base(self.model, self.train.lora_base_bits)
         add_adapters(self.model, self.train, seed)
+        self.model.to(self.device)
         self.optimizer = StageOptimizer(self.trainable(), self.train)
         self.base_loaded = True
 
