@@ -96,7 +96,7 @@ class StatusReport:
             "run": app.run_id,
             "version": PACKAGE_VERSION,
             "model": {"preset": app.config.init_from or app.config.model, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
-                      "vocab_size": cfg.vocab_size, "parameters": parameter_count(cfg)},
+                      "n_head": cfg.n_head, "rotary_dim": cfg.rotary_dim, "vocab_size": cfg.vocab_size, "parameters": parameter_count(cfg)},
             "round": last[0].round if last else 0,
             "current_round": app.engine.round,
             "phase": pb.RoundPhase.Name(app.engine.phase).lower(),

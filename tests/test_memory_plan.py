@@ -80,3 +80,23 @@ def test_a_stage_that_does_not_fit_says_what_would():
     text = fit_advice(gptj_6b(), 4, 8, settings, 11 * GIB)
     assert "needs 18.25 GiB" in text and "11.0 GiB free" in text and "fits 2 of its blocks" in text  # 2 x 16 B x 201M + activations
     assert "--stage-memory-gb" in text and "--compute-dtype bfloat16" in text and "--optimizer adamw8bit" in text
+
+
+@pytest.mark.swarm
+def test_a_gptj_6b_coordinator_starts_in_little_memory_and_reports_the_shape(tmp_path):
+    """It knows the shape and never builds the model (fp32 GPT-J-6B alone is 24 GB): its peak stays under 2 GiB."""
+    from coordinator.local_swarm import LocalSwarm
+
+    swarm = LocalSwarm(tmp_path / "run", "--model", "gptj-6b", "--stages", "7", "--seq-len", "2048", log_dir=tmp_path / "logs")
+    try:
+        status = swarm.status()
+        peak = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{swarm.coordinator.pid}/status") if line.startswith("VmHWM:"))
+    finally:
+        swarm.stop()
+    model = status["model"]
+    assert (model["n_layer"], model["n_embd"], model["n_head"], model["rotary_dim"], model["vocab_size"]) == (28, 4096, 16, 64, 50400)
+    assert model["parameters"] == 28 * BLOCK + 2 * V * D + 2 * D + V  # 6,050,882,784
+    assert [s["layers"] for s in status["stages"]] == [[4 * k, 4 * k + 4] for k in range(7)]
+    assert status["checkpoints"] == []  # a run from the seed publishes nothing until it has trained
+    print(f"coordinator peak memory with GPT-J-6B's shape: {peak / GIB:.2f} GiB")
+    assert peak < 2 * GIB, peak
