@@ -59,7 +59,7 @@ def measure(setting: dict, blocks: int, seq_len: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     config = gptj_6b()
-    train = TrainConfig(seq_len=seq_len, micro_batch_size=1, global_batch_size=1, **setting)
+    train = TrainConfig(seq_len=seq_len, micro_batch_size=1, global_batch_size=1, max_inflight=1, **setting)  # one microbatch, as run here
     torch.manual_seed(0)
     hidden = torch.randn(1, seq_len, config.n_embd)
     output_grad = torch.randn(1, seq_len, config.n_embd)
@@ -94,7 +94,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(SETTINGS[args.one], args.blocks[0], args.seq_len, args.threads)))
         return
-    print(f"GPT-J-6B middle stage (d_model 4096, d_ff 16384, 16 heads), sequence {args.seq_len}, microbatch 1, CPU, {args.threads} threads")
+    print(f"GPT-J-6B middle stage (d_model 4096, d_ff 16384, 16 heads), sequence {args.seq_len}, microbatch 1 (one in flight), CPU, {args.threads} threads")
     print(f"{'setting':44} {'blocks':>6} {'planned GiB':>12} {'measured GiB':>13} {'measured/planned':>17} {'tokens/s':>9}")
     for name in args.only or SETTINGS:
         for blocks in args.blocks:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -136,6 +137,7 @@ class CoordinatorApp:
                      i, phase["objective"], phase["from_tokens"], phase["until_tokens"] or "the end", phase["weights"])
         for leftover in remove_incomplete(self.checkpoint_root):
             log.warning("removed an interrupted checkpoint write: %s", leftover)
+        shutil.rmtree(self.state_dir / "uploads", ignore_errors=True)  # uploads of a publish that never finished
         if not self.store.checkpoints() and cfg.init_from:
             self._publish(0, 0, None, pretrained_stage_tensors(Path(cfg.init_from), self.layer_ranges))
 

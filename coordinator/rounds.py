@@ -427,16 +427,24 @@ class RoundEngine:
     async def _maybe_finish_publish(self, now: float) -> None:
         cur = self.current
         assert cur is not None and cur.publish_started is not None
-        if len(cur.uploads) < len(cur.uploaders):
-            if now - cur.publish_started < self.config.round_timeout:
-                return
+        weights_in = len(cur.uploads) >= len(cur.uploaders)
+        optimizer_in = len(cur.optimizer_uploads) >= len(cur.uploaders)  # each uploader sends its weights, then its optimizer state
+        timed_out = now - cur.publish_started >= self.config.round_timeout
+        if not (weights_in and optimizer_in) and not timed_out:
+            return
+        if not weights_in:
             log.warning("round %d: checkpoint uploads incomplete after %.0fs; skipped", cur.number, self.config.round_timeout)
         else:
+            if not optimizer_in:
+                log.warning("round %d: optimizer state of stages %s did not arrive within %.0fs; the checkpoint holds weights only",
+                            cur.number, sorted(set(cur.uploads) - set(cur.optimizer_uploads)), self.config.round_timeout)
             stages = [cur.uploads[k] for k in range(self.membership.num_stages)]
-            optimizer = [cur.optimizer_uploads[k] for k in range(self.membership.num_stages)] if len(cur.optimizer_uploads) == len(stages) else []
+            optimizer = [cur.optimizer_uploads[k] for k in range(self.membership.num_stages)] if optimizer_in else []
             loss = cur.loss_sum / cur.tokens if cur.tokens else None
             tokens_total = self.store.totals()["tokens"]
             await asyncio.get_running_loop().run_in_executor(None, self._publish, cur.number, tokens_total, loss, stages, optimizer)
+        for leftover in (*cur.uploads.values(), *cur.optimizer_uploads.values()):  # what the checkpoint did not take
+            leftover.unlink(missing_ok=True)
         await self._next_round()
 
     async def _next_round(self) -> None:
@@ -544,13 +552,15 @@ class RoundEngine:
 
     async def accept_upload(self, peer: PeerRecord, round: int, stage: int, part: str, path: Path) -> str:
         """Keep one stage's spooled shard if it is what the stage holds; returns "" if accepted, else why not."""
+        cur = self.current
         problem = self.upload_wanted(peer, round, stage, part, 0)
         if not problem:
             try:
                 await asyncio.get_running_loop().run_in_executor(None, check_shard, path, part, self.stage_shapes[stage])
             except UploadError as exc:
                 problem = str(exc)
-        cur = self.current
+            # The check takes a while on a large shard: the round may have ended (or a newer one begun) meanwhile.
+            problem = problem or ("" if self.current is cur else f"round {round} ended while its upload was checked")
         if problem:
             path.unlink(missing_ok=True)
             return problem

@@ -146,6 +146,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 problem = "upload corrupted: sha256 does not match" if digest != first.sha256 else ""
             except UploadError as exc:
                 problem = str(exc)
+            except BaseException:  # the sender went away, the disk is full: no partial file stays behind
+                path.unlink(missing_ok=True)
+                raise
             self.metrics.control_bytes.labels("received").inc(path.stat().st_size if path.exists() else 0)
             problem = problem or await self.engine.accept_upload(record, first.round, first.stage, part, path)
             if problem:

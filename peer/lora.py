@@ -10,7 +10,7 @@ the run's round-0 checkpoint (``coordinator serve --init-from``) and never chang
 
 The base can be held in bitsandbytes' int8 (``Linear8bitLt``) or NF4 (``Linear4bit``) where
 bitsandbytes supports the device: CUDA, and (bitsandbytes 0.50) the CPU; elsewhere the peer
-says so and stops.
+says so and stops (``weights.StageWeights.load_base``).
 """
 
 from __future__ import annotations
@@ -72,6 +72,11 @@ def add_adapters(model: nn.Module, train: TrainConfig, seed: int) -> None:
         p.requires_grad_(False)
     config = LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, target_modules=list(train.lora_target_modules), lora_dropout=0.0)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    seed_adapters(model, seed)
+
+
+def seed_adapters(model: nn.Module, seed: int) -> None:
+    """Adapters as they start (the model equals its base): A drawn from (seed, name), B zero; they alone train."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_A." in name:

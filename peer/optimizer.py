@@ -24,6 +24,11 @@ STATE_PREFIX = "optim."
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "state1", "state2")
 
 
+def optimizer_state_name(param: str, key: str) -> str:
+    """How a parameter's optimizer state tensor is named in hand-offs and checkpoints: ``optim.<param>.<key>``."""
+    return f"{STATE_PREFIX}{param}.{key}"
+
+
 def state_key(name: str) -> tuple[str, str]:
     """``optim.<param>.<key>`` split into the parameter's name and the state key."""
     param, _, key = name[len(STATE_PREFIX):].rpartition(".")
@@ -80,7 +85,7 @@ class StageOptimizer:
                 continue
             for key, value in state.items():
                 if key != "step" and isinstance(value, torch.Tensor):
-                    tensors[f"{STATE_PREFIX}{name}.{key}"] = value.detach().to("cpu", copy=True)
+                    tensors[optimizer_state_name(name, key)] = value.detach().to("cpu", copy=True)
             steps[name] = float(state["step"])
         return tensors, steps
 

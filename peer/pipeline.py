@@ -181,12 +181,17 @@ class Pipeline:
             raise self.failures.record(self.stage, f"the {what} of microbatch {header.microbatch} of round {header.round}", exc,
                                        self.runtime.microbatches_done) from exc
 
-    def _decode_gradient(self, reply: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
-        """The activation gradient a BACKWARD frame carries, checked against this stage's output (compute thread)."""
+    def _decode_gradient(self, reply: Tensors, shape: tuple[int, ...], loss_scaled: bool) -> torch.Tensor:
+        """The activation gradient a BACKWARD frame carries, checked against this stage's output (compute thread).
+
+        Under fp16's loss scale (``loss_scaled``) a gradient that is not finite is an overflow downstream, not a bad
+        frame: it goes through the backward, so this stage's gradient is not finite either and its step is skipped
+        (and reported as an overflow), as the stage that overflowed skips its own."""
         grad = self.boundary.decode_gradient(reply)
         if grad is None or tuple(grad.shape) != shape:
             raise codec.FrameError(f"stage {self.stage + 1} returned a gradient of shape {None if grad is None else list(grad.shape)}, expected {list(shape)}")
-        codec.require_finite({"grad": grad})
+        if not loss_scaled:
+            codec.require_finite({"grad": grad})
         return grad
 
     async def run_stage(self, header: pb.FrameHeader, inputs: torch.Tensor, batch: Tensors) -> tuple[float, int, torch.Tensor | None]:
@@ -205,7 +210,7 @@ class Pipeline:
             extras = {name: batch[name] for name in ("target_ids", "loss_mask", "prefix_lengths")}
             outgoing = Outgoing(list(header.sample_ids), ctx.outputs.detach(), extras)
             reply_header, reply = await self.send_forward(next_header, outgoing)
-            grad = await runtime.run(self._decode_gradient, reply, tuple(ctx.outputs.shape))
+            grad = await runtime.run(self._decode_gradient, reply, tuple(ctx.outputs.shape), header.loss_scale > 1)
             input_grad = await self._compute("backward", header, runtime.backward, ctx, grad)
             return reply_header.loss_sum, reply_header.tokens, input_grad
         finally:

@@ -287,9 +287,10 @@ class StageSync:
         runtime, train = self.runtime, self.train
         if self.stepped_round < round:  # a retried attempt must not step twice
             local = runtime.round_tokens
-            self.unsynced_tokens += local
             if local > 0:
                 self.overflowed = not await runtime.run(lambda: runtime.apply_step(runtime.flat_gradients(), local * self.loss_scale))
+                if not self.overflowed:  # a skipped step adds nothing to the delta, so its tokens must not weight it
+                    self.unsynced_tokens += local
             else:
                 await runtime.run(runtime.discard_gradients)
             self.stepped_round = round

@@ -22,7 +22,7 @@ from transformers import GPTJConfig
 from proto.codec import FrameError, StaleFrame
 from proto.run_config import TrainConfig
 
-from .lora import add_adapters, quantize_base
+from .lora import add_adapters, quantize_base, seed_adapters
 from .optimizer import MOMENT_KEYS, STATE_PREFIX, StageOptimizer, state_key
 from .stage_model import StageModel, seeded_init, summed_token_loss
 
@@ -228,8 +228,10 @@ class StageRuntime:
 
     def initialise(self, seed: int) -> None:
         """Weights from the run's seed (``stage_model.seeded_init``), a fresh optimizer, ready for round 1."""
-        if not self.lora:
-            seeded_init(self.model.named_parameters(), seed, self.model.config)  # (LoRA: the adapters were seeded on injection)
+        if self.lora:
+            seed_adapters(self.model, seed)
+        else:
+            seeded_init(self.model.named_parameters(), seed, self.model.config)
         self.optimizer.load_state({}, {})
         self.discard_gradients()
         self.next_round, self.closed_round, self.open_attempt = 1, 0, 0

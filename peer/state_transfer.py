@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 STATE_HANDLER = "hometrain.state"
 PART_BYTES = 64 << 20           # a part's payload at most (well under any frame limit; a few seconds on a home link)
 MAX_SNAPSHOTS = 2               # snapshots a replica holds at once (each is a copy of the stage's state)
-SNAPSHOT_IDLE_SECONDS = 120.0   # a snapshot nobody asked about for this long is dropped
 PART_ATTEMPTS = 3               # tries per part before the joiner gives up on this replica
 REQUEST_TIMEOUT = 60.0          # the listing (the snapshot is made first)
-PART_TIMEOUT = 300.0            # one part
+PART_TIMEOUT = 300.0            # one part (64 MiB in 300 s: a link of 1.8 Mbit/s)
+SNAPSHOT_IDLE_SECONDS = PART_TIMEOUT + 60.0  # a snapshot nobody asked about for this long is dropped (a part may take PART_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class StateServer:
         self.expire()
         who = sender.to_base58()
         if "snapshot" not in request:
-            return await self._list(header.stage, who)
+            return await self._list(header.stage, who, int(request.get("at_least", -1)))
         snap = self.snapshots.get(str(request["snapshot"]))
         if snap is None or snap.stage != header.stage:
             raise codec.StaleFrame(f"state snapshot {request['snapshot']} is gone (idle over {SNAPSHOT_IDLE_SECONDS:.0f}s, or this peer "
@@ -200,12 +200,14 @@ class StateServer:
         header = pb.FrameHeader(kind=pb.STATE, run_id=self.run_id, stage=snap.stage, round=snap.next_round, part=index)
         return header, part_tensors(snap.tensors, snap.parts[index])
 
-    async def _list(self, stage: int, who: str) -> tuple[pb.FrameHeader, Tensors]:
+    async def _list(self, stage: int, who: str, at_least: int) -> tuple[pb.FrameHeader, Tensors]:
         held, next_round = self.current()
         if stage != held:
             raise codec.StaleFrame(f"this peer serves stage {held}; asked for stage {stage}")
         if next_round == 0:
             raise codec.StaleFrame("this peer is still loading its own weights")
+        if next_round - 1 < at_least:  # older than the joiner's other source: say so before copying anything
+            return pb.FrameHeader(kind=pb.STATE, run_id=self.run_id, stage=stage, round=next_round, json="{}"), {}
         async with self._making:  # two joiners at once share one snapshot
             snap = next((s for s in self.snapshots.values() if s.stage == stage and s.next_round == self.current()[1]), None)
             if snap is None:
@@ -231,48 +233,50 @@ class TooOld(Exception):
     """The replica's state is no newer than what the joiner could load otherwise."""
 
 
-async def fetch_state(transport: FrameTransport, replica: str, run_id: str, stage: int, newer_than: int = -1,
+async def fetch_state(transport: FrameTransport, replica: str, run_id: str, stage: int, at_least: int = -1,
                       progress: Callable[[int, int], None] | None = None) -> ReceivedState:
     """The joiner's side: list the replica's snapshot, fetch and check every part, assemble the tensors.
 
-    Raises TooOld (before any part moves) if the replica's round is not past ``newer_than``; FrameError when a
-    part keeps failing its hash or the listing does not add up."""
+    Raises TooOld (before any part moves) if the replica's round is older than ``at_least`` (the checkpoint's:
+    one at that round is as good and saves the download); FrameError when a part keeps failing its hash or the
+    listing does not add up."""
     peer = PeerID.from_base58(replica)
 
     async def ask(request: dict[str, Any], timeout: float) -> tuple[pb.FrameHeader, Tensors]:
         return await transport.call(peer, STATE_HANDLER, pb.FrameHeader(kind=pb.STATE_REQUEST, run_id=run_id, stage=stage, json=json.dumps(request)),
                                     {}, WireKind.CONTROL, WireKind.STATE, timeout=timeout)
 
-    header, _ = await ask({}, REQUEST_TIMEOUT)
+    header, _ = await ask({"at_least": at_least}, REQUEST_TIMEOUT)
     if header.kind != pb.STATE:
         raise codec.FrameError(f"the replica answered a state request with {pb.FrameKind.Name(header.kind)}")
-    listing = json.loads(header.json)
+    listing = json.loads(header.json or "{}")
+    if "snapshot" not in listing:
+        raise TooOld(f"the replica holds round {header.round - 1}, older than round {at_least}")
     sid = listing["snapshot"]
-    if header.round - 1 <= newer_than:
-        await ask({"snapshot": sid, "done": True}, REQUEST_TIMEOUT)
-        raise TooOld(f"the replica holds round {header.round - 1}, no newer than round {newer_than}")
-    out = _allocate(listing["tensors"])
-    parts = [([Piece(n, int(a), int(b)) for n, a, b in part["pieces"]], part["sha256"]) for part in listing["parts"]]
-    total, got = sum(_part_bytes(out, pieces) for pieces, _ in parts), 0
-    for index, (pieces, digest) in enumerate(parts):
-        for attempt in range(PART_ATTEMPTS):
-            try:
-                _, sliced = await ask({"snapshot": sid, "part": index}, PART_TIMEOUT)
-                _check_part(out, pieces, sliced, digest, index)
-                break
-            except Exception as exc:  # a bad part, a dropped stream, a timeout: ask again
-                if attempt + 1 == PART_ATTEMPTS:
-                    raise codec.FrameError(f"part {index} of the replica's state failed {PART_ATTEMPTS} times: {exc}") from None
-                log.warning("part %d of the replica's state failed (%s); asking again", index, exc)
-        for p in pieces:
-            out[p.name].view(-1)[p.start : p.stop].copy_(sliced[p.key])
-        got += _part_bytes(out, pieces)
-        if progress:
-            progress(got, total)
     try:
-        await ask({"snapshot": sid, "done": True}, REQUEST_TIMEOUT)
-    except Exception as exc:  # the state is whole; the replica drops its snapshot when idle
-        log.debug("could not tell the replica the transfer is done: %s", exc)
+        out = _allocate(listing["tensors"])
+        parts = [([Piece(n, int(a), int(b)) for n, a, b in part["pieces"]], part["sha256"]) for part in listing["parts"]]
+        total, got = sum(_part_bytes(out, pieces) for pieces, _ in parts), 0
+        for index, (pieces, digest) in enumerate(parts):
+            for attempt in range(PART_ATTEMPTS):
+                try:
+                    _, sliced = await ask({"snapshot": sid, "part": index}, PART_TIMEOUT)
+                    _check_part(out, pieces, sliced, digest, index)
+                    break
+                except Exception as exc:  # a bad part, a dropped stream, a timeout: ask again
+                    if attempt + 1 == PART_ATTEMPTS:
+                        raise codec.FrameError(f"part {index} of the replica's state failed {PART_ATTEMPTS} times: {exc}") from None
+                    log.warning("part %d of the replica's state failed (%s); asking again", index, exc)
+            for p in pieces:
+                out[p.name].view(-1)[p.start : p.stop].copy_(sliced[p.key])
+            got += _part_bytes(out, pieces)
+            if progress:
+                progress(got, total)
+    finally:  # done or given up: the replica can drop its copy now rather than when it goes idle
+        try:
+            await ask({"snapshot": sid, "done": True}, REQUEST_TIMEOUT)
+        except Exception as exc:
+            log.debug("could not tell the replica the transfer is over: %s", exc)
     return ReceivedState(header.round, out, listing.get("extras", {}))
 
 

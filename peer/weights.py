@@ -32,6 +32,7 @@ from proto.manifest import ADAPTER_FILE, INDEX, MANIFEST, ManifestError, optimiz
 
 from .control_client import ControlClient, Stopped
 from .lora import checkpoint_name, stage_name
+from .optimizer import STATE_PREFIX, optimizer_state_name, state_key
 from .replica_sync import StageSync
 from .stage_runtime import StageRuntime
 from .state_transfer import StateServer, TooOld, fetch_state
@@ -113,8 +114,11 @@ def fetch_adapter_tensors(
     if optimizer_shard and optimizer_shard in manifest.get("files", {}):
         data = _get(base_url + optimizer_shard)
         verify_file(optimizer_shard, data, manifest)
-        tensors.update(load_safetensors(data))
-        extras = {"steps": json.loads(_safetensors_metadata(data).get("steps", "{}"))}
+        for name, value in load_safetensors(data).items():  # optim.<peft name>.<key> -> optim.<stage name>.<key>
+            param, key = state_key(name)
+            tensors[optimizer_state_name(stage_name(param), key)] = value
+        steps = json.loads(_safetensors_metadata(data).get("steps", "{}"))
+        extras = {"steps": {stage_name(k): v for k, v in steps.items()}}
     return tensors, extras, int(manifest["round"])
 
 
@@ -122,6 +126,24 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file held in memory (its JSON header)."""
     size = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}
+
+
+def matching_optimizer_state(names: set[str], tensors: dict[str, torch.Tensor], extras: dict[str, Any] | None
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A checkpoint's optimizer shard is of the stage as it was then; if the layer ranges have changed since (the
+    coordinator restarted with other --stages or memory settings), it does not cover this stage: drop it, and the
+    optimizer starts fresh on the checkpoint's weights."""
+    if extras is None:
+        return tensors, extras
+    covered = {state_key(k)[0] for k in tensors if k.startswith(STATE_PREFIX)}
+    if covered == names:
+        return tensors, extras
+    weights_only = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
+    if not covered:  # written before the stage's first step: there is no state to resume
+        return weights_only, None
+    log.warning("the checkpoint's optimizer state is of other layer ranges than this stage's (the stages changed since it "
+                "was written): the optimizer starts fresh on its weights")
+    return weights_only, None
 
 
 # ------------------------------------------------------------ a stage's whole state, as it travels (compute thread)
@@ -217,7 +239,7 @@ class StageWeights:
             bar.update(got - bar.n)
 
         try:
-            state = await fetch_state(self.transport, replica, self.run_id, stage, newer_than=checkpoint_round, progress=progress)
+            state = await fetch_state(self.transport, replica, self.run_id, stage, at_least=checkpoint_round, progress=progress)
             got = await runtime.run(import_stage, runtime, sync, state.tensors, state.extras, state.next_round)
             if got != state.extras.get("checksum"):
                 runtime.next_round = 0  # not usable: the next source (or the checkpoint) replaces it
@@ -225,7 +247,7 @@ class StageWeights:
             log.info("loaded stage %d weights and optimizer state of round %d from replica %s", stage, state.next_round - 1, replica[-8:])
             return True
         except TooOld as exc:
-            log.info("replica %s: %s (the checkpoint's round); trying the next source", replica[-8:], exc)
+            log.info("replica %s: %s (the checkpoint's); trying the next source", replica[-8:], exc)
             return False
         except Exception as exc:
             log.warning("replica %s could not give its state (%s); trying the next source", replica[-8:], exc)
@@ -240,6 +262,7 @@ class StageWeights:
         else:
             fetch = lambda url, progress: fetch_checkpoint_tensors(url, names, self.public_key, progress, optimizer_shard_name(stage, self.num_stages))  # noqa: E731
         (tensors, extras, round), url = await self._download(stage, lambda: checkpoint()[0], fetch)
+        tensors, extras = matching_optimizer_state(names, tensors, extras)
         await runtime.run(import_stage, runtime, sync, tensors, extras, round + 1)
         what = "weights and optimizer state" if extras is not None else "weights"
         log.info("loaded stage %d %s from the checkpoint of round %d (%s)", stage, "adapters" if runtime.lora else what, round, url)
@@ -248,7 +271,13 @@ class StageWeights:
         """LoRA: the frozen base of the stage, from the run's round-0 checkpoint, then adapters on it."""
         (tensors, _, round), _ = await self._download(stage, lambda: url, lambda u, progress: fetch_checkpoint_tensors(
             u, set(runtime.base_names), self.public_key, progress))
-        await runtime.run(runtime.load_base, tensors, self.seed)
+        try:
+            await runtime.run(runtime.load_base, tensors, self.seed)
+        except Exception as exc:
+            if runtime.train.lora_base_bits == 32:
+                raise
+            raise CannotStart(f"bitsandbytes could not hold the frozen base in {runtime.train.lora_base_bits} bits on {runtime.device} "
+                              f"({type(exc).__name__}: {exc}); the organiser's --lora-base-bits 32 runs on any device") from exc
         log.info("loaded stage %d's frozen base from the checkpoint of round %d; %d adapter parameters train", stage, round,
                  sum(p.numel() for _, p in runtime.trainable()))
 
@@ -291,11 +320,12 @@ class StageWeights:
         """PUBLISH: send the stage's agreed weights, then its optimizer state (safetensors, streamed in chunks)."""
 
         def serialise() -> list[tuple[str, bytes]]:
-            named = (lambda k: checkpoint_name(k)) if runtime.lora else (lambda k: k)
+            named = checkpoint_name if runtime.lora else (lambda k: k)  # LoRA: adapters as peft names them
             weights = save_safetensors({named(k): v.detach().cpu().clone() for k, v in sync.agreed_weights().items()})
-            moments, steps = runtime.optimizer.state_tensors()
-            optimizer = save_safetensors(moments, metadata={"steps": json.dumps(steps)}) if moments else b""
-            return [("weights", weights)] + ([("optimizer", optimizer)] if optimizer else [])
+            moments, steps = runtime.optimizer.state_tensors()  # (empty before the first step: sent all the same)
+            moments = {optimizer_state_name(named(param), key): v for (param, key), v in ((state_key(k), v) for k, v in moments.items())}
+            optimizer = save_safetensors(moments, metadata={"steps": json.dumps({named(k): v for k, v in steps.items()})})
+            return [("weights", weights), ("optimizer", optimizer)]
 
         async with runtime.state_lock:
             parts = await runtime.run(serialise)

@@ -235,6 +235,10 @@ def plan_layer_ranges(config, settings: PlanSettings, budget: int, stages: int =
                 best = ranges
                 break
     if best is None:
+        fewest = greedy(n) if stages else None
+        if fewest is not None:
+            raise ValueError(f"{stages} stages cannot each fit {budget / GIB:.1f} GiB; it takes at least {len(fewest)} "
+                             f"(--stages {len(fewest)}, or --stages 0 for as few as fit)")
         one = plan_stage(StageShape.of(config, n // 2, n // 2 + 1), settings)
         raise ValueError(f"not even one block fits {budget / GIB:.1f} GiB: a middle stage of one block needs {one.describe()}")
     if stages and len(best) < stages:

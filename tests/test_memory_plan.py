@@ -73,6 +73,9 @@ def test_layer_ranges_fit_the_budget_and_the_ends_hold_fewer_blocks():
     assert len(seven) == 7
     with pytest.raises(ValueError, match="not even one block fits 1.0 GiB"):
         plan_layer_ranges(config, settings, 1 * GIB)
+    fewest = len(plan_layer_ranges(config, settings, 11 * GIB))
+    with pytest.raises(ValueError, match=f"2 stages cannot each fit 11.0 GiB; it takes at least {fewest}"):
+        plan_layer_ranges(config, settings, 11 * GIB, stages=2)
 
 
 def test_a_stage_that_does_not_fit_says_what_would():

@@ -47,7 +47,7 @@ def test_a_changed_byte_changes_the_part_digest():
     assert part_digest(pieces, sliced) != before
 
 
-def _serve_and_fetch(state, next_round=5, newer_than=-1, corrupt_first=0, part_bytes=1024):
+def _serve_and_fetch(state, next_round=5, at_least=-1, corrupt_first=0, part_bytes=1024):
     async def main():
         a = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         b = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -73,8 +73,8 @@ def _serve_and_fetch(state, next_round=5, newer_than=-1, corrupt_first=0, part_b
                     return header, tensors
 
                 joiner.call = flipping
-            got = await fetch_state(joiner, a.peer_id.to_base58(), "run", 1, newer_than=newer_than)
-            again = await fetch_state(joiner, a.peer_id.to_base58(), "run", 1, newer_than=newer_than)
+            got = await fetch_state(joiner, a.peer_id.to_base58(), "run", 1, at_least=at_least)
+            again = await fetch_state(joiner, a.peer_id.to_base58(), "run", 1, at_least=at_least)
             return got, again, len(exports), len(server.snapshots)
         finally:
             await a.shutdown()
@@ -101,9 +101,11 @@ def test_a_part_that_fails_its_hash_is_asked_for_again():
     assert torch.equal(got.tensors["anchor"], state["anchor"])
 
 
-def test_a_replica_no_newer_than_the_checkpoint_is_refused_before_any_part_moves():
+def test_a_replica_older_than_the_checkpoint_is_refused_before_anything_is_copied():
+    got, _, exports, _ = _serve_and_fetch(_state(), next_round=5, at_least=4)  # at the checkpoint's round: as good
+    assert got.next_round == 5 and exports == 2
     with pytest.raises(TooOld):
-        _serve_and_fetch(_state(), next_round=5, newer_than=4)
+        _serve_and_fetch(_state(), next_round=5, at_least=5)
 
 
 def test_piece_keys_name_the_tensor_and_offset():

@@ -11,14 +11,15 @@ import json
 import grpc
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
 from coordinator.data.build import build_mixer
-from peer.swarm_client import swarm_logits
+from peer.swarm_client import swarm_logits, swarm_stage_state
 from proto import PROTOCOL_VERSION
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
-from proto.manifest import verify_directory
+from proto.manifest import optimizer_shard_name, verify_directory
 from proto.run_config import CoordinatorConfig
 
 from .swarm import Swarm, seeded_model
@@ -97,6 +98,15 @@ def test_checkpoint_loads_with_transformers_and_equals_swarm_output(swarm):
     actual = swarm_logits(status["dht_maddrs"], status["run"], batch)
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # Beside each shard, its stage's optimizer state: what the live replica holds after the last round.
+    for stage in (0, 1):
+        name = optimizer_shard_name(stage, 2)
+        assert name in manifest["files"], sorted(manifest["files"])
+        saved = load_file(str(directory / name))
+        peer = next(p for p in status["peers"] if p["stage"] == stage)
+        _, live, _ = swarm_stage_state(status["dht_maddrs"], status["run"], peer["p2p_id"], stage)
+        moments = {k: v for k, v in live.items() if k.startswith("optim.")}
+        assert moments and set(saved) == set(moments) and all(torch.equal(saved[k], moments[k]) for k in moments)
 
 
 def test_join_refuses_wrong_protocol_and_missing_token(swarm):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import GPTJForCausalLM
 
 from peer.swarm_client import swarm_logits, swarm_stage_state
@@ -54,6 +55,9 @@ def test_lora_trains_syncs_only_adapters_and_its_checkpoint_loads_with_peft(tmp_
 
     checkpoint = Path(next(c for c in status["checkpoints"] if c["round"] == ROUNDS)["path"])
     assert (checkpoint / ADAPTER_FILE).is_file() and not list(checkpoint.glob("model*.safetensors"))  # adapters only
+    optimizer = load_file(str(checkpoint / "optimizer-00001-of-00001.safetensors"))  # the adapters' AdamW moments, peft-named
+    assert optimizer and all(k.startswith("optim.base_model.model.") and ".lora_" in k for k in optimizer), sorted(optimizer)[:3]
+    assert not list((tmp_path / "run" / "uploads").glob("*")), "spooled uploads left behind"
     named_base = Path(json.loads((checkpoint / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
     with torch.no_grad():
         model = PeftModel.from_pretrained(GPTJForCausalLM.from_pretrained(str(named_base), attn_implementation="eager"), str(checkpoint)).eval()
