@@ -5,7 +5,8 @@
 
 Each setting runs in a fresh process: a middle stage of GPT-J-6B's shape (d_model 4096, 16
 heads, d_ff 16384, rotary 64) built by the peer's own StageRuntime, one forward, one backward
-and one optimizer step, as a round runs them. The measured peak is the process's peak
+and one optimizer step, as a round runs them (the step after an exact sync of two or more
+replicas: the flat gradient and its sum side by side). The measured peak is the process's peak
 resident memory (VmHWM, reset once the stage is built) minus what it held before the stage
 was built; the prediction is
 ``proto.memory_plan.plan_stage`` for the same settings. Tokens/s is the forward and backward
@@ -77,7 +78,9 @@ def measure(setting: dict, blocks: int, seq_len: int, threads: int) -> dict:
     ctx = runtime.forward(1, hidden, torch.zeros(1, dtype=torch.int64), torch.ones(1, seq_len), 0)
     runtime.backward(ctx, output_grad)
     seconds = time.perf_counter() - started
-    runtime.apply_step(runtime.flat_gradients(), seq_len)
+    flat = runtime.flat_gradients()
+    summed = flat.clone()  # what an exact sync of two or more replicas returns beside the local gradient
+    runtime.apply_step(summed, seq_len)
     peak = _proc_status("VmHWM") - before
     plan = plan_stage(StageShape.of(config, 1, 1 + blocks), plan_settings(train))
     return {"measured": peak, "planned": plan.peak, "parts": plan.parts, "tokens_per_second": seq_len / seconds}

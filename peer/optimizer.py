@@ -50,22 +50,27 @@ class StageOptimizer:
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-        return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        # fused: one kernel per step, and no temporaries the size of the stage (foreach's) on top of its state.
+        return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay, fused=True)
 
     def step(self, summed: torch.Tensor, divisor: float) -> bool:
-        """One update from ``summed`` (a flat fp32 vector in parameter order) divided by ``divisor`` (loss tokens,
-        times the loss scale under fp16). Returns False, and changes nothing, if the gradient is not finite."""
-        if not torch.isfinite(summed).all():
+        """One update from ``summed`` (a flat fp32 vector in parameter order, which this consumes) divided by
+        ``divisor`` (loss tokens, times the loss scale under fp16). Returns False, and changes nothing, if the
+        gradient is not finite."""
+        if not torch.isfinite(summed.sum()):  # NaN and Inf survive a sum; no mask the size of the stage
             self.zero_grad()
             return False
-        # 1. Gradients in.
+        # 1. Gradients in: views of ``summed`` (divided in place; the caller gives it up) where it is on the
+        #    parameters' device, so the step holds no second copy of the stage's gradient.
+        total = sum(p.numel() for _, p in self.named)
+        if total != summed.numel():
+            raise ValueError(f"{summed.numel()} gradient values do not match this stage's {total} parameters")
+        summed.div_(divisor)
         offset = 0
         for _, p in self.named:
             n = p.numel()
-            p.grad = (summed[offset : offset + n] / divisor).view_as(p).to(device=p.device, dtype=p.dtype)
+            p.grad = summed[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
             offset += n
-        if offset != summed.numel():
-            raise ValueError(f"{summed.numel()} gradient values do not match this stage's {offset} parameters")
         # 2. Clip and schedule: none yet (a constant learning rate, no clipping).
         # 3. Step.
         self.optimizer.step()
