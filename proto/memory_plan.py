@@ -15,8 +15,10 @@ What a stage holds (P: its parameters; T: those it trains, P without LoRA):
   uint8 moments with a fp32 scale per 2048 values (tensors under 4096 values stay 32-bit).
 - ``sync``: cocktail keeps the agreed weights (4 bytes per trained parameter), and a sync holds
   two flat fp32 copies of T while it runs (gradients or deltas, and their sum).
-- ``step``: the optimizer's own temporaries, one tensor at a time: AdamW about one fp32 copy of
-  the largest tensor, 8-bit AdamW three (it works on dequantized fp32 moments).
+- ``step``: the optimizer's own temporaries, one tensor at a time (AdamW is fused, so no
+  temporaries the size of the stage): an allowance of one fp32 copy of the largest tensor for
+  AdamW, three for 8-bit AdamW (it works on dequantized fp32 moments). The step takes its
+  gradients as views of the summed vector, so it holds no copy of its own.
 - ``activations``: what autograd keeps of each microbatch between its forward and backward,
   times the microbatches in flight, from the tensors transformers' GPT-J block saves (counted
   with ``torch.autograd.graph.saved_tensors_hooks``; see ``_block_saved``). Autocast keeps a
