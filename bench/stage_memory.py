@@ -4,7 +4,8 @@
     python bench/stage_memory.py --blocks 1 --seq-len 512
 
 Each setting runs in a fresh process: a middle stage of GPT-J-6B's shape (d_model 4096, 16
-heads, d_ff 16384, rotary 64) built by the peer's own StageRuntime, one forward, one backward
+heads, d_ff 16384, rotary 64) built by the peer's own StageRuntime, a warm-up round on 16
+tokens (so the optimizer's state exists), then the measured round: one forward, one backward
 and one optimizer step, as a round runs them (the step after an exact sync of two or more
 replicas: the flat gradient and its sum side by side). The measured peak is the process's peak
 resident memory (VmHWM, reset once the stage is built) minus what it held before the stage
@@ -69,13 +70,20 @@ def measure(setting: dict, blocks: int, seq_len: int, threads: int) -> dict:
     if train.lora_rank:  # the frozen base (its own random weights) quantised as --lora-base-bits says, adapters on it
         runtime.load_base({k: p.detach() for k, p in runtime.model.named_parameters()}, seed=0)
     runtime.next_round = 1
+    # A warm-up round on a few tokens first: the optimizer makes its state at its first step, so the round
+    # measured after it is a steady one (state, gradients, the sync's copies and the step all at once).
+    short = seq_len if seq_len <= 16 else 16
+    ctx = runtime.forward(1, hidden[:, :short], torch.zeros(1, dtype=torch.int64), torch.ones(1, short), 0)
+    runtime.backward(ctx, output_grad[:, :short])
+    runtime.apply_step(runtime.flat_gradients(), short)
+    runtime.finish_round(1)
     # The peak from here on: a LoRA base is built in fp32 on the host and quantised before it reaches the device,
     # so the build's transient is host memory, not what the plan (of device memory) covers.
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     started = time.perf_counter()
-    ctx = runtime.forward(1, hidden, torch.zeros(1, dtype=torch.int64), torch.ones(1, seq_len), 0)
+    ctx = runtime.forward(2, hidden, torch.zeros(1, dtype=torch.int64), torch.ones(1, seq_len), 0)
     runtime.backward(ctx, output_grad)
     seconds = time.perf_counter() - started
     flat = runtime.flat_gradients()

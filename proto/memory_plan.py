@@ -26,7 +26,10 @@ What a stage holds (P: its parameters; T: those it trains, P without LoRA):
   parameter). Activation checkpointing keeps only each block's input, and recomputes one
   block at a time in the backward.
 - ``backward``: the largest transient of a backward: the gradients of the MLP's widest
-  activations, or of the attention probabilities once the MLP's saved tensors are freed.
+  activations, or of the attention probabilities once the MLP's saved tensors are freed. An
+  int8 or NF4 LoRA base adds one dequantised copy of its largest matrix (bitsandbytes
+  dequantises a weight for each product, forward and backward: NF4 to fp32, int8 to 16 bits,
+  as measured on the CPU).
 - ``aqsgd_cache``: the budget the AQ-SGD caches may hold in memory (``--activation-cache-mb``).
 
 Peak = weights + gradients + optimizer + cocktail's anchor + aqsgd_cache + the larger of
@@ -175,6 +178,8 @@ def _backward_transient(shape: StageShape, settings: PlanSettings) -> int:
     grads = max(FP32 * (2 * tokens * f + 2 * tokens * d), FP32 * (2 * b * h * s * s - 5 * tokens * f))
     if shape.head:
         grads = max(grads, 2 * FP32 * tokens * shape.vocab)
+    if settings.lora_rank and settings.lora_base_bits < 32:  # a quantised base matrix is dequantised for each product
+        grads += (FP32 if settings.lora_base_bits == 4 else HALF) * shape.d_model * shape.d_ff
     return grads + (_block_saved(shape, settings) if settings.activation_checkpointing else 0)
 
 

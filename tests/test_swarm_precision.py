@@ -52,13 +52,15 @@ def test_bf16_and_fp16_autocast_train_close_to_fp32(tmp_path):
 
 
 def test_8bit_adamw_trains_and_a_joiner_copies_its_state_bit_for_bit(tmp_path):
-    rounds = 40  # enough that the joiner is online and steps with the replica for many of them
+    # Rounds of the tiny model take a quarter second; a joiner on a loaded machine takes seconds to start, so the run
+    # is long enough that it is online and steps with the replica for many rounds whatever the machine's pace.
+    rounds = 150
     swarm = Swarm(tmp_path, "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(rounds), "--linger", "--optimizer", "adamw8bit",
                   "--heartbeat-interval", "1", *DATA)
     try:
         swarm.add_peer("--stage", "0", "--serve-after-run")
         swarm.add_peer("--stage", "1", "--serve-after-run")
-        swarm.wait_for(lambda: len(swarm.rounds()) >= 3, 300, "3 rounds")
+        swarm.wait_for(lambda: len(swarm.rounds()) >= 2, 300, "2 rounds")
         swarm.add_peer("--stage", "1", "--serve-after-run")  # copies the live replica: weights and 8-bit state
         swarm.wait_for(lambda: any(len(r["checksums"].get("1", [])) == 2 for r in swarm.rounds()), 120, "the joiner stepping with the replica")
         swarm.wait_for(lambda: len(swarm.rounds()) >= rounds, 300, f"{rounds} rounds")
