@@ -52,6 +52,9 @@ from .store import RoundRecord, Store
 from .data.tokenizer import load_or_train
 
 log = logging.getLogger(__name__)
+# The coordinator is reachable by definition: it tells libp2p so, which turns on the circuit-relay service that
+# peers behind NAT reserve a slot on (they reach the data plane, and others reach them, through it).
+RELAY = dict(force_reachability="public")
 
 GRPC_BIND_SECONDS = 10.0
 PEER_CACHE_BYTES = 1024 << 20  # what a peer's AQ-SGD caches may hold by default (peer join --activation-cache-mb)
@@ -191,14 +194,14 @@ class CoordinatorApp:
 
         try:
             dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/{port}"], identity_path=str(identity),
-                               announce_maddrs=announce(port), await_ready=True)
+                               announce_maddrs=announce(port), await_ready=True, **RELAY)
         except Exception as exc:
             if cfg.dht_port:
                 raise OSError(f"cannot start the DHT node on {cfg.host}:{cfg.dht_port} (--dht-port): {exc}; is another "
                               "coordinator running? stop it or pick another --dht-port") from None
             log.warning("cannot reuse the DHT identity and port %d (%s); starting a new node: peers that joined "
                         "before this restart must rejoin to see newcomers", port, exc)
-            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/0"], await_ready=True)
+            dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{cfg.host}/tcp/0"], await_ready=True, **RELAY)
         bound = re.search(r"/tcp/(\d+)", str(dht.get_visible_maddrs()[0]))
         if bound:
             self.store.set_meta("dht_port", bound.group(1))

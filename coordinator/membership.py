@@ -32,6 +32,7 @@ class PeerRecord:
     free_memory: int = 0         # bytes free on its device at Join (0: not reported)
     bandwidth: float = 0.0       # bytes/s its link carried in large transfers (0: not measured yet)
     maddrs: list[str] = field(default_factory=list)  # where other peers can dial it
+    reachability: str = ""       # "direct" or "relayed" (behind NAT), as the peer reports it; "": not yet known
     loads: int = 0               # weight loads the peer has completed
     reload_below: int = 0        # the peer must reload until it reports more loads than this
     adopt_round: int = 0         # nonzero: the peer is told to continue as of this round
@@ -52,6 +53,7 @@ class PeerRecord:
         return {
             "id": self.peer_id,
             "p2p_id": self.dht_peer_id,
+            "reachability": self.reachability or None,
             "name": self.name,
             "stage": self.stage,
             "device": self.device,
@@ -104,7 +106,8 @@ class Membership:
             p.state = pb.GONE
         return gone
 
-    def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str, maddrs: Sequence[str] = ()) -> None:
+    def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str, maddrs: Sequence[str] = (),
+                     reachability: str = "") -> None:
         record.last_seen = time.time()
         if dht_peer_id and dht_peer_id != record.dht_peer_id:
             # A peer restarted with its --state-dir keeps its DHT identity: its old record is that same node.
@@ -113,6 +116,8 @@ class Membership:
                     other.state = pb.GONE
         record.dht_peer_id = dht_peer_id or record.dht_peer_id
         record.maddrs = [m for m in maddrs if len(m) <= MAX_MADDR_CHARS][:MAX_MADDRS] or record.maddrs
+        if reachability in ("direct", "relayed"):
+            record.reachability = reachability
         reloaded = stats.loads > record.loads  # its weights changed under it: its round may have gone back
         record.loads = stats.loads
         if record.state == pb.JOINING and record.dht_peer_id and stats.next_round > 0 and stats.loads > record.reload_below:

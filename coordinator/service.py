@@ -14,6 +14,7 @@ from proto import hometrain_pb2_grpc as pb_grpc
 
 from .membership import Membership, PeerRecord
 from .metrics import CoordinatorMetrics
+from .reachability import NONCE_BYTES, PROBE_INTERVAL, ProbeLimiter, dial_back, observed_host
 from .rounds import RoundEngine
 from .uploads import WEIGHTS, UploadError, spool
 
@@ -38,6 +39,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.metrics = metrics
         self.join_template = join_reply
         self.join_token = join_token
+        self.probes = ProbeLimiter()
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
         self.metrics.rpc_errors.labels(kind).inc()
@@ -87,10 +89,27 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if record is None:
             return pb.HeartbeatReply(known=False)
         self.membership.heard(record, time.monotonic())
-        self.membership.update_stats(record, request.stats, request.dht_peer_id, request.maddrs)
+        self.membership.update_stats(record, request.stats, request.dht_peer_id, request.maddrs, request.reachability)
         reply = pb.HeartbeatReply(known=True)
         self._count(request, reply)
         await self.engine.tick()
+        return reply
+
+    async def CheckReachability(self, request: pb.ReachabilityRequest, context: grpc.aio.ServicerContext) -> pb.ReachabilityReply:
+        await self._peer(request.peer_id, context)
+        seen = observed_host(context.peer())
+        if not 0 < request.port < 65536 or len(request.nonce) != NONCE_BYTES:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
+                               f"a reachability probe needs a port 1..65535 and a {NONCE_BYTES}-byte nonce; got port {request.port}, "
+                               f"{len(request.nonce)} bytes")
+        if not self.probes.allow(request.peer_id):
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "probe_rate",
+                               f"one reachability probe per peer every {PROBE_INTERVAL:.0f}s; ask again later")
+        host = request.host or seen
+        result = await dial_back(host, request.port, request.nonce)
+        log.info("peer %s is %s: %s", request.peer_id, "reachable" if result.reachable else "not reachable", result.detail)
+        reply = pb.ReachabilityReply(reachable=result.reachable, observed_host=seen, detail=result.detail)
+        self._count(request, reply)
         return reply
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:

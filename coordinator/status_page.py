@@ -257,7 +257,7 @@ def render_page(status: dict, rounds: list[dict]) -> str:
     stage_map = f'<div id="stage-map" class="stages">{boxes_html}</div>'
 
     peer_rows = [[_td(_e(p.get("id"))), _td(_e(p.get("name"))), _td(_e(p.get("stage", "–")), True),
-                  _td(_e(p.get("device"))), _td(_e(p.get("state"))),
+                  _td(_e(p.get("device"))), _td(_e(p.get("state"))), _td(_e(p.get("reachability") or "–")),
                   _td(_fmt(p.get("throughput"), ",.2f"), True),
                   _td(human_bytes(p["link_bytes_per_second"]) + "/s" if p.get("link_bytes_per_second") else "–", True),
                   _td(_fmt(p.get("microbatches", 0)) + (f" <span class='warn'>({_fmt(p['microbatches_failed'])} failed)</span>"
@@ -265,7 +265,7 @@ def render_page(status: dict, rounds: list[dict]) -> str:
                   _td(human_bytes(_sum(p.get("bytes_sent"))), True),
                   _td(human_bytes(_sum(p.get("bytes_received"))), True), _td(_ago(now, p.get("last_seen")))]
                  for p in s.get("peers") or [] if isinstance(p, dict)]
-    peers = _table("peers", ["id", "name", "stage", "device", "state", "samples/s", "link", "microbatches",
+    peers = _table("peers", ["id", "name", "stage", "device", "state", "reached", "samples/s", "link", "microbatches",
                              "bytes up", "bytes down", "last seen"], peer_rows, "no peers")
 
     loss_pts = [(r.get("round"), r.get("loss")) for r in rounds]

@@ -99,6 +99,9 @@ class ControlClient:
     async def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         return await self._call(self.stub.Heartbeat, request, timeout=10)
 
+    async def check_reachability(self, request: pb.ReachabilityRequest) -> pb.ReachabilityReply:
+        return await self._call(self.stub.CheckReachability, request, timeout=15, retry_for=0)
+
     async def round_state(self, request: pb.RoundStateRequest, retry_for: float) -> pb.RoundState:
         return await self._call(self.stub.GetRoundState, request, timeout=request.wait_seconds + 10, retry_for=retry_for)
 

@@ -36,7 +36,9 @@ from .device import DeviceInfo
 from .directory import StageDirectory, StageRecord
 from .failures import FailureLog, StageFailed, describe
 from .metrics import PeerMetrics, PeerSnapshot, status_line
+from .inflight import InflightSizer
 from .pipeline import Pipeline
+from .reachability import Reachability, circuit_maddrs, free_port, p2p_options, probe
 from .replica_sync import StageSync, SyncExchange
 from .routing import Router
 from .stage_runtime import StageRuntime
@@ -79,6 +81,7 @@ class PeerNode:
         self.dht: hivemind.DHT | None = None
         self.dht_id = ""
         self.maddrs: list[str] = []
+        self.reach: Reachability | None = None
         self.transport: FrameTransport | None = None
         self.directory: StageDirectory | None = None
         self.failures = FailureLog("")
@@ -129,6 +132,7 @@ class PeerNode:
         self.checkpoint = (reachable_url(join.checkpoint_url, self.coordinator_host), join.checkpoint_round)
         self.heartbeat_interval = join.heartbeat_interval or 2.0
         self.train = TrainConfig.from_json(join.train_config_json)
+        self.inflight = InflightSizer(cap=self.train.max_inflight, fixed=self.config.inflight)
         model_config = GPTJConfig.from_dict(json.loads(join.model_config_json))
         how = "you asked for it with --stage" if self.config.stage >= 0 else "chosen by the coordinator; --stage N asks for another"
         log.info("joined run %s as %s: stage %d of %d, blocks [%d, %d) (%s)", self.run_id, self.peer_id, self.stage, join.num_stages,
@@ -138,14 +142,15 @@ class PeerNode:
         state_dir = Path(self.config.state_dir) if self.config.state_dir else None
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
-        announce = [f"/ip4/{self.config.announce_host}/tcp/{self.config.p2p_port}"] if self.config.announce_host and self.config.p2p_port else None
+        bootstrap = list(self.config.initial_peers) or reachable_maddrs(list(join.initial_peers), self.coordinator_host)
+        self.reach = await self._reachability()
         self.dht = hivemind.DHT(
-            initial_peers=list(self.config.initial_peers) or reachable_maddrs(list(join.initial_peers), self.coordinator_host),
-            start=True, host_maddrs=[f"/ip4/{self.config.host}/tcp/{self.config.p2p_port}"], announce_maddrs=announce, await_ready=True,
+            initial_peers=bootstrap, start=True, await_ready=True,
             identity_path=str(state_dir / "p2p_identity.key") if state_dir is not None else None,
+            **p2p_options(self.reach, self.config.host, self.config.announce_host, bootstrap),
         )
         self.dht_id = self.dht.peer_id.to_base58()
-        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        self.maddrs = circuit_maddrs(bootstrap, self.dht_id) if self.reach.relayed else [str(m) for m in self.dht.get_visible_maddrs()]
         self.failures = FailureLog(self.dht_id)
         self.transport = FrameTransport(await self.dht.replicate_p2p(), self.counters)
         self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
@@ -182,6 +187,21 @@ class PeerNode:
         if free and plan.peak > free:
             raise CannotStart(fit_advice(model_config, layer_start, layer_end, settings, free))
         log.info("stage %d needs %s; %s", self.stage, plan.describe(), f"{free / 2**30:.1f} GiB free here" if free else "free memory unknown")
+
+    async def _reachability(self) -> Reachability:
+        """Direct or relayed: the coordinator's dial-back unless --reachability says; logged either way."""
+        mode, port = self.config.reachability, self.config.p2p_port
+        if mode != "auto":
+            reach = Reachability(mode, port or free_port(self.config.host), "as --reachability says")
+        else:
+            reach = await probe(self.client, self.peer_id, self.config.host, port, self.config.announce_host)
+        if reach.relayed:
+            log.info("reachability: relayed. Other machines cannot connect to this one (%s); it dials out and is reached "
+                     "through the coordinator's relay. Forward a TCP port to it (--p2p-port, --announce-host) for direct "
+                     "links, which are faster", reach.detail)
+        else:
+            log.info("reachability: direct, on P2P port %d (%s)", reach.port, reach.detail)
+        return reach
 
     async def _train(self) -> int:
         """Heartbeats, DHT records and the round loop, until the run ends or the peer is told to stop."""
@@ -298,7 +318,8 @@ class PeerNode:
         )
 
     async def _send_heartbeat(self) -> pb.HeartbeatReply:
-        request = pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats(), maddrs=self.maddrs)
+        request = pb.HeartbeatRequest(peer_id=self.peer_id, dht_peer_id=self.dht_id, stats=self.stats(), maddrs=self.maddrs,
+                                      reachability=self.reach.mode if self.reach else "")
         return await self.client.heartbeat(request)
 
     async def _heartbeat(self) -> None:
@@ -433,7 +454,12 @@ class PeerNode:
                     return
                 await self._train_microbatch(mb)
 
-        await asyncio.gather(*(worker() for _ in range(self.train.max_inflight)))
+        compute = self.train.micro_batch_size / self.runtime.throughput if self.runtime.throughput > 0 else 0.0
+        n = self.inflight.choose(compute)
+        if n != self.inflight.chosen:
+            log.info("round %d: %s", round, self.inflight.describe(n, compute))
+            self.inflight.chosen = n
+        await asyncio.gather(*(worker() for _ in range(n)))
 
     async def _train_microbatch(self, mb: pb.Microbatch) -> None:
         report = pb.ProgressReport(peer_id=self.peer_id, round=mb.round, microbatch_index=mb.index, open_attempt=mb.open_attempt)
@@ -444,7 +470,9 @@ class PeerNode:
             }
             header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=mb.round, microbatch=mb.index, stage=0,
                                     sample_ids=mb.sample_ids, open_attempt=mb.open_attempt, loss_scale=mb.loss_scale)
+            started = time.monotonic()
             loss_sum, tokens, _ = await self.pipeline.run_stage(header, batch["input_ids"], batch)
+            self.inflight.observe_trip(time.monotonic() - started)
             report.ok, report.loss_sum, report.tokens = True, loss_sum, tokens
         except Exception as exc:
             failure = exc.failure if isinstance(exc, StageFailed) else pb.StageFailure(stage=self.stage, peer=self.dht_id, error=describe(exc))

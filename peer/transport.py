@@ -57,9 +57,51 @@ class WireCounters:
 
 
 def dialable(maddr: str) -> str:
-    """The transport part of a multiaddr: p2pd refuses a connect whose addresses end in /p2p/<id>
-    ('length greater than remaining number of bytes in buffer'), and announced addresses do."""
-    return maddr.split("/p2p/", 1)[0]
+    """A multiaddr without its trailing /p2p/<id>: p2pd refuses a connect whose addresses end in it
+    ('length greater than remaining number of bytes in buffer'), and announced addresses do. A relay
+    address keeps the relay's own id: ``/ip4/R/tcp/P/p2p/<relay>/p2p-circuit/p2p/<id>`` dials as
+    ``/ip4/R/tcp/P/p2p/<relay>/p2p-circuit``."""
+    head, sep, tail = maddr.rpartition("/p2p/")
+    return head if sep and "/" not in tail else maddr
+
+
+P2P_CODE, CIRCUIT_CODE = 421, 290  # multiaddr protocol codes of /p2p/<id> and /p2p-circuit
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _EncodedMaddr:
+    """A multiaddr already in binary form, for p2pd's connect (which only calls ``to_bytes``)."""
+
+    def __init__(self, data: bytes, text: str) -> None:
+        self.data, self.text = data, text
+
+    def to_bytes(self) -> bytes:
+        return self.data
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def connect_address(maddr: str):
+    """What p2pd's connect takes for an announced address. The multiaddr library writes a /p2p/ part as a CID,
+    which p2pd cannot parse, so a relay address (which must name its relay) is encoded here with the raw
+    multihash that the multiaddr spec (and p2pd) use."""
+    addr = dialable(maddr)
+    if "/p2p-circuit" not in addr:
+        return Multiaddr(addr)
+    transport, _, rest = addr.partition("/p2p/")
+    relay_id = rest.split("/", 1)[0]
+    multihash = PeerID.from_base58(relay_id).to_bytes()
+    data = Multiaddr(transport).to_bytes() + _varint(P2P_CODE) + _varint(len(multihash)) + multihash + _varint(CIRCUIT_CODE)
+    return _EncodedMaddr(data, addr)
 
 
 @dataclass
@@ -120,7 +162,7 @@ class FrameTransport:
             addresses = self.addresses.get(peer.to_base58())
             if not addresses or isinstance(exc, (P2PHandlerError, asyncio.TimeoutError, codec.FrameError)):
                 raise
-            await self.p2p._client.connect(peer, [Multiaddr(dialable(a)) for a in addresses])
+            await self.p2p._client.connect(peer, [connect_address(a) for a in addresses])
             reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
         self.counters.count_received(receive_kind, nbytes, reply_header.raw_bytes or fp32_equivalent(reply))
         if measure_link:

@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=proto_dot_hometrain__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=proto_dot_hometrain__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/hometrain.Coordinator/CheckReachability',
+                request_serializer=proto_dot_hometrain__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=proto_dot_hometrain__pb2.ReachabilityReply.FromString,
+                _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/hometrain.Coordinator/Leave',
                 request_serializer=proto_dot_hometrain__pb2.LeaveRequest.SerializeToString,
@@ -86,6 +91,12 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckReachability(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +150,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=proto_dot_hometrain__pb2.HeartbeatRequest.FromString,
                     response_serializer=proto_dot_hometrain__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=proto_dot_hometrain__pb2.ReachabilityRequest.FromString,
+                    response_serializer=proto_dot_hometrain__pb2.ReachabilityReply.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
@@ -225,6 +241,33 @@ class Coordinator:
             '/hometrain.Coordinator/Heartbeat',
             proto_dot_hometrain__pb2.HeartbeatRequest.SerializeToString,
             proto_dot_hometrain__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hometrain.Coordinator/CheckReachability',
+            proto_dot_hometrain__pb2.ReachabilityRequest.SerializeToString,
+            proto_dot_hometrain__pb2.ReachabilityReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -106,7 +106,8 @@ class TrainConfig:
     deadline_factor: float = opt(3.0, "An open round closes after this many times the median length of recent rounds (adaptive deadline).")
     deadline_floor: float = opt(10.0, "The adaptive round deadline is never shorter than this.", unit="s")
     sync_timeout: float = opt(30.0, "How long replicas wait for each other while syncing before retrying without the missing.", unit="s")
-    max_inflight: int = opt(2, "Microbatches a stage-0 peer keeps in flight at once (pipelining).")
+    max_inflight: int = opt(2, "Most microbatches a stage-0 peer keeps in flight at once (pipelining; it sizes them from the pipeline's "
+                            "round trip up to this, and the memory planner counts this many).")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "Precision of the stages' compute: float32 (the exact reference), bfloat16 (autocast over fp32 master "
         "weights) or float16 (autocast with a dynamic loss scale, for cards without bf16; an overflow skips the step).")
@@ -384,7 +385,7 @@ class PeerConfig(ConsoleConfig):
         "run": ("coordinator", "name", "join_token", "stage", "state_dir", "connect_timeout", "serve_after_run"),
         "device": ("gpu", "threads"),
         "compression": ("activation_cache_mb", "cache_dir"),
-        "network": ("initial_peers", "host", "announce_host", "p2p_port"),
+        "network": ("initial_peers", "host", "announce_host", "p2p_port", "reachability", "inflight"),
         "observability": ("metrics_port", "quiet", "log_format"),
     }
 
@@ -396,6 +397,10 @@ class PeerConfig(ConsoleConfig):
     host: str = opt("0.0.0.0", "Address this peer's P2P node listens on.")
     announce_host: str = opt("", "Public address other peers reach this peer at (behind NAT: leave empty).")
     p2p_port: int = opt(0, "TCP port of this peer's P2P node (0: any free port).")
+    inflight: int = opt(0, "Stage 0: microbatches to keep in flight (0: enough to cover the pipeline's measured round trip, at most the run's --max-inflight).")
+    reachability: Literal["auto", "direct", "relayed"] = opt(
+        "auto", "How other peers reach this one: auto (the coordinator dials back to find out), direct (they dial its P2P "
+        "port), relayed (behind NAT: through the coordinator's circuit relay).")
     stage: int = opt(-1, "Ask for this pipeline stage (-1: let the coordinator choose).")
     connect_timeout: float = opt(300.0, "How long to keep retrying an unreachable coordinator (or a checkpoint download) before giving up.", unit="s")
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
@@ -407,6 +412,9 @@ class PeerConfig(ConsoleConfig):
 
     def __post_init__(self) -> None:
         check_literal("--log-format", self.log_format, PeerConfig, "log_format")
+        check_literal("--reachability", self.reachability, PeerConfig, "reachability")
+        if self.inflight < 0:
+            raise ConfigError(f"--inflight must be 0 (size it from measurements) or a positive count of microbatches; got {self.inflight}")
         split_host_port("--coordinator", self.coordinator)
         for flag, port in (("--p2p-port", self.p2p_port), ("--metrics-port", self.metrics_port)):
             check_port(flag, port)

@@ -102,3 +102,18 @@ def test_announced_addresses_are_dialled_without_their_peer_id():
 
     assert dialable("/ip4/127.0.0.1/tcp/37365/p2p/12D3KooWL9q96AJFpitWdc9STkfSDsVvtpCHp2dqua5v7rYFndK1") == "/ip4/127.0.0.1/tcp/37365"
     assert dialable("/ip4/10.0.0.2/tcp/4001") == "/ip4/10.0.0.2/tcp/4001"
+
+
+def test_a_relay_address_is_encoded_as_p2pd_reads_it():
+    from hivemind.p2p import PeerID
+
+    from peer.transport import connect_address, dialable
+
+    relay = "12D3KooWS4ikruusyM48AkxpHhvWJESSCho1UmPNexVz8ZubURM1"
+    target = "12D3KooWL9q96AJFpitWdc9STkfSDsVvtpCHp2dqua5v7rYFndK1"
+    announced = f"/ip4/10.0.0.1/tcp/31337/p2p/{relay}/p2p-circuit/p2p/{target}"
+    assert dialable(announced) == f"/ip4/10.0.0.1/tcp/31337/p2p/{relay}/p2p-circuit"
+    raw = connect_address(announced).to_bytes()
+    multihash = PeerID.from_base58(relay).to_bytes()
+    # /ip4 (4) 10.0.0.1, /tcp (6) 31337, /p2p (421: a5 03) <len> <multihash>, /p2p-circuit (290: a2 02)
+    assert raw == bytes([4, 10, 0, 0, 1, 6]) + (31337).to_bytes(2, "big") + b"\xa5\x03" + bytes([len(multihash)]) + multihash + b"\xa2\x02"
