@@ -41,6 +41,11 @@ class StageRecord:
     maddrs: tuple[str, ...] = field(default_factory=tuple)  # where it can be dialled
     leaving: bool = False            # a tombstone: the peer withdrew (expiry cannot be shortened in a DHT)
 
+    @property
+    def relayed(self) -> bool:
+        """Reached only through a relay (it announced relay addresses and nothing else): it is behind NAT."""
+        return bool(self.maddrs) and all("/p2p-circuit" in m for m in self.maddrs)
+
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         value["maddrs"] = list(self.maddrs)

@@ -83,7 +83,8 @@ class Pipeline:
         deadline = time.monotonic() + self.hop_timeout
         while len(tried) < self.max_attempts and time.monotonic() < deadline:
             records = await self.directory.replicas(header.stage)
-            target = self.router.choose({p: r.throughput for p, r in records.items() if p not in tried})
+            target = self.router.choose({p: r.throughput for p, r in records.items() if p not in tried},
+                                        {p for p, r in records.items() if r.relayed})
             if target is None:
                 if tried:
                     break

@@ -175,3 +175,16 @@ def test_a_bad_dht_record_is_dropped_and_counted_not_raised():
     directory = StageDirectory(FakeDHT(), "run")
     assert asyncio.run(directory.replicas(1, max_age=0)) == {"peer-b": good}
     assert directory.records_rejected == 2 and directory.addresses == {"peer-b": ["/ip4/10.0.0.2/tcp/4001"]}
+
+
+def test_a_relayed_peer_gets_a_quarter_of_its_share_so_direct_paths_carry_most_frames():
+    from peer.directory import StageRecord
+
+    rng = random.Random(0)
+    candidates = {"direct": 10.0, "natted": 10.0}
+    picks = [choose_next_hop(candidates, {}, 0.0, rng, relayed={"natted"}) for _ in range(4000)]
+    assert 0.15 < picks.count("natted") / len(picks) < 0.25  # 0.25 / 1.25 = 0.2
+    assert choose_next_hop({"natted": 10.0}, {}, 0.0, rng, relayed={"natted"}) == "natted"  # still used when it is all there is
+    relay = "/ip4/10.0.0.1/tcp/31337/p2p/12D3KooWS4ikruusyM48AkxpHhvWJESSCho1UmPNexVz8ZubURM1/p2p-circuit/p2p/12D3KooWx"
+    assert StageRecord(maddrs=(relay,)).relayed and not StageRecord(maddrs=(relay, "/ip4/1.2.3.4/tcp/4001")).relayed
+    assert not StageRecord().relayed
