@@ -25,10 +25,12 @@ class DialBack:
 
 
 def observed_host(grpc_peer: str) -> str:
-    """The address in a gRPC peer string: ``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``, ``ipv6:[::1]:5678`` -> ``::1``."""
+    """The address in a gRPC peer string: ``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``, ``ipv6:[::1]:5678`` -> ``::1``,
+    ``ipv6:[::ffff:1.2.3.4]:5678`` -> ``1.2.3.4``."""
     kind, _, rest = grpc_peer.partition(":")
     if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
+        host = rest.rsplit(":", 1)[0].strip("[]")
+        return host.removeprefix("::ffff:")  # an IPv4 peer on a dual-stack listener
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     return ""
