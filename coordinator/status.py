@@ -137,6 +137,7 @@ class StatusReport:
             "ul2": description["ul2"],
             "seq_len": description["seq_len"],
             "pack_instructions": description["pack_instructions"],
+            "heldout_share": description["heldout_share"],
         }
 
     def rounds(self) -> list[dict[str, Any]]:

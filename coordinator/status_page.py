@@ -156,14 +156,15 @@ def data_section(data) -> str:
     for src in [x for x in d.get("sources") or [] if isinstance(x, dict)]:
         n = _num(trained.get(src.get("name"), src.get("trained_tokens", 0)))
         mix_rows.append([_td(_e(src.get("name"))), _td(_e(src.get("format"))), _td(_e(src.get("path"))),
-                         _td(_fmt(src.get("weight"), ".3g"), True), _td(_fmt(n), True),
+                         _td(_fmt(src.get("weight"), ".3g"), True), _td(_fmt(src.get("heldout", 0)), True), _td(_fmt(n), True),
                          _td(_pct(n / total) if total else "–", True)])
     shares = _d(d.get("objective_shares"))
     objective_tokens = _d(d.get("tokens_per_objective"))
     for name in sorted(set(shares) | set(objective_tokens), key=str):
-        mix_rows.append([_td(f"<span class='muted'>objective</span> {_e(name)}"), _td(""), _td(""), _td(""),
+        mix_rows.append([_td(f"<span class='muted'>objective</span> {_e(name)}"), _td(""), _td(""), _td(""), _td(""),
                          _td(_fmt(objective_tokens.get(name)), True), _td(_pct(shares.get(name)), True)])
-    mix_html = _table("data-mix", ["source / objective", "format", "path", "weight", "trained tokens", "share"], mix_rows,
+    held = f"held out {_pct(d['heldout_share'])}" if isinstance(d.get("heldout_share"), (int, float)) else "held out"
+    mix_html = _table("data-mix", ["source / objective", "format", "path", "weight", held, "trained tokens", "share"], mix_rows,
                       "no sources")
     return line + phases_html + "<br>" + mix_html
 

@@ -209,7 +209,7 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
                                              "heartbeat_interval", "heartbeat_timeout", "join_token"),
         "model": ("model", "init_from", "stages", "stage_memory_gb") + TrainConfig.sections["model"],
         "data": TrainConfig.sections["data"] + ("ul2_tokens", "instruction_share", "ul2_shares", "pack_instructions", "tokenizer",
-                                               "vocab_size", "sources"),
+                                               "vocab_size", "sources", "heldout_share"),
         "optimizer": TrainConfig.sections["optimizer"],
         "compression": TrainConfig.sections["compression"],
         "network": ("host", "announce_host", "port", "http_port", "dht_port") + TrainConfig.sections["network"],
@@ -251,6 +251,9 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
     instruction_share: float = opt(0.45, "Share of the causal phase's samples drawn from prompt_completion sources (0..1); text sources get the rest.")
     ul2_shares: str = opt("0.25,0.25,0.5", "Shares of UL2's R (regular), X (extreme) and S (prefix LM) denoiser families, as R,X,S.")
     pack_instructions: bool = opt(False, "Pack several instruction records into one causal row (no padding, but no bidirectional prompt).")
+    heldout_share: float = opt(
+        0.02, "Share of every source's documents and records held out of training for evaluation, chosen by a hash of "
+        "their content (0: none). The mixer never hands them out.")
     stall_limit: int = opt(
         0, "Stop the run, with exit status 3, after a round trained nothing this many times in a row (every microbatch "
         "failed or none finished in time); 0: keep retrying, backing off up to a minute between attempts."
@@ -279,6 +282,8 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
             raise ConfigError(f"--ul2-tokens must be >= 0 (0: no UL2 phase), got {self.ul2_tokens}")
         if not 0 <= self.instruction_share <= 1:
             raise ConfigError(f"--instruction-share must be in [0, 1], got {self.instruction_share}")
+        if not 0 <= self.heldout_share < 1:
+            raise ConfigError(f"--heldout-share must be in [0, 1), got {self.heldout_share}")
         self.ul2_share_values  # validates --ul2-shares
         self.sources = tuple(dict(table) for table in self.sources)
         names = [SourceConfig.from_table(i, table).name for i, table in enumerate(self.sources, 1)]

@@ -19,6 +19,7 @@ from proto.run_config import ConfigError, CoordinatorConfig
 
 from proto.run_config import PROMPT_COMPLETION, TEXT, SourceConfig
 
+from .heldout import split_heldout
 from .mixer import DataMixer, Objective, PhaseConfig, SourceError, builtin_sources, load_source
 from .ul2 import UL2Config, special_tokens
 
@@ -75,7 +76,7 @@ def tokenizer_documents(config: CoordinatorConfig) -> Iterator[str]:
     """Texts to train the run's BPE on: the used sources' documents and prompt + completion records (lazy)."""
     sources = source_configs(config)
     for source in _used(sources, schedule(config, sources)):
-        for item in load_source(source):
+        for item in split_heldout(load_source(source), config.heldout_share)[0]:  # held-out text stays unseen
             yield item if isinstance(item, str) else item[0] + item[1]
 
 
@@ -85,6 +86,6 @@ def build_mixer(config: CoordinatorConfig, tokenizer) -> DataMixer:
     phases = schedule(config, sources)
     try:
         return DataMixer(_used(sources, phases), phases, tokenizer, config.seq_len, config.seed,
-                         ul2=ul2_config(config), pack_instructions=config.pack_instructions)
+                         ul2=ul2_config(config), pack_instructions=config.pack_instructions, heldout_share=config.heldout_share)
     except SourceError as e:
         raise ConfigError(f"[[sources]]: {e}") from None

@@ -55,6 +55,7 @@ from proto.run_config import BUILTIN_INSTRUCTIONS, BUILTIN_TEXT, PROMPT_COMPLETI
 
 from .batch import Microbatch, MicrobatchInfo
 from .corpus import builtin_documents
+from .heldout import split_heldout
 from .instructions import builtin_instruction_records
 from .ul2 import Denoiser, PackedSample, UL2Config, UL2Vocab, make_ul2_sample, source_length
 
@@ -267,6 +268,7 @@ class DataMixer:
         seed: int,
         ul2: UL2Config | None = None,
         pack_instructions: bool = False,
+        heldout_share: float = 0.0,
     ) -> None:
         if not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"seq_len {seq_len!r} must be an integer >= 2")
@@ -291,9 +293,15 @@ class DataMixer:
 
         self._stats: list[dict[str, Any]] = []
         self._variants: dict[str, dict[str, _Variant]] = {}
+        self.heldout_share = heldout_share
+        self.heldout: dict[str, list] = {}  # source name -> its held-out documents or records (never trained on)
         for source in self.sources:
-            items = load_source(source)
-            stats = {"name": source.name, "path": source.location, "format": source.format, "weight": source.weight}
+            items, self.heldout[source.name] = split_heldout(load_source(source), heldout_share)
+            if not items:
+                raise SourceError(f"source {source.name!r}: every one of its {len(self.heldout[source.name])} items is held out "
+                                  f"(--heldout-share {heldout_share}); give it more data or hold out less")
+            stats = {"name": source.name, "path": source.location, "format": source.format, "weight": source.weight,
+                     "heldout": len(self.heldout[source.name])}
             if source.format == TEXT:
                 self._variants[source.name] = self._text_variants(source, _tokenize(tokenizer, items), needs_ul2, stats)
             else:
@@ -524,6 +532,7 @@ class DataMixer:
             "seq_len": self.seq_len,
             "seed": self.seed,
             "pack_instructions": self.pack_instructions,
+            "heldout_share": self.heldout_share,
             "sources": self._stats,
             "phases": [
                 {
