@@ -24,9 +24,9 @@ Measurements (the same for every cell unless said):
 
 * window: hometrain's rounds are timed by the coordinator's store (each round's ``ended``,
   ``coordinator.sqlite``). Start-up is excluded: the window starts at the end of the first round
-  in which every peer received pipeline frames (activations or gradients) and sync frames, i.e.
-  every peer was reachable and working (with --nat that is after the relays came up); it ends at
-  the end of the last round. tokens/s = tokens of the rounds in the window / its length.
+  in which every peer received sync frames and by whose end every peer had received pipeline
+  frames (activations or gradients), i.e. every peer was reachable and working (with --nat that
+  is after the relays came up); it ends at the end of the last round. tokens/s = tokens of the rounds in the window / its length.
 * hivemind: tokens/s = sum over peers of hivemind_baseline's tokens_per_second (each peer's
   tokens over its own wall time from its first step to its last epoch, less the wait for the
   other peers); it includes the first epoch.
@@ -677,19 +677,18 @@ class Cell:
 
     @staticmethod
     def first_working_round(rounds: list[dict], tracks: dict[str, PeerTrack]) -> int | None:
-        """The first completed round in which every peer received pipeline frames and sync frames (its counters
-        at its last report before the round's end exceed those at its last report before the round's start)."""
+        """The first completed round in which every peer received sync frames (each replica reached its partners)
+        and by whose end every peer had received pipeline frames (activations or gradients) at least once: every
+        peer reachable and working. Per round, because the router may leave a replica without microbatches in a
+        round (after a failed hop it bans and re-routes) while the pipeline works. Counters are a peer's at its last
+        report before the round's start and end."""
         for i, r in enumerate(rounds):
             start = rounds[i - 1]["ended"] if i else r["started"]
             ok = True
             for track in tracks.values():
                 a, b = track.at_or_before(start), track.at_or_before(r["ended"] + 0.05)
-                if b is None:
-                    ok = False
-                    break
-                before_pipe = total(a.received, PIPELINE_KINDS) if a else 0
                 before_sync = a.received.get("sync", 0) if a else 0
-                if total(b.received, PIPELINE_KINDS) <= before_pipe or b.received.get("sync", 0) <= before_sync:
+                if b is None or total(b.received, PIPELINE_KINDS) <= 0 or b.received.get("sync", 0) <= before_sync:
                     ok = False
                     break
             if ok:
@@ -884,24 +883,26 @@ def ratios(results: list[dict], profiles: list[str]) -> dict:
 
 
 def breakdown(r: dict) -> dict | None:
-    """Kernel bytes by destination beside the project's kinds that go there, per token (sums over peers, over the
-    ratio's intervals)."""
-    if any(p.get("kernel_up_by_destination") is None for p in r["per_peer"].values()) or not r["tokens"]:
+    """Kernel bytes sent by destination beside the project's kinds that go there (sums over peers, over the ratio's
+    per-peer intervals)."""
+    if any(p.get("kernel_up_by_destination") is None for p in r["per_peer"].values()):
         return None
-    kernel = {b: sum(p["kernel_up_by_destination"][b] for p in r["per_peer"].values()) / r["tokens"] for b in COUNT_BUCKETS}
+    kernel = {b: sum(p["kernel_up_by_destination"][b] for p in r["per_peer"].values()) for b in COUNT_BUCKETS}
     kinds: dict[str, float] = {}
     for p in r["per_peer"].values():
         for kind, n in p["ratio_project_by_kind"].items():
-            kinds[kind] = kinds.get(kind, 0) + n / r["tokens"]
+            kinds[kind] = kinds.get(kind, 0) + n
     control = kinds.get("control", 0.0)
     data = sum(v for k, v in kinds.items() if k != "control")
+    p2p = kernel["coordinator_other"] + kernel["elsewhere"]
     return {
         "coordinator gRPC": {"kernel": kernel["coordinator_grpc"], "project": control,
-                             "what": "control plane; project: 'control' kind (gRPC message ByteSize) + checkpoint 'state'"},
-        "P2P (peers + coordinator DHT/relay)": {"kernel": kernel["coordinator_other"] + kernel["elsewhere"], "project": data,
-                                                "what": "frames, DHT; project: activations+gradients+sync+state"},
-        "  of which to the coordinator (DHT, relay, dial-back)": {"kernel": kernel["coordinator_other"], "project": None,
-                                                                   "what": "relayed frames ride here behind NAT"},
+                             "ratio": kernel["coordinator_grpc"] / control if control else None,
+                             "what": "control plane; project: the 'control' kind, gRPC messages' ByteSize"},
+        "P2P": {"kernel": p2p, "project": data, "ratio": p2p / data if data else None,
+                "what": "peers and the coordinator's DHT/relay; project: activations + gradients + sync + state"},
+        "P2P to the coordinator": {"kernel": kernel["coordinator_other"], "project": None, "ratio": None,
+                                   "what": "DHT, dial-back, and relayed frames behind NAT"},
     }
 
 
@@ -934,9 +935,10 @@ def print_details(results: list[dict]) -> None:
               f"reachability {r['reachability']}")
         split = breakdown(r)
         if split:
-            print("    kernel vs project by destination (all peers, bytes per token): " + "; ".join(
-                f"{k} kernel {v['kernel']:.1f} / project {fmt(v['project'], '.1f')} ({v['what']})" for k, v in split.items())
-                + f"; (sum of destinations / interface count: {split_check(r):.3f})")
+            print("    kernel vs project bytes sent by destination (all peers, ratio intervals): " + "; ".join(
+                (f"{k} {v['kernel'] / 1e3:.0f} kB / {v['project'] / 1e3:.0f} kB = {fmt(v['ratio'], '.3f')}" if v["project"] is not None
+                 else f"{k} {v['kernel'] / 1e3:.0f} kB") for k, v in split.items())
+                + f" (sum of destinations / interface count: {split_check(r):.3f})")
             r["by_destination"] = split
         by_kind = r.get("project_bytes_per_token_by_kind") or {}
         print("    project bytes per token by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items()))
