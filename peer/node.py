@@ -25,7 +25,7 @@ from transformers import GPTJConfig
 
 from proto import PROTOCOL_VERSION, codec
 from proto import hometrain_pb2 as pb
-from proto.addresses import reachable_maddrs, reachable_url
+from proto.addresses import reachable_maddrs, reachable_url, resolve_ipv4
 from proto.manifest import ManifestError
 from proto.memory_plan import StageShape, fit_advice, plan_settings, plan_stage
 from proto.run_config import PeerConfig, TrainConfig
@@ -35,8 +35,8 @@ from .control_client import ControlClient, Stopped, unless_stopped
 from .device import DeviceInfo
 from .directory import StageDirectory, StageRecord
 from .failures import FailureLog, StageFailed, describe
-from .metrics import PeerMetrics, PeerSnapshot, status_line
 from .inflight import InflightSizer
+from .metrics import PeerMetrics, PeerSnapshot, status_line
 from .pipeline import Pipeline
 from .reachability import Reachability, circuit_maddrs, free_port, p2p_options, probe
 from .replica_sync import StageSync, SyncExchange
@@ -147,7 +147,7 @@ class PeerNode:
         self.dht = hivemind.DHT(
             initial_peers=bootstrap, start=True, await_ready=True,
             identity_path=str(state_dir / "p2p_identity.key") if state_dir is not None else None,
-            **p2p_options(self.reach, self.config.host, self.config.announce_host, bootstrap),
+            **p2p_options(self.reach, self.config.host, self._announce_ip(), bootstrap),
         )
         self.dht_id = self.dht.peer_id.to_base58()
         self.maddrs = circuit_maddrs(bootstrap, self.dht_id) if self.reach.relayed else [str(m) for m in self.dht.get_visible_maddrs()]
@@ -187,6 +187,16 @@ class PeerNode:
         if free and plan.peak > free:
             raise CannotStart(fit_advice(model_config, layer_start, layer_end, settings, free))
         log.info("stage %d needs %s; %s", self.stage, plan.describe(), f"{free / 2**30:.1f} GiB free here" if free else "free memory unknown")
+
+    def _announce_ip(self) -> str:
+        """--announce-host as the IPv4 address a multiaddr needs (it may be a name)."""
+        host = self.config.announce_host
+        if not host:
+            return ""
+        ip = resolve_ipv4(host)
+        if ip is None:
+            raise CannotStart(f"--announce-host {host!r} has no IPv4 address here; give this machine's public IPv4 address or a name that resolves to it")
+        return ip
 
     async def _reachability(self) -> Reachability:
         """Direct or relayed: the coordinator's dial-back unless --reachability says; logged either way."""
