@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 PROBE_TIMEOUT = 3.0     # a reachable peer answers a TCP connect in one round trip; NAT drops the SYN silently
-NONCE_BYTES = 16
 PROBE_INTERVAL = 10.0   # a peer may ask again after this long (each probe is one outbound connection)
 
 

@@ -8,13 +8,13 @@ import time
 
 import grpc
 
-from proto import PACKAGE_VERSION, PROTOCOL_VERSION
+from proto import PACKAGE_VERSION, PROTOCOL_VERSION, REACHABILITY_NONCE_BYTES
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 
 from .membership import Membership, PeerRecord
 from .metrics import CoordinatorMetrics
-from .reachability import NONCE_BYTES, PROBE_INTERVAL, ProbeLimiter, dial_back, observed_host
+from .reachability import PROBE_INTERVAL, ProbeLimiter, dial_back, observed_host
 from .rounds import RoundEngine
 from .uploads import WEIGHTS, UploadError, spool
 
@@ -98,9 +98,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def CheckReachability(self, request: pb.ReachabilityRequest, context: grpc.aio.ServicerContext) -> pb.ReachabilityReply:
         await self._peer(request.peer_id, context)
         seen = observed_host(context.peer())
-        if not 0 < request.port < 65536 or len(request.nonce) != NONCE_BYTES:
+        if not 0 < request.port < 65536 or len(request.nonce) != REACHABILITY_NONCE_BYTES:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
-                               f"a reachability probe needs a port 1..65535 and a {NONCE_BYTES}-byte nonce; got port {request.port}, "
+                               f"a reachability probe needs a port 1..65535 and a {REACHABILITY_NONCE_BYTES}-byte nonce; got port {request.port}, "
                                f"{len(request.nonce)} bytes")
         if not self.probes.allow(request.peer_id):
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "probe_rate",

@@ -33,16 +33,21 @@ class InflightSizer:
         """Microbatches in flight for the next round, given stage 0's compute per microbatch (0: not measured yet)."""
         if self.fixed:
             return min(self.fixed, self.cap)
+        need = self._need(compute_seconds)
+        return self.cap if need is None else max(1, min(self.cap, need))  # nothing measured yet: as many as the run allows
+
+    def _need(self, compute_seconds: float) -> int | None:
+        """Microbatches that cover the fastest recent trip (None until a trip and the compute are measured)."""
         if not self.trips or compute_seconds <= 0:
-            return self.cap  # nothing measured yet: as many as the run allows
-        return max(1, min(self.cap, math.ceil(min(self.trips) / compute_seconds)))
+            return None
+        return math.ceil(min(self.trips) / compute_seconds)
 
     def describe(self, n: int, compute_seconds: float) -> str:
         if self.fixed:
             return f"{n} microbatches in flight (--inflight {self.fixed}" + (f", capped by the run's --max-inflight {self.cap})" if self.fixed > self.cap else ")")
-        if not self.trips or compute_seconds <= 0:
+        need = self._need(compute_seconds)
+        if need is None:
             return f"{n} microbatches in flight (the run's --max-inflight; nothing measured yet)"
-        need = math.ceil(min(self.trips) / compute_seconds)
         capped = (f"; covering it takes {need}, more than the run's --max-inflight {self.cap} allows: the organiser can raise it "
                   "where stages have the memory") if need > self.cap else f" (at most the run's --max-inflight {self.cap})"
         return (f"{n} microbatches in flight: a microbatch's trip through the pipeline takes {1000 * min(self.trips):.0f} ms, of which "

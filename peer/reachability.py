@@ -21,11 +21,10 @@ from typing import Any
 
 import grpc
 
+from proto import REACHABILITY_NONCE_BYTES
 from proto import hometrain_pb2 as pb
 
 log = logging.getLogger(__name__)
-NONCE_BYTES = 16
-MODES = ("auto", "direct", "relayed")
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def free_port(host: str) -> int:
 
 async def probe(client, peer_id: str, host: str, port: int, announce_host: str) -> Reachability:
     """Listen on ``host:port`` (0: a free port) and have the coordinator dial it back."""
-    nonce = secrets.token_bytes(NONCE_BYTES)
+    nonce = secrets.token_bytes(REACHABILITY_NONCE_BYTES)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(nonce)

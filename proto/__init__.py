@@ -7,3 +7,6 @@ PACKAGE_VERSION = "0.2.0"
 
 GRPC_MAX_MESSAGE_BYTES = 64 << 20
 """Largest control-plane message either side sends or accepts (checkpoint uploads are streamed in 1 MiB chunks)."""
+
+REACHABILITY_NONCE_BYTES = 16
+"""What a peer's probe listener writes to the coordinator dialling it back (CheckReachability)."""
