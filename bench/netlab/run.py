@@ -388,11 +388,14 @@ class Cell:
     def __init__(self, spec: CellSpec) -> None:
         self.spec = spec
         self.procs: list[Proc] = []
-        self.log_dir = spec.log_dir / f"{spec.config}-{spec.profile}{'-nat' if spec.nat else ''}{'-kill' if spec.kill_one else ''}"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        base = spec.log_dir / f"{spec.config}-{spec.profile}{'-nat' if spec.nat else ''}{'-kill' if spec.kill_one else ''}"
+        self.log_dir, n = base, 1
+        while self.log_dir.exists():  # a fresh directory per cell: a coordinator would resume the state it finds there
+            n += 1
+            self.log_dir = base.with_name(f"{base.name}-{n}")
+        self.log_dir.mkdir(parents=True)
         self.started = time.time()
         self.deadline = time.monotonic() + spec.run_timeout
-        self.notes: list[str] = []
 
     def say(self, text: str) -> None:
         print(f"  [{time.time() - self.started:7.1f}s] {text}", flush=True)
@@ -626,8 +629,10 @@ class Cell:
             b = b or (track.samples[-1] if track.samples else None)
             if a is None or b is None or b.t <= a.t:
                 raise RunError(f"no reports of peer {name} around the window ({len(track.samples)} reports)")
-            # Not before t0 if at all possible: start-up traffic (big state frames, little overhead) would dilute the ratio.
-            ra = self.idle_report(track, sm, t0, b.t - 1e-3) or self.last_idle_report(track, sm, a.t - 5, t0)
+            # The first idle report in the window's first quarter; else the last one in the 5 s before it (a little of
+            # round k0 or start-up: big state frames, little overhead); else any idle report in the window.
+            ra = (self.idle_report(track, sm, t0, t0 + (t1 - t0) / 4) or self.last_idle_report(track, sm, t0 - 5, t0)
+                  or self.idle_report(track, sm, t0, b.t - 1e-3))
             exact = ra is not None and sm.flat_at(b.t) is not None
             ra = ra or a
             k = sm.at(b.t) - sm.at(t0)
@@ -655,7 +660,8 @@ class Cell:
             "kernel_bytes_per_token": kernel / tokens if tokens else None,
             "project_bytes_per_token": project / tokens if tokens else None,
             "kernel_over_project": ratio_kernel / ratio_project if ratio_project else None,
-            "kernel_over_project_exact": all(p["ratio_exact"] for p in per_peer.values()),
+            # A killed peer's last report is wherever the kill found it: not a reason to call the others' ratio approximate.
+            "kernel_over_project_exact": all(p["ratio_exact"] for p in per_peer.values() if not p["killed"]),
             "project_bytes_per_token_by_kind": {kind: sum(p["project_sent_by_kind"].get(kind, 0) for p in per_peer.values()) / tokens
                                                 for kind in sorted({k for p in per_peer.values() for k in p["project_sent_by_kind"]})}
             if tokens else None,
