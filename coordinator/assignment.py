@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 from proto.run_config import TrainConfig
 
@@ -118,29 +118,37 @@ def choose_stage(replicas: Sequence[Replica], num_stages: int, requested: int = 
 
 
 def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int,
-                   needs: Sequence[StageNeeds] | None = None) -> tuple[str, int] | None:
-    """Refill an empty stage: move one peer there from the best-covered stage, or None.
+                   needs: Sequence[StageNeeds] | None = None, min_replicas: int = 1,
+                   short: Sequence[int] | None = None, pinned: Collection[str] = ()) -> tuple[str, int] | None:
+    """Refill a stage short of ``min_replicas``: move one peer there from the best-covered stage, or None.
 
-    The donor is the stage with the most total capacity among those with at least two
-    replicas (so it keeps one) and a replica whose memory fits the empty stage; from it moves
-    the fitting replica that gains most by moving (its capacity there minus its capacity here:
-    a peer whose link limits it less in the empty stage), among equals the slowest (the one the
+    The target is the first stage of ``short`` (default: every stage below ``min_replicas``).
+    The donor is the stage with the most total capacity among those that keep ``min_replicas``
+    after giving one (never fewer than one) and have a movable replica (not in ``pinned``: a
+    peer that asked for its stage stays there) whose memory fits the target; from it moves the
+    fitting replica that gains most by moving (its capacity there minus its capacity here: a
+    peer whose link limits it less in the target stage), among equals the slowest (the one the
     donor misses least). Unmeasured replicas count as 1.0. Ties go to lower stage, then id.
     """
     by_stage: dict[int, list[tuple[str, Replica]]] = {k: [] for k in range(num_stages)}
     for peer_id, r in replicas:
         if 0 <= r.stage < num_stages:
             by_stage[r.stage].append((peer_id, r))
-    empty = [k for k, members in by_stage.items() if not members]
-    if not empty:
+    keep = max(1, min_replicas)
+    targets = [k for k in (range(num_stages) if short is None else short) if len(by_stage[k]) < keep]
+    if not targets:
         return None
-    target = empty[0]
+    target = targets[0]
     need = _need(needs, target)
-    donors = [k for k, members in by_stage.items() if len(members) >= 2 and any(fits(r, need) for _, r in members)]
+
+    def movable(k: int) -> list[tuple[str, Replica]]:
+        return [(peer_id, r) for peer_id, r in by_stage[k] if peer_id not in pinned and fits(r, need)]
+
+    donors = [k for k in range(num_stages) if k != target and len(by_stage[k]) > keep and movable(k)]
     if not donors:
         return None
     donor = max(donors, key=lambda k: (sum(capacity(r, _need(needs, k)) for _, r in by_stage[k]), -k))
-    candidates = [(peer_id, r) for peer_id, r in by_stage[donor] if fits(r, need)]
+    candidates = movable(donor)
     here = {peer_id: capacity(r, _need(needs, donor)) for peer_id, r in candidates}
     mover = min(candidates, key=lambda m: (here[m[0]] - capacity(m[1], need), here[m[0]], m[0]))[0]
     return mover, target

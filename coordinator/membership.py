@@ -24,6 +24,7 @@ class PeerRecord:
     device: str
     dht_peer_id: str             # empty until the first heartbeat after the peer's DHT started
     stage: int
+    requested_stage: int = -1    # the --stage it asked for (-1: none): such a peer is never moved to another stage
     state: int = pb.JOINING
     joined: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
@@ -80,13 +81,17 @@ class Membership:
         self.heartbeat_timeout = heartbeat_timeout
         self.needs = needs  # per stage: memory and link bytes per sample of one replica (None: not considered)
         self.peers: dict[str, PeerRecord] = {}
+        self.short_since: dict[int, float] = {}  # stage -> when it fell below the replicas it needs
 
     def add(self, name: str, device: str, throughput: float, requested_stage: int, free_memory: int = 0) -> PeerRecord:
         """Admit a peer to the stage the policy picks; ValueError if its memory fits no stage."""
         newcomer = Replica(-1, throughput, free_memory)
         stage = choose_stage([_replica(p) for p in self.live()], self.num_stages, requested_stage, newcomer, self.needs)
-        record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, throughput=throughput, free_memory=free_memory)
+        record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, requested_stage=requested_stage, throughput=throughput,
+                            free_memory=free_memory)
         self.peers[record.peer_id] = record
+        for k in self.short_since:  # peers are arriving: give the others that may be on their way the grace again
+            self.short_since[k] = time.time()
         return record
 
     def get(self, peer_id: str) -> PeerRecord | None:
@@ -155,15 +160,29 @@ class Membership:
         record.stage = stage
         self.require_reload(record)
 
-    def rebalance(self) -> tuple[PeerRecord, int, int] | None:
-        """Move a peer into a stage left without replicas; returns (peer, from, to) or None."""
+    def rebalance(self, min_replicas: int = 1, grace: float = 0.0, now: float | None = None) -> tuple[PeerRecord, int, int] | None:
+        """Move a peer into a stage that has had fewer than ``min_replicas`` (at least one) for ``grace`` seconds;
+        returns (peer, from, to) or None. The grace lets peers that are still starting join the stage they ask for
+        (a move at once could leave their own stage short in turn); peers that asked for a stage are not moved."""
+        now = time.time() if now is None else now
         live = sorted(self.live(), key=lambda p: p.peer_id)
-        plan = plan_rebalance([(p.peer_id, _replica(p)) for p in live], self.num_stages, self.needs)
+        counts = {k: sum(p.stage == k for p in live) for k in range(self.num_stages)}
+        for k, n in counts.items():
+            if n >= max(1, min_replicas):
+                self.short_since.pop(k, None)
+            else:
+                self.short_since.setdefault(k, now)
+        due = [k for k, since in sorted(self.short_since.items()) if now - since >= grace]
+        if not due:
+            return None
+        pinned = {p.peer_id for p in live if p.requested_stage >= 0}
+        plan = plan_rebalance([(p.peer_id, _replica(p)) for p in live], self.num_stages, self.needs, min_replicas, due, pinned)
         if plan is None:
             return None
         record = self.peers[plan[0]]
         origin = record.stage
         self.move(record, plan[1])
+        self.short_since.pop(plan[1], None)  # counted afresh from its new replica count
         return record, origin, plan[1]
 
     def wire_totals(self, direction: str = "sent") -> dict[str, dict[str, int]]:

@@ -185,10 +185,11 @@ class RoundEngine:
             await self._maybe_finish_publish(now)
 
     async def _rebalance(self) -> None:
-        moved = self.membership.rebalance()
+        moved = self.membership.rebalance(self.config.min_replicas, self.config.heartbeat_timeout)
         if moved is not None:
             record, origin, target = moved
-            log.warning("stage %d has no replica: moving peer %s there from stage %d", target, record.peer_id, origin)
+            log.warning("stage %d has had fewer than %d replicas for %.0fs: moving peer %s there from stage %d", target,
+                        max(1, self.config.min_replicas), self.config.heartbeat_timeout, record.peer_id, origin)
             await self._notify()
 
     async def _reconcile(self, now: float) -> None:

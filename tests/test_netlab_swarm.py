@@ -98,8 +98,8 @@ def test_natted_stage1_peer_trains_through_the_relay_and_bytes_match_the_kernel(
                 argv += ["--announce-host", host.ip]
             spawn(name, host, argv)
 
-        # One replica per stage first: the coordinator moves a peer into a stage that is empty at that instant (even
-        # one that asked for --stage), and with --min-replicas 2 a 3+1 split would wait forever.
+        # One replica per stage first, so that each stage's first replica is the one named here (peers that ask for
+        # their stage are never moved; this only fixes which joins first).
         join("p0")
         join("p2")
         wait_for(lambda s: {p["name"] for p in s["peers"]} >= {"p0", "p2"}, 120, "p0 and p2 to join")

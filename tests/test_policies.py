@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import time
+
 import pytest
 
 from coordinator.assignment import Replica, StageNeeds, capacity, choose_stage, plan_rebalance, stage_layer_ranges, stage_needs
@@ -84,6 +86,32 @@ def test_rebalance_moves_a_peer_that_fits_and_gains_most():
     assert plan_rebalance(linked, 2, needs) == ("a", 1)       # 1 -> 4 samples/s for a; b would stay at 1
     assert plan_rebalance([("x", Replica(0, 1.0, free_memory=GIB)), ("y", Replica(0, 1.0, free_memory=GIB))], 2, NEEDS) is None
     assert plan_rebalance([("x", Replica(0, 1.0)), ("y", Replica(1, 1.0))], 2, NEEDS) is None  # nothing empty
+
+
+def test_rebalance_keeps_min_replicas_and_leaves_pinned_peers():
+    three_one = [("a", Replica(0, 1.0)), ("b", Replica(0, 1.0)), ("c", Replica(0, 1.0)), ("d", Replica(1, 1.0))]
+    assert plan_rebalance(three_one, 2, min_replicas=2) == ("a", 1)        # 3 + 1 -> 2 + 2
+    assert plan_rebalance(three_one, 2, min_replicas=2, pinned={"a", "b"}) == ("c", 1)
+    assert plan_rebalance(three_one, 2, min_replicas=2, pinned={"a", "b", "c"}) is None  # they asked for stage 0
+    two_one = [("a", Replica(0, 1.0)), ("b", Replica(0, 1.0)), ("d", Replica(1, 1.0))]
+    assert plan_rebalance(two_one, 2, min_replicas=2) is None             # stage 0 would fall short in turn
+    assert plan_rebalance(two_one, 2, min_replicas=1) is None             # nothing empty
+
+
+def test_membership_moves_only_after_the_grace_and_never_a_peer_that_asked_for_its_stage():
+    from coordinator.membership import Membership
+
+    m = Membership(2, 10)
+    asked = [m.add(f"asked-{i}", "cpu", 1.0, requested_stage=0) for i in range(2)]
+    t = time.time()
+    assert m.rebalance(1, grace=5, now=t) is None and m.short_since == {1: t}
+    assert m.rebalance(1, grace=5, now=t + 60) is None                     # due, but both asked for stage 0: stage 1 waits
+    free = m.add("free", "cpu", 1.0, requested_stage=-1)
+    free.stage = 0                                                          # as if it had been put there
+    start = time.time()
+    assert m.rebalance(1, grace=5, now=start) is None                      # short, but not for long enough
+    moved = m.rebalance(1, grace=5, now=start + 6)
+    assert moved is not None and moved[0] is free and moved[1:] == (0, 1) and all(p.stage == 0 for p in asked)
 
 
 def test_stage_needs_follow_the_run_settings():

@@ -493,9 +493,8 @@ class Cell:
                 argv += ["--announce-host", h.ip]
             peer_procs[h.name] = self.spawn("peer", h, argv)
 
-        # One replica per stage first, the others once those joined: the coordinator moves a peer into a stage that
-        # is empty at that instant, even one that asked for --stage, and with --min-replicas 2 a 3+1 split then waits
-        # forever (see the README). Started together, stage-1 peers that join first trigger exactly that.
+        # One replica per stage first, the others once those joined, so that every configuration starts alike: each
+        # stage's first replica is the same host (peers that ask for their stage are never moved).
         first = [next(i for i in range(NUM_PEERS) if stage_of(i) == k) for k in range(STAGES)]
         for i in first:
             join(i)
