@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PHandlerError, PeerID
 
 from proto import codec
 from proto import hometrain_pb2 as pb
@@ -54,6 +54,7 @@ SYNC_HANDLER = "hometrain.sync"
 ANCHOR = "anchor"  # the name the agreed weights travel under in a state hand-off
 Key = tuple[int, int, int, int, int, str]  # round, attempt, stage, frame kind, part, sender
 Compute = Callable[..., Awaitable[Any]]    # runs a function on the stage's compute thread
+SEND_RETRY_FIRST, SEND_RETRY_MAX = 0.5, 4.0  # seconds between attempts to deliver a sync frame
 PAYLOAD_NAMES = {"mask", "meta", "values.codes", "values.scales", "values.meta", "weight"}
 
 
@@ -103,8 +104,25 @@ class SyncExchange:
 
     async def _send(self, to: str, kind: int, round: int, attempt: int, stage: int, part: int, tensors: Tensors,
                     timeout: float, raw_bytes: int = 0) -> None:
+        """Deliver one frame, trying again within ``timeout`` when the stream breaks (a relayed link that is still
+        being set up answers with an empty stream): the receiver keeps the first copy, so a resend is harmless.
+        A refusal by the receiver's handler is final."""
         header = pb.FrameHeader(kind=kind, run_id=self.run_id, round=round, attempt=attempt, stage=stage, part=part, raw_bytes=raw_bytes)
-        await self.transport.call(PeerID.from_base58(to), SYNC_HANDLER, header, tensors, WireKind.SYNC, WireKind.CONTROL, timeout)
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + timeout, SEND_RETRY_FIRST
+        while True:
+            try:
+                await self.transport.call(PeerID.from_base58(to), SYNC_HANDLER, header, tensors, WireKind.SYNC, WireKind.CONTROL,
+                                          max(0.1, deadline - loop.time()))
+                return
+            except (P2PHandlerError, asyncio.TimeoutError):
+                raise
+            except Exception as exc:
+                if loop.time() + delay >= deadline:
+                    raise
+                log.info("sync frame to %s failed (%s: %s); sending it again in %.1fs", to, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, SEND_RETRY_MAX)
 
     async def all_reduce_sum(self, flat: torch.Tensor, group: list[str], round: int, stage: int, timeout: float, attempt: int,
                              compute: Compute) -> torch.Tensor:

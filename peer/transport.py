@@ -148,10 +148,10 @@ class FrameTransport:
                 yield message
 
         async def exchange() -> tuple[pb.FrameHeader, Tensors, int]:
+            self.counters.count_sent(send_kind, sent, header.raw_bytes or fp32_equivalent(tensors))  # each attempt sends it all
             responses = await self.p2p.iterate_protobuf_handler(peer, handler, requests(), pb.Frame)
             return await self._decode(responses)
 
-        self.counters.count_sent(send_kind, sent, header.raw_bytes or fp32_equivalent(tensors))
         started = time.monotonic()
         try:
             reply_header, reply, nbytes = await asyncio.wait_for(exchange(), timeout)
