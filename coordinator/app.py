@@ -22,7 +22,7 @@ from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 from proto.addresses import resolve_ipv4
 from proto.memory_plan import GIB, StageShape, plan_layer_ranges, plan_settings, plan_stage
-from proto.run_config import ConfigError, CoordinatorConfig
+from proto.run_config import ConfigError, CoordinatorConfig, EvalOptions
 
 from .assignment import stage_layer_ranges, stage_needs
 from .checkpoint import (
@@ -33,6 +33,7 @@ from .checkpoint import (
     remove_incomplete,
     write_checkpoint,
 )
+from .data.heldout import write_heldout
 from .data.build import build_mixer, tokenizer_documents, tokenizer_special_tokens
 from .http_server import StatusHTTPServer
 from .membership import Membership
@@ -50,6 +51,7 @@ from .service import CoordinatorService
 from .status import StatusReport
 from .store import RoundRecord, Store
 from .data.tokenizer import load_or_train
+from .eval_runner import Evaluator
 
 log = logging.getLogger(__name__)
 # The coordinator is reachable by definition: it tells libp2p so, which turns on the circuit-relay service that
@@ -76,6 +78,7 @@ class CoordinatorApp:
         self.dht: hivemind.DHT | None = None
         self.http: StatusHTTPServer | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.evaluator: Evaluator | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -133,6 +136,7 @@ class CoordinatorApp:
         self.layer_ranges = self._plan_stages()
         self.data = build_mixer(cfg, self.tokenizer)
         self.data_description = self.data.describe()
+        write_heldout(self.state_dir / "heldout", cfg.heldout_share, self.data.heldout)  # what `coordinator eval` scores
         for source in self.data_description["sources"]:
             log.info("data source %s: %s (%s, weight %g), %d tokens", source["name"], source["path"], source["format"], source["weight"], source["tokens"])
         for i, phase in enumerate(self.data_description["phases"]):
@@ -176,6 +180,8 @@ class CoordinatorApp:
         log.info("published checkpoint of round %d: %s (%.1f MiB, %.2fs)", round, info.path, info.total_bytes / 2**20, info.seconds)
         if getattr(self, "loop", None) is not None:  # after start-up: point joiners at it (from this worker thread)
             self.loop.call_soon_threadsafe(self._point_at_latest_checkpoint)
+            if self.evaluator is not None:
+                self.loop.call_soon_threadsafe(self.evaluator.submit, round, info.path)
 
     def _start_dht(self) -> hivemind.DHT:
         """The DHT bootstrap node, with the same identity and port across restarts.
@@ -249,6 +255,7 @@ class CoordinatorApp:
             base_checkpoint_url=self.checkpoint_url(0) if cfg.lora_rank else "",
         )
         self._point_at_latest_checkpoint()
+        self._start_evaluator()
         self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
         options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES)]
         # A coordinator restarted right after a crash may find its port still held for a moment.
@@ -284,6 +291,33 @@ class CoordinatorApp:
             self.last_tokens_per_second = record.tokens / record.duration
             self.metrics.tokens_per_second.set(self.last_tokens_per_second)
 
+    def _start_evaluator(self) -> None:
+        """With --eval-on coordinator: evaluate what a previous run left unevaluated, then each new checkpoint."""
+        cfg = self.config
+        checkpoints = self.store.checkpoints()
+        done = [c for c in checkpoints if c["eval"] and "error" not in c["eval"]]
+        if done:
+            self.metrics.show_evaluation(done[-1]["round"], done[-1]["eval"])
+        if cfg.eval_on != "coordinator":
+            return
+        options = EvalOptions(heldout=str(self.state_dir / "heldout"), context=cfg.seq_len, tasks=cfg.eval_tasks, shots=cfg.eval_shots,
+                              probe_items=cfg.eval_probe_items, max_tokens=cfg.eval_max_tokens, device=cfg.eval_device, seed=cfg.seed,
+                              engine=cfg.eval_engine)
+        self.evaluator = Evaluator(options, self._on_evaluation)
+        self.evaluator.start()
+        for c in checkpoints:
+            if c["eval"] is None:
+                self.evaluator.submit(c["round"], Path(c["path"]))
+
+    def _on_evaluation(self, round: int, result: dict[str, Any]) -> None:
+        self.store.record_evaluation(round, result)
+        if "error" in result:
+            self.metrics.eval_failures.inc()
+            return
+        evaluated = [c["round"] for c in self.store.checkpoints() if c["eval"] and "error" not in c["eval"]]
+        if round >= max(evaluated):
+            self.metrics.show_evaluation(round, result)
+
     def _point_at_latest_checkpoint(self) -> None:
         """Joiners and peers that must reload are sent to the newest published checkpoint (none yet: the seed)."""
         checkpoints = self.store.checkpoints()
@@ -304,6 +338,10 @@ class CoordinatorApp:
                 await asyncio.wait_for(self.stop_requested.wait(), 0.25)
             except asyncio.TimeoutError:
                 pass
+        if self.evaluator is not None and self.evaluator.pending() and not self.stop_requested.is_set():
+            log.info("all %d rounds done; evaluating the checkpoints of rounds %s before stopping (Ctrl-C stops now; a "
+                     "restarted coordinator evaluates what is left)", self.config.rounds, self.evaluator.pending())
+            await _first_of(self.evaluator.drain(), self.stop_requested.wait())
         if self.config.linger and not self.stop_requested.is_set():
             log.info("all %d rounds done; still serving the status page and checkpoints (--linger) until Ctrl-C", self.config.rounds)
             await self.stop_requested.wait()
@@ -315,6 +353,8 @@ class CoordinatorApp:
 
     async def shutdown(self) -> None:
         """Stop what start() got to start, in reverse order."""
+        if self.evaluator is not None:
+            await self.evaluator.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
         if self.http is not None:
@@ -323,3 +363,11 @@ class CoordinatorApp:
             self.dht.shutdown()
         if self.store is not None:
             self.store.close()
+
+
+async def _first_of(*waits) -> None:
+    """Wait until the first of ``waits`` finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()

@@ -50,7 +50,7 @@ def export_checkpoint(config: ExportConfig) -> Path:
         raise ConfigError(f"--merge folds LoRA adapters into their base, but {source} is a full checkpoint; export it without --merge")
     out.mkdir(parents=True, exist_ok=True)
     if config.merge:
-        _merge(source, out, config.base)
+        load_merged(source, config.base).save_pretrained(str(out))
         # The tokenizer travels with the model; the adapters and their config are in the weights now.
         keep = [n for n in manifest["files"] if n not in (ADAPTER_FILE, ADAPTER_CONFIG, "config.json")]
     else:
@@ -62,7 +62,8 @@ def export_checkpoint(config: ExportConfig) -> Path:
     return out
 
 
-def _merge(source: Path, out: Path, base: Path | None) -> None:
+def load_merged(source: Path, base: Path | None):
+    """A LoRA checkpoint's adapters folded into their base (``base``, else the one the adapter config names)."""
     from peft import PeftModel
     from transformers import GPTJForCausalLM
 
@@ -71,6 +72,5 @@ def _merge(source: Path, out: Path, base: Path | None) -> None:
     if base is None or not (base / "config.json").is_file():
         raise ConfigError(f"the adapters' base ({base or 'not named in ' + ADAPTER_CONFIG}) is not a model directory here; "
                           "pass --base DIR: the run's round-0 checkpoint (or the --init-from directory)")
-    model = GPTJForCausalLM.from_pretrained(str(base), dtype="auto")
-    merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
-    merged.save_pretrained(str(out))
+    model = GPTJForCausalLM.from_pretrained(str(base), dtype="auto", local_files_only=True)
+    return PeftModel.from_pretrained(model, str(source)).merge_and_unload()

@@ -47,5 +47,23 @@ class CoordinatorMetrics:
             ["source", "objective"], registry=r,
         )
 
+        self.eval_round = Gauge("hometrain_eval_round", "Round of the latest evaluated checkpoint.", registry=r)
+        self.eval_perplexity = Gauge("hometrain_eval_perplexity", "Held-out perplexity of the latest evaluated checkpoint, by source.",
+                                     ["source"], registry=r)
+        self.eval_accuracy = Gauge("hometrain_eval_accuracy", "Multiple-choice accuracy of the latest evaluated checkpoint, by task and "
+                                   "metric (acc, acc_norm).", ["task", "metric"], registry=r)
+        self.eval_seconds = Gauge("hometrain_eval_seconds", "Wall time of the latest checkpoint evaluation.", registry=r)
+        self.eval_failures = Counter("hometrain_eval_failures", "Checkpoint evaluations that failed.", registry=r)
+
+    def show_evaluation(self, round: int, result: dict) -> None:
+        """Point the eval gauges at ``result`` (the caller passes only the newest evaluated checkpoint's)."""
+        self.eval_round.set(round)
+        self.eval_seconds.set(result.get("seconds", 0.0))
+        for source, value in result.get("perplexity", {}).items():
+            self.eval_perplexity.labels(source).set(value)
+        for task, metrics in result.get("accuracy", {}).items():
+            for metric, value in metrics.items():
+                self.eval_accuracy.labels(task, metric).set(value)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

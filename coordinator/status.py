@@ -111,6 +111,7 @@ class StatusReport:
             "peers": [p.as_json() for p in app.membership.peers.values()],
             "stages": stages,
             "checkpoints": checkpoints,
+            "evaluation": {"on": app.config.eval_on, "pending": app.evaluator.pending() if app.evaluator else []},
             "wire": self.wire_totals(),
             "progress": app.engine.progress(),
             "dht_maddrs": list(app.join_template.initial_peers),
@@ -144,7 +145,7 @@ class StatusReport:
         return [
             {
                 "round": r.round, "loss": r.loss, "tokens": r.tokens, "samples": r.samples, "dropped": r.dropped,
-                "duration": r.duration, "tokens_per_second": r.tokens / r.duration if r.duration > 0 else None,
+                "started": r.started, "ended": r.ended, "duration": r.duration, "tokens_per_second": r.tokens / r.duration if r.duration > 0 else None,
                 "participants": r.participants, "checksums": r.checksums, "diverged_stages": r.diverged_stages, "bytes": r.bytes,
             }
             for r in self.app.store.rounds()

@@ -66,8 +66,13 @@ def _tick(v: float) -> str:
     return f"{v:.4g}"
 
 
-def svg_line_plot(points: list[tuple[float, float]], width, height, title, y_label, svg_id="") -> str:
-    """An SVG line plot with axes, min/max tick labels, a polyline and one circle per point."""
+COLOURS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#4a5568")
+
+
+def svg_line_plot(points: list[tuple[float, float]] | dict[str, list[tuple[float, float]]], width, height, title, y_label,
+                  svg_id="") -> str:
+    """An SVG line plot with axes, min/max tick labels, a polyline and one circle per point: one series, or one per
+    name of a dict (each in its own colour, with a legend)."""
     ident = f' id="{_e(svg_id)}"' if svg_id else ""
     left, right, top, bottom = 60, 15, 25, 35
     pw, ph = width - left - right, height - top - bottom
@@ -77,12 +82,15 @@ def svg_line_plot(points: list[tuple[float, float]], width, height, title, y_lab
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
            f'<text x="14" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
            f'transform="rotate(-90 14 {top + ph / 2})">{_e(y_label)}</text>']
-    pts = [(_num(x), _num(y)) for x, y in points if x is not None and y is not None]
-    if len(pts) < 2:
+    named = points if isinstance(points, dict) else {"": points}
+    series = {name: [(_num(x), _num(y)) for x, y in pts if x is not None and y is not None] for name, pts in named.items()}
+    series = {name: pts for name, pts in series.items() if pts}
+    every = [p for pts in series.values() for p in pts]
+    if len(every) < 2:
         out.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" '
                    f'font-size="12" fill="#888">no data yet</text></svg>')
         return "".join(out)
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xs, ys = [p[0] for p in every], [p[1] for p in every]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     xs_span, ys_span = (x1 - x0) or 1.0, (y1 - y0) or 1.0
 
@@ -92,16 +100,20 @@ def svg_line_plot(points: list[tuple[float, float]], width, height, title, y_lab
     def sy(y):
         return top + ph - (y - y0) / ys_span * ph
 
-    coords = [(sx(x), sy(y)) for x, y in pts]
     out += [f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{_tick(y1)}</text>',
             f'<text x="{left - 4}" y="{top + ph}" font-size="10" text-anchor="end">{_tick(y0)}</text>',
             f'<text x="{left}" y="{top + ph + 14}" font-size="10" text-anchor="start">{_tick(x0)}</text>',
             f'<text x="{left + pw}" y="{top + ph + 14}" font-size="10" text-anchor="end">{_tick(x1)}</text>',
-            f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">round</text>',
-            '<polyline fill="none" stroke="#2b6cb0" stroke-width="1.5" points="'
-            + " ".join(f"{x:.1f},{y:.1f}" for x, y in coords) + '"/>']
-    r = 2.5 if len(coords) <= 100 else 1.2
-    out += [f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="#2b6cb0"/>' for x, y in coords]
+            f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">round</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        coords = [(sx(x), sy(y)) for x, y in pts]
+        out.append(f'<polyline class="series" data-series="{_e(name)}" fill="none" stroke="{colour}" stroke-width="1.5" points="'
+                   + " ".join(f"{x:.1f},{y:.1f}" for x, y in coords) + '"/>')
+        r = 2.5 if len(coords) <= 100 else 1.2
+        out += [f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colour}"/>' for x, y in coords]
+        if name:
+            out.append(f'<text x="{left + 6}" y="{top + 14 + 13 * i}" font-size="11" fill="{colour}">{_e(name)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -216,6 +228,19 @@ def trouble_banner(status: dict) -> str:
     return ""
 
 
+def evaluation_cell(result, round_, pending) -> str:
+    """A checkpoint's held-out perplexity per source and accuracy per task, or where its evaluation stands."""
+    if not result:
+        return "<span class='muted'>" + ("evaluating…" if pending[:1] == [round_] else "queued" if round_ in pending else "–") + "</span>"
+    result = _d(result)
+    if result.get("error"):
+        return f"<span class='warn' title='{_e(result['error'])}'>evaluation failed</span>"
+    ppl = ", ".join(f"{_e(k)} {_fmt(v, ',.2f')}" for k, v in _d(result.get("perplexity")).items())
+    acc = ", ".join(f"{_e(k)} {_fmt(_d(v).get('acc'), '.2f')}/{_fmt(_d(v).get('acc_norm'), '.2f')}"
+                    for k, v in _d(result.get("accuracy")).items())
+    return f"ppl {ppl}<br>acc/acc_norm {acc}"
+
+
 def render_page(status: dict, rounds: list[dict]) -> str:
     """The full HTML page for one status snapshot and the per-round history (oldest first)."""
     s = _d(status)
@@ -271,8 +296,14 @@ def render_page(status: dict, rounds: list[dict]) -> str:
 
     loss_pts = [(r.get("round"), r.get("loss")) for r in rounds]
     tps_pts = [(r.get("round"), r.get("tokens_per_second")) for r in rounds]
+    evaluated = [(c.get("round"), _d(c.get("eval"))) for c in s.get("checkpoints") or [] if isinstance(c, dict) and c.get("eval")]
+    ppl_series: dict[str, list] = {}
+    for round_, result in evaluated:
+        for source, value in _d(result.get("perplexity")).items():
+            ppl_series.setdefault(str(source), []).append((round_, value))
     plots = ("<div class='plots'>" + svg_line_plot(loss_pts, 520, 260, "loss per round", "loss", "loss-plot")
-             + svg_line_plot(tps_pts, 520, 260, "tokens/s per round", "tokens/s", "tps-plot") + "</div>")
+             + svg_line_plot(tps_pts, 520, 260, "tokens/s per round", "tokens/s", "tps-plot")
+             + svg_line_plot(ppl_series, 520, 260, "held-out perplexity per checkpoint", "perplexity", "eval-plot") + "</div>")
 
     wire_rows = []
     for kind, w in sorted(_d(s.get("wire")).items(), key=lambda kv: str(kv[0])):
@@ -290,14 +321,15 @@ def render_page(status: dict, rounds: list[dict]) -> str:
                      hist_rows, "no rounds yet")
 
     ck_rows = []
+    pending = _d(s.get("evaluation")).get("pending") or []
     for c in [x for x in s.get("checkpoints") or [] if isinstance(x, dict)]:
         url = str(c.get("url") or "")
         links = (f"<a href='{_e(url + 'manifest.json')}'>manifest.json</a> · "
                  f"<a href='{_e(url + 'config.json')}'>config.json</a>") if url else "–"
         ck_rows.append([_td(_e(c.get("round", "–")), True), _td(_e(c.get("path"))),
                         _td(_fmt(c.get("tokens", 0)), True), _td(_fmt(c.get("loss"), ".4f"), True),
-                        _td(human_bytes(c.get("bytes", 0)), True), _td(links)])
-    checkpoints = _table("checkpoints", ["round", "path", "tokens", "loss", "size", "files"], ck_rows,
+                        _td(human_bytes(c.get("bytes", 0)), True), _td(evaluation_cell(c.get("eval"), c.get("round"), pending)), _td(links)])
+    checkpoints = _table("checkpoints", ["round", "path", "tokens", "loss", "size", "evaluation", "files"], ck_rows,
                          "no checkpoints yet")
 
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -1,7 +1,7 @@
 """The coordinator's persisted state: SQLite in WAL mode under --state-dir.
 
-Holds the run's identity and settings, every completed round and the published checkpoints
-(peers are not kept: after a restart they rejoin by themselves). A restarted coordinator reads
+Holds the run's identity and settings, every completed round, the published checkpoints and
+their evaluations (peers are not kept: after a restart they rejoin by themselves). A restarted coordinator reads
 the last completed round from here and resumes at the next one, so no round is numbered twice.
 """
 
@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     seconds REAL NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evaluations (round INTEGER PRIMARY KEY, result TEXT NOT NULL);
 """
 
 
@@ -120,6 +121,14 @@ class Store:
             self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", (round, path, tokens, loss, size, seconds, time.time()))
 
     def checkpoints(self) -> list[dict[str, Any]]:
+        """Published checkpoints, oldest first, each with ``eval``: its evaluation's result, or None until there is one."""
         with self._lock:
-            rows = self._db.execute("SELECT round, path, tokens, loss, bytes, seconds, created FROM checkpoints ORDER BY round").fetchall()
-        return [dict(zip(("round", "path", "tokens", "loss", "bytes", "seconds", "created"), row)) for row in rows]
+            rows = self._db.execute(
+                "SELECT c.round, path, tokens, loss, bytes, seconds, created, e.result FROM checkpoints c "
+                "LEFT JOIN evaluations e ON e.round = c.round ORDER BY c.round").fetchall()
+        keys = ("round", "path", "tokens", "loss", "bytes", "seconds", "created")
+        return [dict(zip(keys, row[:-1]), eval=json.loads(row[-1]) if row[-1] else None) for row in rows]
+
+    def record_evaluation(self, round: int, result: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?)", (round, json.dumps(result)))

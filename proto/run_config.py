@@ -44,6 +44,7 @@ SECTION_HELP = {
     "network": "addresses, ports, timeouts, pipelining",
     "device": "what this machine lends",
     "observability": "logs and metrics",
+    "evaluation": "how every published checkpoint is judged (coordinator eval)",
 }
 
 
@@ -68,6 +69,16 @@ def split_host_port(flag: str, address: str) -> tuple[str, int]:
         raise ConfigError(f"{flag} {address!r}: the port {port!r} is not a number; expected HOST:PORT, e.g. {host}:50051")
     check_port(f"{flag} {address!r}:", int(port), allow_zero=False)
     return host, int(port)
+
+
+def parse_eval_task(spec: str) -> tuple[str, Path]:
+    """``NAME=PATH`` (an organiser's multiple-choice task file) as (name, path); ConfigError says what is expected."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ConfigError(f"an evaluation task is NAME=PATH of a JSONL file of {{prompt, choices, answer}} lines, got {spec!r}")
+    if not Path(path).is_file():
+        raise ConfigError(f"evaluation task {name}: {path} is not a file")
+    return name.strip(), Path(path)
 
 
 @dataclass(kw_only=True)
@@ -214,6 +225,7 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
         "compression": TrainConfig.sections["compression"],
         "network": ("host", "announce_host", "port", "http_port", "dht_port") + TrainConfig.sections["network"],
         "observability": ("quiet", "log_format"),
+        "evaluation": ("eval_on", "eval_device", "eval_engine", "eval_tasks", "eval_shots", "eval_probe_items", "eval_max_tokens"),
     }
 
     host: str = opt("0.0.0.0", "Address the gRPC, HTTP and DHT listeners bind to.")
@@ -254,6 +266,18 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
     heldout_share: float = opt(
         0.02, "Share of every source's documents and records held out of training for evaluation, chosen by a hash of "
         "their content (0: none). The mixer never hands them out.")
+    eval_on: Literal["coordinator", "off"] = opt(
+        "coordinator", "Evaluate every published checkpoint (held-out perplexity, multiple-choice accuracy) in a child process "
+        "of the coordinator, off the round path; off: run `coordinator eval` yourself.")
+    eval_device: str = opt("cpu", "Device the automatic evaluation runs on: cpu, cuda or cuda:N.")
+    eval_engine: Literal["builtin", "harness"] = opt(
+        "builtin", "What scores the multiple-choice questions: builtin, or harness (lm-evaluation-harness, the eval extra).")
+    eval_tasks: tuple[str, ...] = opt(
+        (), "Multiple-choice tasks of yours, as NAME=PATH of JSONL files with prompt, choices and answer (an index) per line; "
+        "the built-in instruction probe runs always.")
+    eval_shots: int = opt(2, "Demonstrations before each multiple-choice question.")
+    eval_probe_items: int = opt(100, "Questions per task of the built-in probe.")
+    eval_max_tokens: int = opt(20_000, "Held-out tokens scored per source for perplexity.")
     stall_limit: int = opt(
         0, "Stop the run, with exit status 3, after a round trained nothing this many times in a row (every microbatch "
         "failed or none finished in time); 0: keep retrying, backing off up to a minute between attempts."
@@ -284,6 +308,14 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
             raise ConfigError(f"--instruction-share must be in [0, 1], got {self.instruction_share}")
         if not 0 <= self.heldout_share < 1:
             raise ConfigError(f"--heldout-share must be in [0, 1), got {self.heldout_share}")
+        check_literal("--eval-on", self.eval_on, CoordinatorConfig, "eval_on")
+        check_literal("--eval-engine", self.eval_engine, CoordinatorConfig, "eval_engine")
+        for flag, value, low in (("--eval-shots", self.eval_shots, 0), ("--eval-probe-items", self.eval_probe_items, 0),
+                                 ("--eval-max-tokens", self.eval_max_tokens, 2)):
+            if value < low:
+                raise ConfigError(f"{flag} must be >= {low}, got {value}")
+        for spec in self.eval_tasks:
+            parse_eval_task(spec)
         self.ul2_share_values  # validates --ul2-shares
         self.sources = tuple(dict(table) for table in self.sources)
         names = [SourceConfig.from_table(i, table).name for i, table in enumerate(self.sources, 1)]
@@ -428,6 +460,51 @@ class PeerConfig(ConsoleConfig):
     def coordinator_host(self) -> str:
         """The host part of --coordinator: where this peer reached the coordinator."""
         return split_host_port("--coordinator", self.coordinator)[0]
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """How ``coordinator eval`` evaluates a checkpoint: its flags (``proto.run_config.add_arguments``)."""
+
+    heldout: str = opt("", "The run's held-out split (default: STATE_DIR/heldout, beside the checkpoints folder).")
+    tasks: tuple[str, ...] = opt((), "Multiple-choice tasks of yours, NAME=PATH of JSONL files of {\"prompt\", \"choices\": [...], "
+                                     "\"answer\": index} lines.")
+    shots: int = opt(2, "Demonstrations before each question.")
+    probe_items: int = opt(100, "Questions per task of the built-in probe.")
+    context: int = opt(0, "Tokens per perplexity window, and the longest question context (0: the model's n_positions).")
+    stride: int = opt(0, "Tokens a perplexity window moves, below the context (0: half the context).")
+    max_tokens: int = opt(20_000, "Held-out tokens scored per source.")
+    device: str = opt("auto", "cpu, cuda or cuda:N (auto: a GPU if there is one).")
+    base: str = opt("", "LoRA checkpoints: the base model directory, if not where the adapter config says.")
+    seed: int = opt(0, "Seed of the probe's questions and of the demonstrations drawn.")
+    engine: Literal["builtin", "harness"] = opt(
+        "builtin", "What scores the multiple-choice questions: builtin (lm-evaluation-harness's definitions, no more "
+        "dependencies) or harness (lm-evaluation-harness itself, on the same questions as local tasks; the eval extra).")
+
+    def __post_init__(self) -> None:
+        check_literal("--engine", self.engine, EvalOptions, "engine")
+        for flag, value, low in (("--shots", self.shots, 0), ("--probe-items", self.probe_items, 0), ("--context", self.context, 0),
+                                 ("--stride", self.stride, 0), ("--max-tokens", self.max_tokens, 2)):
+            if value < low:
+                raise ConfigError(f"{flag} must be >= {low}, got {value}")
+        if self.stride and self.context and self.stride >= self.context:
+            raise ConfigError(f"--stride {self.stride} must be below --context {self.context}: a window predicts at most "
+                              "context - 1 tokens, after at least one of context")
+        for spec in self.tasks:
+            parse_eval_task(spec)
+
+    def heldout_dir(self, checkpoint: Path) -> Path:
+        return Path(self.heldout) if self.heldout else checkpoint.resolve().parent.parent / "heldout"
+
+    def flags(self) -> list[str]:
+        """These options as ``coordinator eval`` flags."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value in ("", ()):
+                continue
+            out += ["--" + f.name.replace("_", "-"), *(value if isinstance(value, tuple) else [str(value)])]
+        return out
 
 
 C = TypeVar("C")

@@ -9,7 +9,10 @@ one checkpoint is comparable with the next.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence, TypeVar
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence, TypeVar
 
 Item = TypeVar("Item", str, tuple[str, str])
 HASH_SPACE = 1 << 64
@@ -33,3 +36,52 @@ def split_heldout(items: Sequence[Item], share: float) -> tuple[list[Item], list
     for item in items:
         (held if share > 0 and is_heldout(item, share) else train).append(item)
     return train, held
+
+
+SPLIT_FILE = "split.json"
+
+
+def write_heldout(directory: Path, share: float, heldout: Mapping[str, Sequence[str | tuple[str, str]]]) -> None:
+    """Save each source's held-out items as ``DIR/<source>.jsonl`` (``{"text"}`` or ``{"prompt", "completion"}``
+    lines) with ``split.json`` naming the share and the sources, so that ``coordinator eval`` reads the split as
+    it was carved, with no access to the run's data or config. Rewritten whole (a restart may change a source)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.jsonl"):
+        if stale.stem not in heldout:
+            stale.unlink()
+    for name, items in heldout.items():
+        lines = [json.dumps({"text": i} if isinstance(i, str) else {"prompt": i[0], "completion": i[1]}) for i in items]
+        tmp = directory / f".{name}.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        tmp.replace(directory / f"{name}.jsonl")
+    (directory / SPLIT_FILE).write_text(json.dumps({"share": share, "sources": {n: len(v) for n, v in heldout.items()}}, indent=1))
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """A saved split: its share and, per source, its documents (str) or records ((prompt, completion))."""
+
+    share: float
+    sources: dict[str, list[str | tuple[str, str]]]
+
+
+def read_heldout(directory: Path) -> HeldoutSplit:
+    """The split ``write_heldout`` saved in ``directory``; ValueError saying what is missing or malformed."""
+    meta_path = directory / SPLIT_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{directory} holds no {SPLIT_FILE}: not a held-out split (a coordinator writes one to STATE_DIR/heldout)")
+    meta = json.loads(meta_path.read_text())
+    sources: dict[str, list[str | tuple[str, str]]] = {}
+    for name in meta.get("sources", {}):
+        items: list[str | tuple[str, str]] = []
+        path = directory / f"{name}.jsonl"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            record = json.loads(line)
+            if isinstance(record.get("text"), str):
+                items.append(record["text"])
+            elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+                items.append((record["prompt"], record["completion"]))
+            else:
+                raise ValueError(f"{path} line {number}: expected {{\"text\"}} or {{\"prompt\", \"completion\"}}, got keys {sorted(record)}")
+        sources[name] = items
+    return HeldoutSplit(float(meta["share"]), sources)
