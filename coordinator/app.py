@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 from proto.addresses import resolve_ipv4
 from proto.memory_plan import GIB, StageShape, plan_layer_ranges, plan_settings, plan_stage
-from proto.run_config import ConfigError, CoordinatorConfig, EvalOptions
+from proto.run_config import ConfigError, CoordinatorConfig, EvalOptions, parse_eval_task
 
 from .assignment import stage_layer_ranges, stage_needs
 from .checkpoint import (
@@ -242,7 +243,7 @@ class CoordinatorApp:
 
         try:
             self.http = StatusHTTPServer(cfg.host, cfg.http_port, self.report.status_threadsafe, self.report.rounds,
-                                         self.report.metrics_threadsafe, self.checkpoint_root)
+                                         self.report.metrics_threadsafe, self.checkpoint_root, self.state_dir / "heldout")
         except OSError as exc:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.http_port} for the status page and checkpoints (--http-port): "
                           f"{exc.strerror or exc}; is another coordinator running? stop it or pick another --http-port") from None
@@ -257,6 +258,10 @@ class CoordinatorApp:
         self._point_at_latest_checkpoint()
         self._start_evaluator()
         self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
+        if self.evaluator is not None and not self.evaluator.local:
+            self.service.serve_evaluations(self.evaluator, self.checkpoint_url, pb.EvalJob(
+                heldout_url=f"http://{cfg.public_host}:{self.http.port}/heldout/", options_json=json.dumps(dataclasses.asdict(self.evaluator.options)),
+                checkpoint_public_key=public_key_hex(self.signing_key)))
         options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES)]
         # A coordinator restarted right after a crash may find its port still held for a moment.
         deadline = time.monotonic() + GRPC_BIND_SECONDS
@@ -292,18 +297,23 @@ class CoordinatorApp:
             self.metrics.tokens_per_second.set(self.last_tokens_per_second)
 
     def _start_evaluator(self) -> None:
-        """With --eval-on coordinator: evaluate what a previous run left unevaluated, then each new checkpoint."""
+        """Unless --eval-on off: evaluate what a previous run left unevaluated, then each new checkpoint."""
         cfg = self.config
         checkpoints = self.store.checkpoints()
         done = [c for c in checkpoints if c["eval"] and "error" not in c["eval"]]
         if done:
             self.metrics.show_evaluation(done[-1]["round"], done[-1]["eval"])
-        if cfg.eval_on != "coordinator":
+        if cfg.eval_on == "off":
             return
         options = EvalOptions(heldout=str(self.state_dir / "heldout"), context=cfg.seq_len, tasks=cfg.eval_tasks, shots=cfg.eval_shots,
                               probe_items=cfg.eval_probe_items, max_tokens=cfg.eval_max_tokens, device=cfg.eval_device, seed=cfg.seed,
                               engine=cfg.eval_engine)
-        self.evaluator = Evaluator(options, self._on_evaluation)
+        if cfg.eval_on == "peer":  # volunteers download the organiser's tasks beside the split
+            (self.state_dir / "heldout" / "tasks").mkdir(exist_ok=True)
+            for spec in cfg.eval_tasks:
+                name, path = parse_eval_task(spec)
+                shutil.copyfile(path, self.state_dir / "heldout" / "tasks" / f"{name}.jsonl")
+        self.evaluator = Evaluator(options, self._on_evaluation, local=cfg.eval_on == "coordinator")
         self.evaluator.start()
         for c in checkpoints:
             if c["eval"] is None:

@@ -1,94 +1,221 @@
-"""Automatic evaluation: every published checkpoint goes through `coordinator eval` in a child process.
+"""Automatic evaluation: every published checkpoint is queued, in publish order, and evaluated off the round path.
 
-Publishing only queues the checkpoint: the evaluation runs in its own process (at low CPU
-priority, one torch thread where it shares a CPU with training), one checkpoint at a time
-in publish order, so rounds never wait for it. Its result, the ``eval.json`` it wrote beside
-the checkpoint, is recorded in the store (``/api/status`` ``checkpoints[].eval``) and the
-``hometrain_eval_*`` gauges. A restarted coordinator queues every checkpoint that has no
-result yet (and records at once those whose ``eval.json`` an interrupted run already wrote).
+Who evaluates is ``--eval-on``:
 
-On the tiny and small presets the coordinator evaluates on its own CPU; a GPT-J-6B run
-should give the coordinator a GPU (``--eval-device cuda``) or turn this off (``--eval-on
-off``) and run ``coordinator eval`` where one is.
+- ``coordinator``: a child process of the coordinator runs `coordinator eval` on each in turn
+  (on CPU with one torch thread at low priority, beside the training peers): the tiny and
+  small presets, or a coordinator with a GPU (``--eval-device cuda``).
+- ``peer``: volunteers that run ``peer join --role eval`` (a GPU for GPT-J-6B) take the
+  checkpoints one at a time over the control plane (``NextEvaluation``), download them and the
+  held-out split over HTTP, run `coordinator eval` there and send the result back
+  (``ReportEvaluation``). A checkpoint taken by a worker that reports nothing within
+  ``LEASE_SECONDS`` (or asks for another) goes back to the front of the queue.
+
+Either way the result (``eval.json``) is recorded in the store (``/api/status``
+``checkpoints[].eval``) and the ``hometrain_eval_*`` gauges, and kept beside the checkpoint.
+A restarted coordinator queues every checkpoint that has no result yet (and records at once
+those whose ``eval.json`` an interrupted run already wrote).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import os
 import shutil
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from proto.run_config import EvalOptions
 
-from .evaluation import load_saved
+from .evaluation import EVAL_FILE, load_saved
 
 log = logging.getLogger(__name__)
 
-STDERR_TAIL = 2000  # characters of a failed evaluation's stderr kept for the log and the status
+STDERR_TAIL = 2000            # characters of a failed evaluation's output kept for the log and the status
+LEASE_SECONDS = 3600.0        # how long a worker may hold a checkpoint before it goes to another
+RESULT_MAX_BYTES = 1 << 20    # a reported eval.json larger than this is refused
+LOCAL = "coordinator"         # the worker id of the coordinator's own child process
+
+
+@dataclass
+class Lease:
+    worker: str
+    checkpoint: Path
+    deadline: float
+    started: float
+
+
+@dataclass
+class Worker:
+    """An evaluating volunteer, as the status page shows it."""
+
+    worker_id: str
+    name: str
+    device: str
+    last_seen: float
+    evaluated: int = 0
+
+    def as_json(self, leases: dict[int, Lease]) -> dict[str, Any]:
+        holding = [r for r, lease in leases.items() if lease.worker == self.worker_id]
+        return {"id": self.worker_id, "name": self.name, "device": self.device, "last_seen": self.last_seen,
+                "evaluating": holding[0] if holding else None, "evaluated": self.evaluated}
+
+
+def check_result(result: Any, round: int) -> str | None:
+    """Why a reported evaluation cannot be recorded, or None: it must look like `coordinator eval`'s own."""
+    if not isinstance(result, dict):
+        return f"expected a JSON object, got {type(result).__name__}"
+    if result.get("round") != round:
+        return f"the result is for round {result.get('round')!r}, the job was round {round}"
+    perplexity, accuracy, seconds = result.get("perplexity"), result.get("accuracy"), result.get("seconds")
+    if not isinstance(perplexity, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 1
+                                                   for k, v in perplexity.items()):
+        return "perplexity must map source names to finite numbers >= 1"
+    if not isinstance(accuracy, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and set(v) == {"acc", "acc_norm"}
+            and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v.values()) for k, v in accuracy.items()):
+        return "accuracy must map task names to {acc, acc_norm} in [0, 1]"
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        return "seconds must be a finite number >= 0"
+    return None
 
 
 class Evaluator:
-    """A queue of checkpoints and the one task that evaluates them in turn; ``on_result(round, result)`` per outcome."""
+    """The queue of checkpoints to evaluate, the leases of those being evaluated and who evaluates them."""
 
-    def __init__(self, options: EvalOptions, on_result: Callable[[int, dict[str, Any]], None]) -> None:
+    def __init__(self, options: EvalOptions, on_result: Callable[[int, dict[str, Any]], None], local: bool) -> None:
         self.options = options
         self.on_result = on_result
-        self.queue: asyncio.Queue[tuple[int, Path]] = asyncio.Queue()
-        self.running: tuple[int, float] | None = None  # (round, monotonic start) of the evaluation under way
+        self.local = local
+        self.waiting: list[tuple[int, Path]] = []   # in publish order
+        self.leases: dict[int, Lease] = {}
+        self.workers: dict[str, Worker] = {}
+        self._changed = asyncio.Event()
         self._child: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._work(), name="checkpoint-evaluation")
+        if self.local:
+            self._task = asyncio.get_running_loop().create_task(self._work(), name="checkpoint-evaluation")
+
+    # ------------------------------------------------------------ the queue
 
     def submit(self, round: int, checkpoint: Path) -> None:
         """Queue a checkpoint (call on the event loop), or record at once the result it already holds."""
         saved = load_saved(checkpoint)
-        if saved is not None and saved.get("round") == round:
+        if saved is not None and saved.get("round") == round and "error" not in saved:
             self.on_result(round, saved)
             return
-        self.queue.put_nowait((round, checkpoint))
+        if round not in self.leases and all(r != round for r, _ in self.waiting):
+            self.waiting.append((round, checkpoint))
+            self._changed.set()
 
     def pending(self) -> list[int]:
-        """Rounds queued or under evaluation, oldest first."""
-        queued = [r for r, _ in list(self.queue._queue)]  # asyncio.Queue keeps its items in a deque
-        return ([self.running[0]] if self.running else []) + queued
+        """Rounds being evaluated, then those queued, oldest first."""
+        return sorted(self.leases) + [r for r, _ in self.waiting]
 
-    async def _work(self) -> None:
-        while True:
-            round, checkpoint = await self.queue.get()
-            try:
-                if checkpoint.is_dir():  # else removed by the organiser meanwhile
-                    await self._evaluate_and_report(round, checkpoint)
-            finally:
-                self.queue.task_done()
+    def take(self, worker: str, now: float, lease_seconds: float = LEASE_SECONDS) -> tuple[int, Path] | None:
+        """The oldest queued checkpoint, leased to ``worker`` (whose earlier lease, if any, is given back)."""
+        self.expire(now, worker)
+        while self.waiting:
+            round, checkpoint = self.waiting.pop(0)
+            if checkpoint.is_dir():  # else removed by the organiser meanwhile
+                self.leases[round] = Lease(worker, checkpoint, now + lease_seconds, now)
+                return round, checkpoint
+        return None
 
-    async def drain(self) -> None:
-        """Return once every queued checkpoint is evaluated."""
-        await self.queue.join()
+    def expire(self, now: float, giving_back: str = "") -> None:
+        """Leases past their deadline, and those of ``giving_back``, return to the front of the queue."""
+        for round, lease in sorted(self.leases.items(), reverse=True):
+            if lease.deadline <= now or lease.worker == giving_back:
+                del self.leases[round]
+                self.waiting.insert(0, (round, lease.checkpoint))
+                log.warning("evaluation of the checkpoint of round %d by %s %s; queued again", round, lease.worker,
+                            "was given up" if lease.worker == giving_back else f"took over {now - lease.started:.0f}s")
+        self.waiting.sort(key=lambda job: job[0])
 
-    async def _evaluate_and_report(self, round: int, checkpoint: Path) -> None:
-        self.running = (round, time.monotonic())
-        try:
-            result = await self._evaluate(checkpoint)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # never let one bad checkpoint stop the evaluation of the next
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        finally:
-            self.running = None
+    def give_back(self, worker: str, round: int) -> None:
+        """``worker`` stops evaluating ``round`` (it is leaving): the checkpoint goes back to the front of the queue."""
+        lease = self.leases.get(round)
+        if lease is not None and lease.worker == worker:
+            del self.leases[round]
+            self.waiting.insert(0, (round, lease.checkpoint))
+            self.waiting.sort(key=lambda job: job[0])
+            self._changed.set()
+            log.info("evaluating volunteer %s gave the checkpoint of round %d back; queued again", worker, round)
+
+    def finish(self, worker: str, round: int, result: dict[str, Any]) -> str | None:
+        """Record ``worker``'s result for ``round``; why not, if it is refused (nothing recorded then)."""
+        lease = self.leases.get(round)
+        if lease is None or lease.worker != worker:
+            return f"round {round} is not leased to this worker (its lease expired, or it was never taken)"
+        if "error" not in result:
+            why = check_result(result, round)
+            if why:
+                return why
+        del self.leases[round]
+        self._changed.set()
+        if worker in self.workers:
+            self.workers[worker].evaluated += 1
         if "error" in result:
-            log.warning("evaluation of the checkpoint of round %d failed: %s", round, result["error"])
+            log.warning("evaluation of the checkpoint of round %d failed (%s): %s", round, worker, result["error"])
         else:
-            log.info("checkpoint of round %d evaluated in %.1f s: perplexity %s; accuracy %s", round, result.get("seconds", 0),
+            if worker != LOCAL:  # the worker's copy is on its machine: keep one beside the published checkpoint
+                tmp = lease.checkpoint / f".{EVAL_FILE}.tmp"
+                tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
+                tmp.replace(lease.checkpoint / EVAL_FILE)
+            log.info("checkpoint of round %d evaluated in %.1f s (%s): perplexity %s; accuracy %s", round, result.get("seconds", 0), worker,
                      {k: round_(v) for k, v in result.get("perplexity", {}).items()},
                      {k: round_(v.get("acc")) for k, v in result.get("accuracy", {}).items()})
         self.on_result(round, result)
+        return None
+
+    def register(self, worker_id: str, name: str, device: str, now: float) -> Worker:
+        """A worker that asks for work: known by the id it was given, else new."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = Worker(uuid.uuid4().hex[:12], name, device, now)
+            self.workers[worker.worker_id] = worker
+            log.info("evaluating volunteer %s joined (%s, %s)", worker.worker_id, name or "unnamed", device)
+        worker.last_seen = now
+        return worker
+
+    def status(self) -> dict[str, Any]:
+        return {"pending": self.pending(), "workers": [w.as_json(self.leases) for w in self.workers.values()]}
+
+    async def drain(self) -> None:
+        """Return once every queued checkpoint is evaluated."""
+        while self.pending():
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 5.0)
+            except asyncio.TimeoutError:
+                self.expire(time.time())
+
+    # ------------------------------------------------------------ the coordinator's own child process
+
+    async def _work(self) -> None:
+        while True:
+            job = self.take(LOCAL, time.time(), math.inf)
+            if job is None:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            round, checkpoint = job
+            try:
+                result = await self._evaluate(checkpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let one bad checkpoint stop the evaluation of the next
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            self.finish(LOCAL, round, result)
 
     async def _evaluate(self, checkpoint: Path) -> dict[str, Any]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -100,7 +100,7 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device, base: Path | N
     if not checkpoint.is_dir():
         raise ConfigError(f"{checkpoint} is not a directory; point it at a checkpoint (e.g. STATE_DIR/checkpoints/round-000030)")
     try:
-        verify_directory(checkpoint)
+        verify_directory(checkpoint, model_only=True)  # a volunteer's copy leaves the optimizer state out
     except ManifestError as exc:
         raise ConfigError(f"{checkpoint} is not a complete, intact checkpoint, so it is not evaluated: {exc}") from None
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

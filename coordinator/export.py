@@ -18,12 +18,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from proto.manifest import ADAPTER_CONFIG, ADAPTER_FILE, ManifestError, verify_directory
+from proto.manifest import ADAPTER_CONFIG, ADAPTER_FILE, ManifestError, is_optimizer_shard, verify_directory
 from proto.run_config import ConfigError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_MARK = "optimizer"  # optimizer shards' names contain it (proto.manifest.optimizer_shard_name)
 
 
 @dataclass
@@ -56,7 +55,7 @@ def export_checkpoint(config: ExportConfig) -> Path:
     else:
         keep = list(manifest["files"])
     for name in sorted(keep):
-        if OPTIMIZER_MARK not in name:
+        if not is_optimizer_shard(name):
             shutil.copy2(source / name, out / name)
     log.info("exported the checkpoint of round %s to %s%s", manifest.get("round"), out, " (adapters merged into the base)" if config.merge else "")
     return out

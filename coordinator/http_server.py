@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class StatusHTTPServer:
-    """Serves ``/``, ``/api/status``, ``/api/rounds``, ``/metrics`` and ``/checkpoints/<round-dir>/<file>``."""
+    """Serves ``/``, ``/api/status``, ``/api/rounds``, ``/metrics``, ``/checkpoints/<round-dir>/<file>`` and
+    ``/heldout/<file>`` (the held-out split, for evaluating volunteers)."""
 
     def __init__(
         self,
@@ -33,8 +34,9 @@ class StatusHTTPServer:
         rounds: Callable[[], list[dict[str, Any]]],
         metrics: Callable[[], bytes],
         checkpoint_root: Path,
+        heldout_root: Path | None = None,
     ) -> None:
-        handler = self._make_handler(status, rounds, metrics, checkpoint_root)
+        handler = self._make_handler(status, rounds, metrics, checkpoint_root, heldout_root)
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -48,8 +50,10 @@ class StatusHTTPServer:
         self.server.server_close()
 
     @staticmethod
-    def _make_handler(status, rounds, metrics, checkpoint_root: Path):
-        root = checkpoint_root.resolve()
+    def _make_handler(status, rounds, metrics, checkpoint_root: Path, heldout_root: Path | None):
+        roots = {"/checkpoints/": (checkpoint_root.resolve(), "checkpoint file")}
+        if heldout_root is not None:  # an evaluating volunteer reads the held-out split from here
+            roots["/heldout/"] = (heldout_root.resolve(), "held-out split file")
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "hometrain"
@@ -83,8 +87,9 @@ class StatusHTTPServer:
                         self._json(rounds())
                     elif path == "/metrics":
                         self._send(200, metrics(), CONTENT_TYPE_LATEST)
-                    elif path.startswith("/checkpoints/"):
-                        self._file(unquote(path[len("/checkpoints/"):]))
+                    elif any(path.startswith(prefix) for prefix in roots):
+                        prefix = next(prefix for prefix in roots if path.startswith(prefix))
+                        self._file(*roots[prefix], unquote(path[len(prefix):]))
                     else:
                         self._json({"error": f"no such page {path!r}; try / or /api/status"}, HTTPStatus.NOT_FOUND)
                 except (BrokenPipeError, ConnectionResetError):
@@ -93,10 +98,10 @@ class StatusHTTPServer:
                     log.exception("http %s failed", path)
                     self._json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
 
-            def _file(self, relative: str) -> None:
+            def _file(self, root: Path, what: str, relative: str) -> None:
                 target = (root / relative).resolve()
                 if root not in target.parents or not target.is_file() or any(p.startswith(".") for p in target.relative_to(root).parts):
-                    self._json({"error": f"no checkpoint file {relative!r}"}, HTTPStatus.NOT_FOUND)
+                    self._json({"error": f"no {what} {relative!r}"}, HTTPStatus.NOT_FOUND)
                     return
                 size = target.stat().st_size
                 self.send_response(200)

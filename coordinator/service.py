@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
+from typing import Callable
 
 import grpc
 
@@ -12,6 +14,7 @@ from proto import PACKAGE_VERSION, PROTOCOL_VERSION, REACHABILITY_NONCE_BYTES
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 
+from .eval_runner import LEASE_SECONDS, RESULT_MAX_BYTES, STDERR_TAIL, Evaluator
 from .membership import Membership, PeerRecord
 from .metrics import CoordinatorMetrics
 from .reachability import PROBE_INTERVAL, ProbeLimiter, dial_back, observed_host
@@ -19,6 +22,7 @@ from .rounds import RoundEngine
 from .uploads import WEIGHTS, UploadError, spool
 
 log = logging.getLogger(__name__)
+EVAL_POLL_SECONDS = 10.0  # an evaluating volunteer with nothing to do asks again after this
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -40,6 +44,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.join_template = join_reply
         self.join_token = join_token
         self.probes = ProbeLimiter()
+        self.evaluator: Evaluator | None = None  # set by serve_evaluations (--eval-on peer)
+
+    def serve_evaluations(self, evaluator: Evaluator, checkpoint_url: Callable[[int], str], job: pb.EvalJob) -> None:
+        """Hand checkpoints to evaluating volunteers (NextEvaluation, ReportEvaluation); ``job`` holds what every job shares."""
+        self.evaluator, self.checkpoint_url, self.eval_job = evaluator, checkpoint_url, job
+
+    async def _check_token(self, token: str, context: grpc.aio.ServicerContext) -> None:
+        if self.join_token and not hmac.compare_digest(token.encode(), self.join_token.encode()):
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "join_token",
+                               "this run requires a join token and the one given does not match: put the organiser's token in a file "
+                               "and pass --join-token-file FILE, or set HOMETRAIN_JOIN_TOKEN")
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
         self.metrics.rpc_errors.labels(kind).inc()
@@ -63,10 +78,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
                                f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
                                f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
-        if self.join_token and not hmac.compare_digest(request.join_token.encode(), self.join_token.encode()):
-            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "join_token",
-                               "this run requires a join token and the one given does not match: put the organiser's token in a file "
-                               "and pass --join-token-file FILE, or set HOMETRAIN_JOIN_TOKEN")
+        await self._check_token(request.join_token, context)
         if request.requested_stage >= self.membership.num_stages:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
                                f"--stage {request.requested_stage} does not exist: this run has stages 0..{self.membership.num_stages - 1}")
@@ -83,6 +95,58 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         log.info("peer %s joined (%s, %s): stage %d", record.peer_id, request.name or "unnamed", request.device, record.stage)
         self._count(request, reply)
         return reply
+
+    async def NextEvaluation(self, request: pb.EvalJobRequest, context: grpc.aio.ServicerContext) -> pb.EvalJob:
+        if request.protocol_version != PROTOCOL_VERSION:
+            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
+                               f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
+                               f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
+        await self._check_token(request.join_token, context)
+        if self.evaluator is None:
+            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "no_eval_role",
+                               "this run does not hand evaluations to volunteers (the organiser runs it with --eval-on coordinator or "
+                               "off): join without --role eval to train instead")
+        assert self.evaluator is not None
+        now = time.time()
+        worker = self.evaluator.register(request.worker_id, request.name, request.device, now)
+        reply = pb.EvalJob()
+        reply.CopyFrom(self.eval_job)
+        reply.worker_id = worker.worker_id
+        job = self.evaluator.take(worker.worker_id, now)
+        if job is None:
+            reply.retry_after = EVAL_POLL_SECONDS
+        else:
+            reply.round = job[0]
+            reply.checkpoint_url = self.checkpoint_url(job[0])
+            reply.lease_seconds = LEASE_SECONDS
+            log.info("checkpoint of round %d goes to evaluating volunteer %s (%s)", job[0], worker.worker_id, worker.name or worker.device)
+        self._count(request, reply)
+        return reply
+
+    async def ReportEvaluation(self, request: pb.EvalReport, context: grpc.aio.ServicerContext) -> pb.EvalAck:
+        await self._check_token(request.join_token, context)
+        if self.evaluator is None or request.worker_id not in self.evaluator.workers:
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_worker",
+                               f"evaluating worker {request.worker_id!r} is unknown here (the coordinator restarted?); ask for a job again")
+        assert self.evaluator is not None
+        self.evaluator.workers[request.worker_id].last_seen = time.time()
+        if not request.error and not request.result_json:
+            self.evaluator.give_back(request.worker_id, request.round)
+            return pb.EvalAck(accepted=True, message="given back")
+        if request.error:
+            result: dict = {"error": request.error[:STDERR_TAIL]}
+        elif len(request.result_json) > RESULT_MAX_BYTES:
+            return pb.EvalAck(accepted=False, message=f"the result is {len(request.result_json)} bytes; at most {RESULT_MAX_BYTES} are kept")
+        else:
+            try:
+                result = json.loads(request.result_json)
+            except ValueError as exc:
+                return pb.EvalAck(accepted=False, message=f"the result is not JSON ({exc})")
+        why = self.evaluator.finish(request.worker_id, request.round, result)
+        if why:
+            self.metrics.rpc_errors.labels("eval_result").inc()
+            log.warning("refused the evaluation of round %d from %s: %s", request.round, request.worker_id, why)
+        return pb.EvalAck(accepted=why is None, message=why or "recorded")
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         record = self.membership.get(request.peer_id)

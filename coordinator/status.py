@@ -111,7 +111,7 @@ class StatusReport:
             "peers": [p.as_json() for p in app.membership.peers.values()],
             "stages": stages,
             "checkpoints": checkpoints,
-            "evaluation": {"on": app.config.eval_on, "pending": app.evaluator.pending() if app.evaluator else []},
+            "evaluation": {"on": app.config.eval_on, **(app.evaluator.status() if app.evaluator else {"pending": [], "workers": []})},
             "wire": self.wire_totals(),
             "progress": app.engine.progress(),
             "dht_maddrs": list(app.join_template.initial_peers),

@@ -228,6 +228,21 @@ def trouble_banner(status: dict) -> str:
     return ""
 
 
+def evaluation_line(evaluation: dict, now: float) -> str:
+    """Who evaluates the checkpoints, and the volunteers that do (--eval-on peer)."""
+    if not evaluation:
+        return ""
+    on = str(evaluation.get("on") or "?")
+    who = {"coordinator": "by the coordinator", "peer": "by volunteers (peer join --role eval)", "off": "off"}.get(on, on)
+    workers = [w for w in evaluation.get("workers") or [] if isinstance(w, dict)]
+    listed = "; ".join(f"{_e(w.get('name') or w.get('id'))} on {_e(w.get('device'))}: "
+                       + (f"evaluating round {_e(w['evaluating'])}" if w.get("evaluating") is not None else "idle")
+                       + f", {_fmt(w.get('evaluated', 0))} done, seen {_ago(now, w.get('last_seen'))}" for w in workers)
+    if on == "peer" and not workers:
+        listed = "<span class='warn'>no evaluating volunteer has asked for work yet</span>"
+    return f"<p class='muted' id='evaluation'>Evaluation {who}" + (f": {listed}" if listed else "") + "</p>"
+
+
 def evaluation_cell(result, round_, pending) -> str:
     """A checkpoint's held-out perplexity per source and accuracy per task, or where its evaluation stands."""
     if not result:
@@ -337,4 +352,4 @@ def render_page(status: dict, rounds: list[dict]) -> str:
             f"<title>hometrain · {_e(s.get('run', 'status'))}</title><style>{CSS}</style></head><body>"
             f"{header}<h2>Stages</h2>{stage_map}<h2>Peers</h2>{peers}<h2>Progress</h2>{plots}"
             f"<h2>Data</h2>{data_section(s.get('data'))}<h2>Wire bytes</h2>{wire}<h2>Last {min(20, len(rounds))} rounds</h2>{history}"
-            f"<h2>Checkpoints</h2>{checkpoints}</body></html>")
+            f"<h2>Checkpoints</h2>{evaluation_line(_d(s.get('evaluation')), now)}{checkpoints}</body></html>")

@@ -58,6 +58,13 @@ def _join(config: PeerConfig) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
         log.info("torch uses %d CPU threads (--threads)", config.threads)
+    if config.role == "eval":
+        from .eval_worker import EvalWorker
+
+        worker = EvalWorker(config, device)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: worker.stop())
+        return worker.run()
 
     from .node import PeerNode
 

@@ -114,6 +114,12 @@ class ControlClient:
     async def report_step(self, request: pb.StepReport) -> pb.StepAck:
         return await self._call(self.stub.ReportStep, request)
 
+    async def next_evaluation(self, request: pb.EvalJobRequest, retry_for: float) -> pb.EvalJob:
+        return await self._call(self.stub.NextEvaluation, request, retry_for=retry_for)
+
+    async def report_evaluation(self, request: pb.EvalReport, retry_for: float) -> pb.EvalAck:
+        return await self._call(self.stub.ReportEvaluation, request, retry_for=retry_for)
+
     async def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
         """One try, bounded: a peer that is leaving does not wait for a coordinator that is gone."""
         await self.stub.Leave(request, timeout=timeout)

@@ -79,6 +79,16 @@ class CoordinatorStub:
                 request_serializer=proto_dot_hometrain__pb2.CheckpointChunk.SerializeToString,
                 response_deserializer=proto_dot_hometrain__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.NextEvaluation = channel.unary_unary(
+                '/hometrain.Coordinator/NextEvaluation',
+                request_serializer=proto_dot_hometrain__pb2.EvalJobRequest.SerializeToString,
+                response_deserializer=proto_dot_hometrain__pb2.EvalJob.FromString,
+                _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/hometrain.Coordinator/ReportEvaluation',
+                request_serializer=proto_dot_hometrain__pb2.EvalReport.SerializeToString,
+                response_deserializer=proto_dot_hometrain__pb2.EvalAck.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -138,6 +148,18 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NextEvaluation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportEvaluation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +207,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UploadCheckpoint,
                     request_deserializer=proto_dot_hometrain__pb2.CheckpointChunk.FromString,
                     response_serializer=proto_dot_hometrain__pb2.UploadReply.SerializeToString,
+            ),
+            'NextEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextEvaluation,
+                    request_deserializer=proto_dot_hometrain__pb2.EvalJobRequest.FromString,
+                    response_serializer=proto_dot_hometrain__pb2.EvalJob.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=proto_dot_hometrain__pb2.EvalReport.FromString,
+                    response_serializer=proto_dot_hometrain__pb2.EvalAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +462,60 @@ class Coordinator:
             '/hometrain.Coordinator/UploadCheckpoint',
             proto_dot_hometrain__pb2.CheckpointChunk.SerializeToString,
             proto_dot_hometrain__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hometrain.Coordinator/NextEvaluation',
+            proto_dot_hometrain__pb2.EvalJobRequest.SerializeToString,
+            proto_dot_hometrain__pb2.EvalJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hometrain.Coordinator/ReportEvaluation',
+            proto_dot_hometrain__pb2.EvalReport.SerializeToString,
+            proto_dot_hometrain__pb2.EvalAck.FromString,
             options,
             channel_credentials,
             insecure,

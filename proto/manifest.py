@@ -34,6 +34,11 @@ def optimizer_shard_name(stage: int, num_stages: int) -> str:
     return f"optimizer-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
 
 
+def is_optimizer_shard(name: str) -> bool:
+    """Whether a checkpoint file holds optimizer state (read to resume training, never to use the model)."""
+    return name.startswith("optimizer-") and name.endswith(".safetensors")
+
+
 class ManifestError(ValueError):
     """A checkpoint that must not be trusted: bad signature, missing file or wrong hash."""
 
@@ -82,8 +87,10 @@ def verify_file(name: str, data: bytes, manifest: dict[str, Any]) -> None:
         raise ManifestError(f"{name}: sha256 {actual[:16]}... does not match the manifest's {expected[:16]}...")
 
 
-def verify_directory(directory: Path, public_key_hex: str | None = None) -> dict[str, Any]:
-    """Check every file of a checkpoint directory (and the signature if a key is given); return the manifest."""
+def verify_directory(directory: Path, public_key_hex: str | None = None, model_only: bool = False) -> dict[str, Any]:
+    """Check every file of a checkpoint directory (and the signature if a key is given); return the manifest.
+
+    ``model_only``: the optimizer shards may be absent (a copy made to use the model); those present are checked."""
     path = directory / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{directory} has no {MANIFEST}: not a complete checkpoint")
@@ -92,6 +99,8 @@ def verify_directory(directory: Path, public_key_hex: str | None = None) -> dict
         verify_manifest(manifest, public_key_hex)
     for name, expected in manifest.get("files", {}).items():
         file = directory / name
+        if model_only and is_optimizer_shard(name) and not file.exists():
+            continue
         if not file.is_file():
             raise ManifestError(f"{directory}: {name} is listed in the manifest but missing")
         if sha256_file(file) != expected:

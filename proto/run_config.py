@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -71,11 +72,16 @@ def split_host_port(flag: str, address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def parse_eval_task(spec: str) -> tuple[str, Path]:
     """``NAME=PATH`` (an organiser's multiple-choice task file) as (name, path); ConfigError says what is expected."""
     name, sep, path = spec.partition("=")
     if not sep or not name.strip() or not path.strip():
         raise ConfigError(f"an evaluation task is NAME=PATH of a JSONL file of {{prompt, choices, answer}} lines, got {spec!r}")
+    if not TASK_NAME.fullmatch(name.strip()):
+        raise ConfigError(f"evaluation task name {name!r}: use letters, digits, '_', '-' and '.' (it names a file and a metric label)")
     if not Path(path).is_file():
         raise ConfigError(f"evaluation task {name}: {path} is not a file")
     return name.strip(), Path(path)
@@ -266,9 +272,10 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
     heldout_share: float = opt(
         0.02, "Share of every source's documents and records held out of training for evaluation, chosen by a hash of "
         "their content (0: none). The mixer never hands them out.")
-    eval_on: Literal["coordinator", "off"] = opt(
-        "coordinator", "Evaluate every published checkpoint (held-out perplexity, multiple-choice accuracy) in a child process "
-        "of the coordinator, off the round path; off: run `coordinator eval` yourself.")
+    eval_on: Literal["coordinator", "peer", "off"] = opt(
+        "coordinator", "Who evaluates every published checkpoint (held-out perplexity, multiple-choice accuracy), off the round "
+        "path: coordinator (a child process of it), peer (volunteers that run `peer join --role eval`: GPT-J-6B on their GPU) "
+        "or off (run `coordinator eval` yourself).")
     eval_device: str = opt("cpu", "Device the automatic evaluation runs on: cpu, cuda or cuda:N.")
     eval_engine: Literal["builtin", "harness"] = opt(
         "builtin", "What scores the multiple-choice questions: builtin, or harness (lm-evaluation-harness, the eval extra).")
@@ -419,7 +426,7 @@ class PeerConfig(ConsoleConfig):
     """`peer join` settings."""
 
     sections: ClassVar[dict[str, tuple[str, ...]]] = {
-        "run": ("coordinator", "name", "join_token", "stage", "state_dir", "connect_timeout", "serve_after_run"),
+        "run": ("coordinator", "name", "join_token", "role", "stage", "state_dir", "connect_timeout", "serve_after_run"),
         "device": ("gpu", "threads"),
         "compression": ("activation_cache_mb", "cache_dir"),
         "network": ("initial_peers", "host", "announce_host", "p2p_port", "reachability", "inflight"),
@@ -438,6 +445,9 @@ class PeerConfig(ConsoleConfig):
     reachability: Literal["auto", "direct", "relayed"] = opt(
         "auto", "How other peers reach this one: auto (the coordinator dials back to find out), direct (they dial its P2P "
         "port), relayed (behind NAT: through the coordinator's circuit relay).")
+    role: Literal["train", "eval"] = opt(
+        "train", "train: hold a pipeline stage and train; eval: evaluate the run's published checkpoints on this machine "
+        "instead (the organiser runs coordinator serve --eval-on peer).")
     stage: int = opt(-1, "Ask for this pipeline stage (-1: let the coordinator choose).")
     connect_timeout: float = opt(300.0, "How long to keep retrying an unreachable coordinator (or a checkpoint download) before giving up.", unit="s")
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
@@ -450,6 +460,7 @@ class PeerConfig(ConsoleConfig):
     def __post_init__(self) -> None:
         check_literal("--log-format", self.log_format, PeerConfig, "log_format")
         check_literal("--reachability", self.reachability, PeerConfig, "reachability")
+        check_literal("--role", self.role, PeerConfig, "role")
         if self.inflight < 0:
             raise ConfigError(f"--inflight must be 0 (size it from measurements) or a positive count of microbatches; got {self.inflight}")
         split_host_port("--coordinator", self.coordinator)

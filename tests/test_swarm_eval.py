@@ -68,3 +68,14 @@ def test_metrics_and_page_show_the_latest_evaluation(swarm):
     plot = page[page.index('id="eval-plot"'):]
     plot = plot[:plot.index("</svg>")]
     assert 'data-series="text"' in plot and 'data-series="instructions"' in plot and plot.count('class="point"') == 2 * CHECKPOINTS
+
+
+def test_an_evaluating_volunteer_is_told_this_run_does_not_take_one(swarm):
+    import subprocess
+    import sys
+
+    from .swarm import ENV, ROOT
+
+    out = subprocess.run([sys.executable, "-m", "peer", "join", "--role", "eval", "--coordinator", f"127.0.0.1:{swarm.port}", "--gpu", "cpu"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
+    assert out.returncode == 2 and "--eval-on coordinator" in out.stderr and "without --role eval" in out.stderr
