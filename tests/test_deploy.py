@@ -22,7 +22,7 @@ from coordinator.metrics import CoordinatorMetrics
 from peer.cli import build_parser as peer_parser
 from peer.metrics import PeerSnapshot, _SnapshotCollector
 from peer.transport import WireCounters
-from proto.run_config import CoordinatorConfig, PeerConfig, load
+from proto.run_config import CoordinatorConfig, EvalOptions, PeerConfig, load
 
 from .swarm import ROOT
 
@@ -32,7 +32,7 @@ MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 COMPOSE = DEPLOY / "docker-compose.yml"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 RULES = DEPLOY / "prometheus-rules.yml"
-NOT_CHECKED_HERE = ("init_from", "tokenizer")  # directories on the organiser's machine
+NOT_CHECKED_HERE = ("init_from", "tokenizer", "tasks")  # directories and files on the organiser's machine
 
 
 # ------------------------------------------------------------ commands
@@ -45,7 +45,7 @@ def parse_command(argv: list[str]) -> object:
     for name in list(vars(args)):
         if name.endswith("_file") or name in NOT_CHECKED_HERE:
             delattr(args, name)  # secrets and local paths: their flags parsed, their files are elsewhere
-    cls = {"serve": CoordinatorConfig, "demo": DemoConfig, "join": PeerConfig}[args.command]
+    cls = {"serve": CoordinatorConfig, "demo": DemoConfig, "join": PeerConfig, "eval": EvalOptions}[args.command]
     return load(cls, args, None, environ={})
 
 
