@@ -35,7 +35,7 @@ from coordinator.local_swarm import LocalSwarm
 from proto.manifest import ManifestError, verify_directory
 
 PEERS = 4
-FLAGS = ("--model", "tiny", "--stages", "2", "--heartbeat-interval", "1", "--heartbeat-timeout", "4", "--sync-timeout", "5",
+FLAGS = ("--eval-on", "off", "--model", "tiny", "--stages", "2", "--heartbeat-interval", "1", "--heartbeat-timeout", "4", "--sync-timeout", "5",
          "--deadline-floor", "5", "--round-timeout", "30", "--checkpoint-every", "5")
 
 

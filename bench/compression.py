@@ -60,7 +60,7 @@ def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool 
     """Train ``rounds`` rounds with 4 peers; returns the final status and the round records.
     With ``keep_checkpoint`` the run publishes a checkpoint of its last round and waits until the status lists it."""
     every = rounds if keep_checkpoint else 10 * rounds
-    swarm = LocalSwarm(state, "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(every),
+    swarm = LocalSwarm(state, "--eval-on", "off", "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(every),
                        "--linger", *flags, log_dir=state / "logs")
     try:
         for _ in range(4):
@@ -150,7 +150,7 @@ def epoch_table(state: Path, epochs: int) -> dict:
     config = state / "run.toml"
     config.write_text(f'ul2_tokens = 0\n[[sources]]\nname = "small"\npath = "{text}"\nformat = "text"\nweight = 1.0\n')
     flags = ["--activation-compression", "aqsgd", "--activation-bits", "2", "--activation-first-bits", "8"]
-    swarm = LocalSwarm(state / "run", "--model", "tiny", "--stages", "2", "--rounds", "0", "--checkpoint-every", "1000",
+    swarm = LocalSwarm(state / "run", "--eval-on", "off", "--model", "tiny", "--stages", "2", "--rounds", "0", "--checkpoint-every", "1000",
                        "--config", str(config), *flags, log_dir=state / "logs")
     try:
         status = swarm.status()

@@ -53,7 +53,7 @@ def mixer_rates(seq_len: int, tokenizer_dir: Path, seconds: float) -> dict[str, 
 def swarm_rates(state_dir: Path, rounds: int) -> tuple[float, float, int]:
     """(row tokens/s, loss tokens/s, UL2 rounds) the demo swarm consumed over rounds 2..rounds."""
     config = CoordinatorConfig()
-    swarm = LocalSwarm(state_dir, "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(10 * rounds),
+    swarm = LocalSwarm(state_dir, "--eval-on", "off", "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(10 * rounds),
                        "--linger", log_dir=state_dir / "logs")
     try:
         for _ in range(3):

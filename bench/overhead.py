@@ -28,7 +28,7 @@ from proto.run_config import CoordinatorConfig, TrainConfig
 
 
 def swarm_tokens_per_second(state_dir: Path, model: str, rounds: int) -> float:
-    swarm = LocalSwarm(state_dir, "--model", model, "--stages", "1", "--rounds", str(rounds), "--checkpoint-every", str(10 * rounds), "--linger",
+    swarm = LocalSwarm(state_dir, "--eval-on", "off", "--model", model, "--stages", "1", "--rounds", str(rounds), "--checkpoint-every", str(10 * rounds), "--linger",
                        log_dir=state_dir / "logs")
     try:
         swarm.add_peer("--threads", "1")

@@ -35,6 +35,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .data.heldout import write_heldout
+from .data.probe import LABEL_TASKS
 from .data.build import build_mixer, tokenizer_documents, tokenizer_special_tokens
 from .http_server import StatusHTTPServer
 from .membership import Membership
@@ -134,6 +135,12 @@ class CoordinatorApp:
                 "(or already holds the UL2 tokens), a --init-from checkpoint with a larger vocabulary, or a new --state-dir"
             )
         self.store.set_meta("model_config", self.model_config.to_json_string())
+        share = self.store.get_meta("heldout_share")
+        if share is not None and float(share) != cfg.heldout_share:
+            raise ConfigError(f"--heldout-share {cfg.heldout_share:g}: this run holds out {float(share):g} (--state-dir {cfg.state_dir}); "
+                              "changing it would put trained documents into the held-out split, or held-out ones into training: "
+                              f"pass --heldout-share {float(share):g}, or start a new run")
+        self.store.set_meta("heldout_share", repr(cfg.heldout_share))
         self.layer_ranges = self._plan_stages()
         self.data = build_mixer(cfg, self.tokenizer)
         self.data_description = self.data.describe()
@@ -243,7 +250,8 @@ class CoordinatorApp:
 
         try:
             self.http = StatusHTTPServer(cfg.host, cfg.http_port, self.report.status_threadsafe, self.report.rounds,
-                                         self.report.metrics_threadsafe, self.checkpoint_root, self.state_dir / "heldout")
+                                         self.report.metrics_threadsafe, self.checkpoint_root,
+                                         self.state_dir / "heldout" if cfg.eval_on == "peer" else None)  # for evaluating volunteers
         except OSError as exc:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.http_port} for the status page and checkpoints (--http-port): "
                           f"{exc.strerror or exc}; is another coordinator running? stop it or pick another --http-port") from None
@@ -314,9 +322,11 @@ class CoordinatorApp:
                 name, path = parse_eval_task(spec)
                 shutil.copyfile(path, self.state_dir / "heldout" / "tasks" / f"{name}.jsonl")
         self.evaluator = Evaluator(options, self._on_evaluation, local=cfg.eval_on == "coordinator")
+        self.evaluator.sources = set(self.data.heldout)
+        self.evaluator.tasks = (set(LABEL_TASKS) if cfg.heldout_share > 0 else set()) | {parse_eval_task(t)[0] for t in cfg.eval_tasks}
         self.evaluator.start()
-        for c in checkpoints:
-            if c["eval"] is None:
+        for c in checkpoints:  # a failure is tried again after a restart, too
+            if c["eval"] is None or "error" in c["eval"]:
                 self.evaluator.submit(c["round"], Path(c["path"]))
 
     def _on_evaluation(self, round: int, result: dict[str, Any]) -> None:

@@ -122,7 +122,8 @@ def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int,
                    short: Sequence[int] | None = None, pinned: Collection[str] = ()) -> tuple[str, int] | None:
     """Refill a stage short of ``min_replicas``: move one peer there from the best-covered stage, or None.
 
-    The target is the first stage of ``short`` (default: every stage below ``min_replicas``).
+    The target is the first stage of ``short`` (default: every stage below ``min_replicas``) that a peer can come
+    to.
     The donor is the stage with the most total capacity among those that keep ``min_replicas``
     after giving one (never fewer than one) and have a movable replica (not in ``pinned``: a
     peer that asked for its stage stays there) whose memory fits the target; from it moves the
@@ -135,23 +136,21 @@ def plan_rebalance(replicas: Sequence[tuple[str, Replica]], num_stages: int,
         if 0 <= r.stage < num_stages:
             by_stage[r.stage].append((peer_id, r))
     keep = max(1, min_replicas)
-    targets = [k for k in (range(num_stages) if short is None else short) if len(by_stage[k]) < keep]
-    if not targets:
-        return None
-    target = targets[0]
-    need = _need(needs, target)
+    for target in [k for k in (range(num_stages) if short is None else short) if len(by_stage[k]) < keep]:
+        need = _need(needs, target)
 
-    def movable(k: int) -> list[tuple[str, Replica]]:
-        return [(peer_id, r) for peer_id, r in by_stage[k] if peer_id not in pinned and fits(r, need)]
+        def movable(k: int) -> list[tuple[str, Replica]]:
+            return [(peer_id, r) for peer_id, r in by_stage[k] if peer_id not in pinned and fits(r, need)]
 
-    donors = [k for k in range(num_stages) if k != target and len(by_stage[k]) > keep and movable(k)]
-    if not donors:
-        return None
-    donor = max(donors, key=lambda k: (sum(capacity(r, _need(needs, k)) for _, r in by_stage[k]), -k))
-    candidates = movable(donor)
-    here = {peer_id: capacity(r, _need(needs, donor)) for peer_id, r in candidates}
-    mover = min(candidates, key=lambda m: (here[m[0]] - capacity(m[1], need), here[m[0]], m[0]))[0]
-    return mover, target
+        donors = [k for k in range(num_stages) if k != target and len(by_stage[k]) > keep and movable(k)]
+        if not donors:
+            continue  # no peer can come here: try the next short stage
+        donor = max(donors, key=lambda k: (sum(capacity(r, _need(needs, k)) for _, r in by_stage[k]), -k))
+        candidates = movable(donor)
+        here = {peer_id: capacity(r, _need(needs, donor)) for peer_id, r in candidates}
+        mover = min(candidates, key=lambda m: (here[m[0]] - capacity(m[1], need), here[m[0]], m[0]))[0]
+        return mover, target
+    return None
 
 
 def _gib(nbytes: int) -> str:

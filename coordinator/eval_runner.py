@@ -39,7 +39,9 @@ from .evaluation import EVAL_FILE, load_saved
 log = logging.getLogger(__name__)
 
 STDERR_TAIL = 2000            # characters of a failed evaluation's output kept for the log and the status
-LEASE_SECONDS = 3600.0        # how long a worker may hold a checkpoint before it goes to another
+LEASE_SECONDS = 1800.0        # how long a worker may hold a checkpoint without renewing it before it goes to another
+ATTEMPTS = 3                  # volunteers that may fail on a checkpoint before the failure is recorded as its result
+WORKER_IDLE_SECONDS = 86400.0  # a volunteer not heard from for a day is dropped from the table
 RESULT_MAX_BYTES = 1 << 20    # a reported eval.json larger than this is refused
 LOCAL = "coordinator"         # the worker id of the coordinator's own child process
 
@@ -68,20 +70,26 @@ class Worker:
                 "evaluating": holding[0] if holding else None, "evaluated": self.evaluated}
 
 
-def check_result(result: Any, round: int) -> str | None:
-    """Why a reported evaluation cannot be recorded, or None: it must look like `coordinator eval`'s own."""
+def check_result(result: Any, round: int, sources: set[str] | None = None, tasks: set[str] | None = None) -> str | None:
+    """Why a reported evaluation cannot be recorded, or None: it must look like `coordinator eval`'s own, naming only
+    the run's ``sources`` and ``tasks`` (when given)."""
     if not isinstance(result, dict):
         return f"expected a JSON object, got {type(result).__name__}"
     if result.get("round") != round:
         return f"the result is for round {result.get('round')!r}, the job was round {round}"
     perplexity, accuracy, seconds = result.get("perplexity"), result.get("accuracy"), result.get("seconds")
-    if not isinstance(perplexity, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 1
+    # Perplexity may be +inf (a diverged model), never NaN or below 1.
+    if not isinstance(perplexity, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 1
                                                    for k, v in perplexity.items()):
-        return "perplexity must map source names to finite numbers >= 1"
+        return "perplexity must map source names to numbers >= 1"
     if not isinstance(accuracy, dict) or not all(
             isinstance(k, str) and isinstance(v, dict) and set(v) == {"acc", "acc_norm"}
             and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v.values()) for k, v in accuracy.items()):
         return "accuracy must map task names to {acc, acc_norm} in [0, 1]"
+    if sources is not None and not set(perplexity) <= sources:
+        return f"perplexity names sources this run does not have: {sorted(set(perplexity) - sources)[:5]}"
+    if tasks is not None and not set(accuracy) <= tasks:
+        return f"accuracy names tasks this run does not have: {sorted(set(accuracy) - tasks)[:5]}"
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         return "seconds must be a finite number >= 0"
     return None
@@ -97,6 +105,9 @@ class Evaluator:
         self.waiting: list[tuple[int, Path]] = []   # in publish order
         self.leases: dict[int, Lease] = {}
         self.workers: dict[str, Worker] = {}
+        self.failures: dict[int, list[str]] = {}  # round -> what went wrong, attempt by attempt
+        self.sources: set[str] | None = None      # names a result may use (None: not checked)
+        self.tasks: set[str] | None = None
         self._changed = asyncio.Event()
         self._child: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task | None = None
@@ -110,7 +121,7 @@ class Evaluator:
     def submit(self, round: int, checkpoint: Path) -> None:
         """Queue a checkpoint (call on the event loop), or record at once the result it already holds."""
         saved = load_saved(checkpoint)
-        if saved is not None and saved.get("round") == round and "error" not in saved:
+        if saved is not None and check_result(saved, round, self.sources, self.tasks) is None:
             self.on_result(round, saved)
             return
         if round not in self.leases and all(r != round for r, _ in self.waiting):
@@ -142,30 +153,44 @@ class Evaluator:
         self.waiting.sort(key=lambda job: job[0])
 
     def give_back(self, worker: str, round: int) -> None:
-        """``worker`` stops evaluating ``round`` (it is leaving): the checkpoint goes back to the front of the queue."""
+        """``worker`` stops evaluating ``round`` (it is leaving, or failed): the checkpoint is queued again, in order."""
         lease = self.leases.get(round)
         if lease is not None and lease.worker == worker:
             del self.leases[round]
-            self.waiting.insert(0, (round, lease.checkpoint))
+            self.waiting.append((round, lease.checkpoint))
             self.waiting.sort(key=lambda job: job[0])
             self._changed.set()
             log.info("evaluating volunteer %s gave the checkpoint of round %d back; queued again", worker, round)
 
+    def renew(self, worker: str, round: int, now: float, lease_seconds: float = LEASE_SECONDS) -> bool:
+        """``worker`` is still evaluating ``round``: its lease runs for another ``lease_seconds``."""
+        lease = self.leases.get(round)
+        if lease is None or lease.worker != worker:
+            return False
+        lease.deadline = max(lease.deadline, now + lease_seconds)
+        return True
+
     def finish(self, worker: str, round: int, result: dict[str, Any]) -> str | None:
-        """Record ``worker``'s result for ``round``; why not, if it is refused (nothing recorded then)."""
+        """Record ``worker``'s result for ``round``; why not, if it is refused. A failure (or a refused result) of a
+        volunteer queues the checkpoint again for the next one, until ``ATTEMPTS`` have failed: that is recorded."""
         lease = self.leases.get(round)
         if lease is None or lease.worker != worker:
             return f"round {round} is not leased to this worker (its lease expired, or it was never taken)"
-        if "error" not in result:
-            why = check_result(result, round)
-            if why:
+        why = None if "error" in result else check_result(result, round, self.sources, self.tasks)
+        if why is not None or "error" in result:
+            problem = why or str(result["error"])
+            self.failures.setdefault(round, []).append(f"{worker}: {problem}"[:STDERR_TAIL])
+            if worker != LOCAL and len(self.failures[round]) < ATTEMPTS:
+                log.warning("evaluation of the checkpoint of round %d by %s failed (%s); queued for another attempt", round, worker, problem)
+                self.give_back(worker, round)
                 return why
+            result = {"error": " | ".join(self.failures.pop(round))}
         del self.leases[round]
         self._changed.set()
         if worker in self.workers:
             self.workers[worker].evaluated += 1
         if "error" in result:
-            log.warning("evaluation of the checkpoint of round %d failed (%s): %s", round, worker, result["error"])
+            log.warning("evaluation of the checkpoint of round %d failed: %s", round, result["error"])
         else:
             if worker != LOCAL:  # the worker's copy is on its machine: keep one beside the published checkpoint
                 tmp = lease.checkpoint / f".{EVAL_FILE}.tmp"
@@ -175,10 +200,12 @@ class Evaluator:
                      {k: round_(v) for k, v in result.get("perplexity", {}).items()},
                      {k: round_(v.get("acc")) for k, v in result.get("accuracy", {}).items()})
         self.on_result(round, result)
-        return None
+        return why
 
     def register(self, worker_id: str, name: str, device: str, now: float) -> Worker:
         """A worker that asks for work: known by the id it was given, else new."""
+        for idle in [w for w in self.workers.values() if now - w.last_seen > WORKER_IDLE_SECONDS]:
+            del self.workers[idle.worker_id]
         worker = self.workers.get(worker_id)
         if worker is None:
             worker = Worker(uuid.uuid4().hex[:12], name, device, now)
@@ -188,7 +215,7 @@ class Evaluator:
         return worker
 
     def status(self) -> dict[str, Any]:
-        return {"pending": self.pending(), "workers": [w.as_json(self.leases) for w in self.workers.values()]}
+        return {"pending": self.pending(), "evaluating": sorted(self.leases), "workers": [w.as_json(self.leases) for w in self.workers.values()]}
 
     async def drain(self) -> None:
         """Return once every queued checkpoint is evaluated."""
@@ -215,7 +242,9 @@ class Evaluator:
                 raise
             except Exception as exc:  # never let one bad checkpoint stop the evaluation of the next
                 result = {"error": f"{type(exc).__name__}: {exc}"}
-            self.finish(LOCAL, round, result)
+            why = self.finish(LOCAL, round, result)
+            if why is not None:  # a result of its own that cannot be recorded (finish recorded the refusal instead)
+                log.warning("the evaluation of round %d gave a result that cannot be recorded: %s", round, why)
 
     async def _evaluate(self, checkpoint: Path) -> dict[str, Any]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

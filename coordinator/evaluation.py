@@ -51,7 +51,7 @@ from .data.probe import TARGET_DELIMITER, ChoiceItem, builtin_probe, read_choice
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
-BATCH = 16  # windows per forward
+TOKEN_BUDGET = 8192  # tokens per forward (GPT-J-6B: its fp32 logits, 1.6 GB, are the largest thing a batch makes)
 FEWSHOT_DELIMITER = "\n\n"
 
 
@@ -123,28 +123,40 @@ def token_stream(tokenizer, items: Sequence[str | tuple[str, str]], max_tokens: 
     ids: list[int] = []
     for item in items:
         text = item if isinstance(item, str) else item[0] + item[1]
-        ids += _encode(tokenizer, text) + [tokenizer.eos_token_id]
+        # As the mixer tokenizes for training: special-token strings inside the data stay plain text.
+        ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
         if len(ids) >= max_tokens:
             break
     return ids[:max_tokens]
 
 
 @torch.no_grad()
-def token_logprobs(model, windows: Sequence[Sequence[int]], batch_size: int = BATCH) -> list[torch.Tensor]:
+def token_logprobs(model, windows: Sequence[Sequence[int]], token_budget: int = TOKEN_BUDGET) -> list[torch.Tensor]:
     """Per window, log p(window[j + 1] | window[: j + 1]) for every j, in fp32; the model reads all but the last
-    token of each window. Windows are batched, right-padded: a causal model's logits at a position never depend on
-    what follows it, so padding changes nothing."""
+    token of each window. Windows are batched up to ``token_budget`` tokens, right-padded (a causal model's logits
+    at a position never depend on what follows it, so padding changes nothing), and normalised one row at a time,
+    so the fp32 vocabulary-wide copies stay at one row's (GPT-J-6B: 2,048 x 50,400 x 4 bytes, 0.4 GB)."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
-    for first in range(0, len(windows), batch_size):
-        batch = windows[first:first + batch_size]
-        width = max(len(w) for w in batch)
+    first = 0
+    while first < len(windows):
+        width = len(windows[first])
+        last = first + 1
+        while last < len(windows) and max(width, len(windows[last])) * (last - first + 1) <= token_budget:
+            width = max(width, len(windows[last]))
+            last += 1
+        batch = windows[first:last]
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         for row, window in enumerate(batch):
             ids[row, :len(window)] = torch.tensor(list(window), dtype=torch.long)
         ids = ids.to(device)
-        logprobs = torch.log_softmax(model(ids[:, :-1]).logits.float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-        out += [logprobs[row, :len(window) - 1].cpu() for row, window in enumerate(batch)]
+        logits = model(ids[:, :-1]).logits
+        for row, window in enumerate(batch):
+            n = len(window) - 1
+            logprobs = torch.log_softmax(logits[row, :n].float(), dim=-1)
+            out.append(logprobs.gather(1, ids[row, 1:n + 1, None])[:, 0].cpu())
+        del logits
+        first = last
     return out
 
 
@@ -167,7 +179,10 @@ def perplexity(model, ids: Sequence[int], context: int, stride: int) -> Perplexi
         new = logprobs[first - begin - 1:]  # logprobs[j] predicts ids[begin + j + 1]
         total -= float(new.double().sum())
         counted += new.numel()
-    return PerplexityResult(math.exp(total / counted), counted, context, stride)
+    mean = total / counted
+    if math.isnan(mean):
+        raise ValueError("the model's log-likelihoods are NaN: its weights hold NaN or Inf")
+    return PerplexityResult(math.exp(mean) if mean < 709 else math.inf, counted, context, stride)  # a diverged model: inf
 
 
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -236,7 +251,7 @@ def harness_accuracy(checkpoint: Path, tasks: dict[str, list[ChoiceItem]], devic
         dtype = "float32" if device.type == "cpu" else "bfloat16"
         results = lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={checkpoint},dtype={dtype},max_length={max_length}", tasks=list(names.values()),
-            num_fewshot=0, device=str(device), batch_size=BATCH, task_manager=TaskManager(include_path=tmp))["results"]
+            num_fewshot=0, device=str(device), batch_size=max(1, TOKEN_BUDGET // max_length), task_manager=TaskManager(include_path=tmp))["results"]
     return {name: AccuracyResult(results[names[name]]["acc,none"], results[names[name]]["acc_norm,none"], len(items),
                                  max((len(i.shots) for i in items), default=0))
             for name, items in tasks.items()}
@@ -293,13 +308,19 @@ def evaluate(checkpoint: Path, config: EvalOptions) -> EvalResult:
         if len(ids) < 2:
             log.warning("source %s: its held-out split has no text to score; skipped", source)
             continue
-        ppl = perplexity(model, ids, context, stride)
+        try:
+            ppl = perplexity(model, ids, context, stride)
+        except ValueError as exc:
+            raise ConfigError(f"source {source}: {exc}") from None
         result.perplexity[source] = ppl.perplexity
         result.details.setdefault("perplexity", {})[source] = asdict(ppl)
     for task in [t for t, items in tasks.items() if not items]:
         log.warning("task %s has no questions; skipped", task)
         del tasks[task]
     if config.engine == "harness":
+        del model  # the harness loads its own copy: never two GPT-J-6B at once
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         scored = harness_accuracy(checkpoint, tasks, device, context)
     else:
         scored = {task: accuracy(model, tokenizer, items, context) for task, items in tasks.items()}

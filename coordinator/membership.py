@@ -11,6 +11,7 @@ from proto import hometrain_pb2 as pb
 
 from .assignment import Replica, StageNeeds, choose_stage, plan_rebalance
 
+GRACE_CAP = 3           # a short stage is refilled after at most this many graces, joins or not
 MAX_MADDRS = 8          # addresses kept per peer (the rest are dropped)
 MAX_MADDR_CHARS = 256
 
@@ -82,6 +83,7 @@ class Membership:
         self.needs = needs  # per stage: memory and link bytes per sample of one replica (None: not considered)
         self.peers: dict[str, PeerRecord] = {}
         self.short_since: dict[int, float] = {}  # stage -> when it fell below the replicas it needs
+        self.last_join = 0.0
 
     def add(self, name: str, device: str, throughput: float, requested_stage: int, free_memory: int = 0) -> PeerRecord:
         """Admit a peer to the stage the policy picks; ValueError if its memory fits no stage."""
@@ -90,8 +92,7 @@ class Membership:
         record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, requested_stage=requested_stage, throughput=throughput,
                             free_memory=free_memory)
         self.peers[record.peer_id] = record
-        for k in self.short_since:  # peers are arriving: give the others that may be on their way the grace again
-            self.short_since[k] = time.time()
+        self.last_join = time.time()  # peers are arriving: give those that may be on their way the grace again
         return record
 
     def get(self, peer_id: str) -> PeerRecord | None:
@@ -172,7 +173,11 @@ class Membership:
                 self.short_since.pop(k, None)
             else:
                 self.short_since.setdefault(k, now)
-        due = [k for k, since in sorted(self.short_since.items()) if now - since >= grace]
+        # Due: short for the grace since the later of falling short and the last join, and never short for more than
+        # GRACE_CAP graces whatever joins (a stream of joiners elsewhere must not hold a refill off for ever).
+        due = sorted((k for k, since in self.short_since.items()
+                      if now - max(since, self.last_join) >= grace or now - since >= GRACE_CAP * grace),
+                     key=lambda k: (counts[k], k))  # the emptiest first
         if not due:
             return None
         pinned = {p.peer_id for p in live if p.requested_stage >= 0}

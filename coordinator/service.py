@@ -116,6 +116,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if job is None:
             reply.retry_after = EVAL_POLL_SECONDS
         else:
+            reply.has_job = True
             reply.round = job[0]
             reply.checkpoint_url = self.checkpoint_url(job[0])
             reply.lease_seconds = LEASE_SECONDS
@@ -130,6 +131,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                f"evaluating worker {request.worker_id!r} is unknown here (the coordinator restarted?); ask for a job again")
         assert self.evaluator is not None
         self.evaluator.workers[request.worker_id].last_seen = time.time()
+        if request.renew:
+            if self.evaluator.renew(request.worker_id, request.round, time.time()):
+                return pb.EvalAck(accepted=True, message="renewed")
+            return pb.EvalAck(accepted=False, message=f"round {request.round} is no longer leased to you; stop and ask for a job again")
         if not request.error and not request.result_json:
             self.evaluator.give_back(request.worker_id, request.round)
             return pb.EvalAck(accepted=True, message="given back")

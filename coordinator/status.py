@@ -111,7 +111,7 @@ class StatusReport:
             "peers": [p.as_json() for p in app.membership.peers.values()],
             "stages": stages,
             "checkpoints": checkpoints,
-            "evaluation": {"on": app.config.eval_on, **(app.evaluator.status() if app.evaluator else {"pending": [], "workers": []})},
+            "evaluation": {"on": app.config.eval_on, **(app.evaluator.status() if app.evaluator else {"pending": [], "evaluating": [], "workers": []})},
             "wire": self.wire_totals(),
             "progress": app.engine.progress(),
             "dht_maddrs": list(app.join_template.initial_peers),

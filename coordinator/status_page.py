@@ -243,10 +243,12 @@ def evaluation_line(evaluation: dict, now: float) -> str:
     return f"<p class='muted' id='evaluation'>Evaluation {who}" + (f": {listed}" if listed else "") + "</p>"
 
 
-def evaluation_cell(result, round_, pending) -> str:
-    """A checkpoint's held-out perplexity per source and accuracy per task, or where its evaluation stands."""
+def evaluation_cell(result, round_, queue: tuple[list, list]) -> str:
+    """A checkpoint's held-out perplexity per source and accuracy per task, or where its evaluation stands
+    (``queue``: the rounds being evaluated, and those waiting)."""
     if not result:
-        return "<span class='muted'>" + ("evaluating…" if pending[:1] == [round_] else "queued" if round_ in pending else "–") + "</span>"
+        evaluating, pending = queue
+        return "<span class='muted'>" + ("evaluating…" if round_ in evaluating else "queued" if round_ in pending else "–") + "</span>"
     result = _d(result)
     if result.get("error"):
         return f"<span class='warn' title='{_e(result['error'])}'>evaluation failed</span>"
@@ -336,14 +338,14 @@ def render_page(status: dict, rounds: list[dict]) -> str:
                      hist_rows, "no rounds yet")
 
     ck_rows = []
-    pending = _d(s.get("evaluation")).get("pending") or []
+    queue = (_d(s.get("evaluation")).get("evaluating") or [], _d(s.get("evaluation")).get("pending") or [])
     for c in [x for x in s.get("checkpoints") or [] if isinstance(x, dict)]:
         url = str(c.get("url") or "")
         links = (f"<a href='{_e(url + 'manifest.json')}'>manifest.json</a> · "
                  f"<a href='{_e(url + 'config.json')}'>config.json</a>") if url else "–"
         ck_rows.append([_td(_e(c.get("round", "–")), True), _td(_e(c.get("path"))),
                         _td(_fmt(c.get("tokens", 0)), True), _td(_fmt(c.get("loss"), ".4f"), True),
-                        _td(human_bytes(c.get("bytes", 0)), True), _td(evaluation_cell(c.get("eval"), c.get("round"), pending)), _td(links)])
+                        _td(human_bytes(c.get("bytes", 0)), True), _td(evaluation_cell(c.get("eval"), c.get("round"), queue)), _td(links)])
     checkpoints = _table("checkpoints", ["round", "path", "tokens", "loss", "size", "evaluation", "files"], ck_rows,
                          "no checkpoints yet")
 

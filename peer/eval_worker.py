@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -86,8 +87,10 @@ def fetch_heldout(url: str, directory: Path, tasks: tuple[str, ...]) -> tuple[st
     """The held-out split (and the organiser's tasks) into ``directory``; the tasks as NAME=PATH of the copies here."""
     directory.mkdir(parents=True, exist_ok=True)
     download(url + "split.json", directory / "split.json")
-    for source in json.loads((directory / "split.json").read_text()).get("sources", {}):
-        download(url + _safe_name(source, "source") + ".jsonl", directory / f"{source}.jsonl")
+    meta = json.loads((directory / "split.json").read_text())
+    for source in meta.get("sources", {}):
+        name = _safe_name(meta.get("files", {}).get(source, f"{source}.jsonl"), "held-out file")
+        download(url + urllib.parse.quote(name), directory / name)
     local = []
     for spec in tasks:
         name = spec.partition("=")[0]
@@ -137,13 +140,19 @@ class EvalWorker:
                     log.info("evaluating checkpoints for the run at %s as %s (on %s)", self.config.coordinator, job.worker_id,
                              self.device.description)
                 worker_id = job.worker_id
-                if not job.round:
+                if not job.has_job:
                     try:
                         await asyncio.wait_for(self.stopping.wait(), job.retry_after or 10.0)
                     except asyncio.TimeoutError:
                         pass
                     continue
-                await self._evaluate(client, job)
+                try:
+                    await self._evaluate(client, job)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    log.warning("the coordinator no longer knows this worker (it restarted): asking for a job again")
+                    worker_id = ""
         except Stopped:
             pass
         except grpc.aio.AioRpcError as exc:
@@ -160,12 +169,24 @@ class EvalWorker:
         log.info("evaluating the checkpoint of round %d (%s)", job.round, job.checkpoint_url)
         work = asyncio.ensure_future(self._download_and_evaluate(job, checkpoint))
         stopped = asyncio.ensure_future(self.stopping.wait())
+        renew_every = max(10.0, (job.lease_seconds or 1800.0) / 4)
         try:
-            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            while not (work.done() or stopped.done()):  # a GPT-J-6B download alone can outlast a lease: renew it
+                await asyncio.wait({work, stopped}, timeout=renew_every, return_when=asyncio.FIRST_COMPLETED)
+                if not (work.done() or stopped.done()):
+                    renewed = await client.report_evaluation(pb.EvalReport(join_token=self.config.join_token, worker_id=job.worker_id,
+                                                                           round=job.round, renew=True), retry_for=60)
+                    if not renewed.accepted:
+                        log.warning("the coordinator took the checkpoint of round %d back (%s); dropping it", job.round, renewed.message)
+                        work.cancel()
+                        return
             if not work.done():  # Ctrl-C: an empty report gives the checkpoint back to the queue
                 work.cancel()
                 log.info("giving the checkpoint of round %d back to the coordinator", job.round)
-                await client.report_evaluation(report, retry_for=5)
+                try:  # straight to the stub: the client's calls give up at once once stopping is set
+                    await client.stub.ReportEvaluation(report, timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("could not give the checkpoint back (%s); it goes to another volunteer when its lease ends", exc.code().name)
                 return
             try:
                 report.result_json = work.result()
@@ -184,6 +205,14 @@ class EvalWorker:
             shutil.rmtree(checkpoint, ignore_errors=True)  # gigabytes for GPT-J-6B: kept only while in use
 
     async def _download_and_evaluate(self, job: pb.EvalJob, checkpoint: Path) -> str:
+        try:
+            return await self._download_and_evaluate_unchecked(job, checkpoint)
+        except (EvalError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # whatever it was, the coordinator hears of it and gives the checkpoint to another
+            raise EvalError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _download_and_evaluate_unchecked(self, job: pb.EvalJob, checkpoint: Path) -> str:
         options = json.loads(job.options_json or "{}")
         heldout = self.work_dir / "heldout"
         url, heldout_url = reachable_url(job.checkpoint_url, self.coordinator_host), reachable_url(job.heldout_url, self.coordinator_host)

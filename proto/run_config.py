@@ -299,6 +299,9 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
             raise ConfigError(f"--init-from {self.init_from}: no config.json there; point it at a Hugging Face GPT-J checkpoint directory")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"--tokenizer {self.tokenizer}: no such directory; point it at a saved Hugging Face tokenizer")
+        if self.lora_rank and self.eval_on == "peer":
+            raise ConfigError("--eval-on peer: evaluating volunteers load plain models, and a LoRA run publishes adapters; use "
+                              "--eval-on coordinator (--eval-device cuda), or off and `coordinator export --merge` then `coordinator eval`")
         if self.lora_rank and not self.init_from:
             raise ConfigError("--lora-rank trains adapters on a frozen base: pass --init-from DIR, the Hugging Face GPT-J checkpoint to adapt")
         if self.stall_limit < 0:

@@ -11,10 +11,12 @@ __all__ = ["ENV", "ROOT", "Swarm", "broken_blocks_env", "free_port", "save_base_
 
 
 class Swarm(LocalSwarm):
-    """A LocalSwarm training the tiny model, with each process's log in ``state_dir/logs``."""
+    """A LocalSwarm training the tiny model, with each process's log in ``state_dir/logs``. Checkpoints are not
+    evaluated unless the test asks (``--eval-on``): an evaluation competes for the CPU with the peers on 2 cores."""
 
     def __init__(self, state_dir: Path, *coordinator_args: str) -> None:
-        super().__init__(state_dir, "--model", "tiny", *coordinator_args, log_dir=state_dir / "logs")
+        evaluation = () if "--eval-on" in coordinator_args else ("--eval-on", "off")
+        super().__init__(state_dir, "--model", "tiny", *evaluation, *coordinator_args, log_dir=state_dir / "logs")
 
 
 BREAKAGE = ROOT / "tests" / "breakage"

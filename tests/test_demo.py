@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def test_demo_trains_30_rounds_and_loss_goes_down(tmp_path):
     rows = db.execute("SELECT loss, tokens FROM rounds ORDER BY round").fetchall()
     losses = [loss for loss, _ in rows]
     checkpoints = [row[0] for row in db.execute("SELECT round FROM checkpoints ORDER BY round")]
+    evaluations = {row[0]: json.loads(row[1]) for row in db.execute("SELECT round, result FROM evaluations")}
     db.close()
     assert len(losses) == 30 and None not in losses
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -43,6 +45,8 @@ def test_demo_trains_30_rounds_and_loss_goes_down(tmp_path):
     assert 5 <= len(causal) <= 25, f"the UL2 -> causal switch moved: {30 - len(causal)} UL2 rounds"
     assert sum(causal[-5:]) / 5 < sum(causal[:5]) / 5 - 0.15, f"causal-phase loss did not go down: {causal}"
     assert checkpoints == [15, 30]  # round 0 is the seed: each peer builds its own stage, nothing is published
+    assert sorted(evaluations) == [15, 30], "the demo exits once every checkpoint is evaluated"
+    assert all("error" not in e and set(e["perplexity"]) == {"text", "instructions"} for e in evaluations.values()), evaluations
 
 
 def test_peer_refuses_a_gpu_that_is_not_there():

@@ -60,14 +60,33 @@ def test_a_malformed_result_is_refused_and_nothing_recorded(queue, bad, why):
     evaluator, recorded, _ = queue
     evaluator.take("a", now=0)
     assert why in check_result(bad, 10) and why in evaluator.finish("a", 10, bad)
-    assert recorded == [] and evaluator.pending()[0] == 10
+    assert recorded == [] and 10 in evaluator.pending(), "refused: queued again for another volunteer"
 
 
-def test_a_failure_is_recorded_as_such(queue):
+def test_a_failure_is_tried_by_other_volunteers_before_it_is_recorded(queue):
     evaluator, recorded, tmp_path = queue
-    evaluator.take("a", now=0)
-    assert evaluator.finish("a", 10, {"error": "out of memory"}) is None
-    assert recorded == [(10, {"error": "out of memory"})] and not (tmp_path / "round-10" / "eval.json").exists()
+    for attempt, worker in enumerate("abc"):
+        job = evaluator.take(worker, now=attempt)
+        assert job[0] == 10, "a failed checkpoint is the next one handed out"
+        assert evaluator.finish(worker, 10, {"error": f"out of memory on {worker}"}) is None
+        assert (recorded == []) == (attempt < 2)
+    (r, result), = recorded
+    assert r == 10 and "out of memory on a" in result["error"] and "out of memory on c" in result["error"]
+    assert not (tmp_path / "round-10" / "eval.json").exists()
+
+
+def test_a_lease_renewed_is_not_taken_away(queue):
+    evaluator, _, _ = queue
+    evaluator.take("a", now=0, lease_seconds=60)
+    assert evaluator.renew("a", 10, now=50, lease_seconds=60) and not evaluator.renew("b", 10, now=50)
+    assert evaluator.take("b", now=100)[0] == 20, "the renewed lease still held at 100 s"
+
+
+def test_results_naming_other_sources_or_tasks_are_refused():
+    assert "sources" in check_result(GOOD, 10, sources={"code"}, tasks={"parity"})
+    assert "tasks" in check_result(GOOD, 10, sources={"text"}, tasks={"sentiment"})
+    assert check_result(GOOD, 10, sources={"text"}, tasks={"parity"}) is None
+    assert check_result({**GOOD, "perplexity": {"text": math.inf}}, 10) is None  # a diverged model is a result too
 
 
 def test_drain_returns_once_the_queue_is_empty(queue):

@@ -15,7 +15,7 @@ from coordinator.assignment import stage_layer_ranges
 from coordinator.checkpoint import load_signing_key, split_state_dict, write_checkpoint
 from coordinator.data.corpus import builtin_documents
 from coordinator.data.heldout import is_heldout, read_heldout, split_heldout, write_heldout
-from coordinator.data.probe import LABEL_TASKS, ChoiceItem, builtin_probe, read_choice_task
+from coordinator.data.probe import LABEL_TASKS, ChoiceItem, builtin_probe, read_choice_task, subject, trained_subjects
 from coordinator.data.tokenizer import train_tokenizer
 from coordinator.evaluation import EVAL_FILE, accuracy, evaluate, harness_accuracy, perplexity, token_stream
 from coordinator.model_presets import preset_config
@@ -156,6 +156,9 @@ def test_builtin_probe_questions_are_held_out_and_demonstrations_are_not():
         for item in items:
             assert is_heldout((item.prompt, " " + item.choices[item.answer]), 0.05), "a probe question could be trained on"
             assert len(item.shots) == 3 and not any(is_heldout((p, " " + a), 0.05) for p, a in item.shots)
+    trained = trained_subjects(0.05)
+    assert not any(subject(task, i.prompt) in trained[task] for task, items in tasks.items() for i in items), \
+        "a probe question asks about a number or review that training sees under another template"
     assert builtin_probe(0.05, 30, 3) == tasks and builtin_probe(0.0, 30, 3) == {}
 
 

@@ -19,7 +19,7 @@ CHECKPOINTS = 4
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    s = Swarm(tmp_path_factory.mktemp("eval-swarm"), "--stages", "2", "--rounds", str(10 * CHECKPOINTS), "--checkpoint-every", "10",
+    s = Swarm(tmp_path_factory.mktemp("eval-swarm"), "--eval-on", "coordinator", "--stages", "2", "--rounds", str(10 * CHECKPOINTS), "--checkpoint-every", "10",
               "--linger", "--eval-probe-items", "20", "--eval-max-tokens", "3000", *FAST)
     s.add_peer("--stage", "0")
     s.add_peer("--stage", "1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence, TypeVar
@@ -41,20 +42,28 @@ def split_heldout(items: Sequence[Item], share: float) -> tuple[list[Item], list
 SPLIT_FILE = "split.json"
 
 
+def split_file_name(index: int, source: str) -> str:
+    """The file of a source's held-out items: numbered, then its name with anything but [A-Za-z0-9_.-] replaced,
+    so that any source name makes a plain file name (and URL) that no server hides."""
+    return f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', source)[:60]}.jsonl"
+
+
 def write_heldout(directory: Path, share: float, heldout: Mapping[str, Sequence[str | tuple[str, str]]]) -> None:
-    """Save each source's held-out items as ``DIR/<source>.jsonl`` (``{"text"}`` or ``{"prompt", "completion"}``
-    lines) with ``split.json`` naming the share and the sources, so that ``coordinator eval`` reads the split as
-    it was carved, with no access to the run's data or config. Rewritten whole (a restart may change a source)."""
+    """Save each source's held-out items as a JSONL file (``{"text"}`` or ``{"prompt", "completion"}`` lines) with
+    ``split.json`` naming the share, the sources and their files, so that ``coordinator eval`` reads the split as it
+    was carved, with no access to the run's data or config. Rewritten whole (a restart may change a source)."""
     directory.mkdir(parents=True, exist_ok=True)
+    files = {name: split_file_name(i, name) for i, name in enumerate(heldout)}
     for stale in directory.glob("*.jsonl"):
-        if stale.stem not in heldout:
+        if stale.name not in files.values():
             stale.unlink()
     for name, items in heldout.items():
         lines = [json.dumps({"text": i} if isinstance(i, str) else {"prompt": i[0], "completion": i[1]}) for i in items]
-        tmp = directory / f".{name}.jsonl.tmp"
+        tmp = directory / f".{files[name]}.tmp"
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        tmp.replace(directory / f"{name}.jsonl")
-    (directory / SPLIT_FILE).write_text(json.dumps({"share": share, "sources": {n: len(v) for n, v in heldout.items()}}, indent=1))
+        tmp.replace(directory / files[name])
+    meta = {"share": share, "sources": {n: len(v) for n, v in heldout.items()}, "files": files}
+    (directory / SPLIT_FILE).write_text(json.dumps(meta, indent=1))
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ def read_heldout(directory: Path) -> HeldoutSplit:
     sources: dict[str, list[str | tuple[str, str]]] = {}
     for name in meta.get("sources", {}):
         items: list[str | tuple[str, str]] = []
-        path = directory / f"{name}.jsonl"
+        path = directory / meta.get("files", {}).get(name, f"{name}.jsonl")
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             record = json.loads(line)
             if isinstance(record.get("text"), str):

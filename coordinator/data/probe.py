@@ -3,8 +3,9 @@
 The built-in probe asks the classification questions of the built-in instruction data
 (parity and sentiment, whose answers come from a closed set of labels). Its items are
 generated from a stream of their own and kept only if their content is in the held-out share
-(``heldout.is_heldout``, the rule that keeps them out of training), so no probe question is
-ever trained on; its few-shot demonstrations are drawn from the training side. An
+(``heldout.is_heldout``, the rule that keeps them out of training) and no training record asks
+about the same number or review under another template, so no probe question, nor its subject,
+is ever trained on; its few-shot demonstrations are drawn from the training side. An
 organiser's task is a JSONL file of ``{"prompt": str, "choices": [str, ...], "answer": int}``
 lines; its demonstrations are other items of the same file, as lm-evaluation-harness draws
 them when a task has no separate few-shot split.
@@ -16,13 +17,15 @@ choice`` of its context, and a demonstration reads ``prompt + TARGET_DELIMITER +
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .heldout import is_heldout
-from .instructions import GENERATORS
+from .instructions import GENERATORS, builtin_instruction_records
+from .mixer import BUILTIN_INSTRUCTION_RECORDS
 
 TARGET_DELIMITER = " "
 LABEL_TASKS: dict[str, tuple[str, ...]] = {"parity": ("even", "odd"), "sentiment": ("positive", "negative")}
@@ -48,11 +51,30 @@ def _label_question(task: str, rng: np.random.Generator) -> tuple[str, str] | No
     return (prompt, label) if completion == TARGET_DELIMITER + label and label in LABEL_TASKS[task] else None
 
 
+def subject(task: str, prompt: str) -> str:
+    """What a question asks about, whatever its template: the number (parity) or the review (sentiment)."""
+    found = re.search(r"\d+", prompt) if task == "parity" else re.search(r"(?:Review|Sentence): ([^\n]*)", prompt)
+    return found.group(found.re.groups) if found else prompt
+
+
+def trained_subjects(share: float, records: int = BUILTIN_INSTRUCTION_RECORDS) -> dict[str, set[str]]:
+    """Per probe task, the subjects of the built-in records that training may see (its first ``records``, less the
+    held-out share). The held-out hash is of a whole record, and the same review or number can come up in training
+    under another template: a probe question about such a subject would measure memory, not skill."""
+    seen: dict[str, set[str]] = {task: set() for task in LABEL_TASKS}
+    for record in builtin_instruction_records(records):
+        if record["task"] in LABEL_TASKS and not is_heldout((record["prompt"], record["completion"]), share):
+            seen[record["task"]].add(subject(record["task"], record["prompt"]))
+    return seen
+
+
 def builtin_probe(share: float, items_per_task: int, shots: int, seed: int = 0) -> dict[str, list[ChoiceItem]]:
-    """Per task of ``LABEL_TASKS``, up to ``items_per_task`` distinct held-out questions, each with ``shots``
-    demonstrations from the training side. Fewer where the task has few distinct held-out questions."""
+    """Per task of ``LABEL_TASKS``, up to ``items_per_task`` distinct held-out questions about subjects training
+    never sees (``trained_subjects``), each with ``shots`` demonstrations from the training side. Fewer where the
+    task has few such questions."""
     if share <= 0:
         return {}
+    trained = trained_subjects(share)
     tasks: dict[str, list[ChoiceItem]] = {}
     for t, task in enumerate(LABEL_TASKS):
         held: dict[tuple[str, str], None] = {}
@@ -67,7 +89,7 @@ def builtin_probe(share: float, items_per_task: int, shots: int, seed: int = 0) 
             questions += 1
             prompt, label = record
             if is_heldout((prompt, TARGET_DELIMITER + label), share):  # the record as training reads it
-                if record not in held:
+                if record not in held and subject(task, prompt) not in trained[task]:
                     held[record], last_new = None, questions
             elif len(train) < 4 * shots + 8:
                 train.append(record)
@@ -101,9 +123,9 @@ def read_choice_task(path: Path, shots: int, seed: int = 0) -> list[ChoiceItem]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         prompt, choices, answer = (record.get(k) for k in ("prompt", "choices", "answer")) if isinstance(record, dict) else (None,) * 3
-        if not (isinstance(prompt, str) and isinstance(choices, list) and len(choices) >= 2
+        if not (isinstance(prompt, str) and prompt.strip() and isinstance(choices, list) and len(choices) >= 2
                 and all(isinstance(c, str) and c for c in choices) and isinstance(answer, int) and 0 <= answer < len(choices)):
-            raise ValueError(f'{where}: expected {{"prompt": str, "choices": [two or more non-empty str], "answer": index of '
+            raise ValueError(f'{where}: expected {{"prompt": non-empty str, "choices": [two or more non-empty str], "answer": index of '
                              f"the right choice}}, got {line[:120]!r}")
         raw.append((prompt, tuple(choices), answer))
     if not raw:
