@@ -50,6 +50,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """Hand checkpoints to evaluating volunteers (NextEvaluation, ReportEvaluation); ``job`` holds what every job shares."""
         self.evaluator, self.checkpoint_url, self.eval_job = evaluator, checkpoint_url, job
 
+    async def _admit(self, request: pb.JoinRequest | pb.EvalJobRequest, context: grpc.aio.ServicerContext) -> None:
+        """A newcomer (to train or to evaluate) speaks this protocol and holds the run's join token."""
+        if request.protocol_version != PROTOCOL_VERSION:
+            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
+                               f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
+                               f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
+        await self._check_token(request.join_token, context)
+
     async def _check_token(self, token: str, context: grpc.aio.ServicerContext) -> None:
         if self.join_token and not hmac.compare_digest(token.encode(), self.join_token.encode()):
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "join_token",
@@ -74,11 +82,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.metrics.control_bytes.labels("sent").inc(reply.ByteSize())
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        if request.protocol_version != PROTOCOL_VERSION:
-            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
-                               f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
-                               f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
-        await self._check_token(request.join_token, context)
+        await self._admit(request, context)
         if request.requested_stage >= self.membership.num_stages:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
                                f"--stage {request.requested_stage} does not exist: this run has stages 0..{self.membership.num_stages - 1}")
@@ -97,11 +101,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return reply
 
     async def NextEvaluation(self, request: pb.EvalJobRequest, context: grpc.aio.ServicerContext) -> pb.EvalJob:
-        if request.protocol_version != PROTOCOL_VERSION:
-            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
-                               f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
-                               f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
-        await self._check_token(request.join_token, context)
+        await self._admit(request, context)
         if self.evaluator is None:
             await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "no_eval_role",
                                "this run does not hand evaluations to volunteers (the organiser runs it with --eval-on coordinator or "
