@@ -146,9 +146,10 @@ class FrameTransport:
         async def requests():
             for message in messages:
                 yield message
+            # Counted once libp2p has taken the whole frame: a resend counts again, a dial that never connected does not.
+            self.counters.count_sent(send_kind, sent, header.raw_bytes or fp32_equivalent(tensors))
 
         async def exchange() -> tuple[pb.FrameHeader, Tensors, int]:
-            self.counters.count_sent(send_kind, sent, header.raw_bytes or fp32_equivalent(tensors))  # each attempt sends it all
             responses = await self.p2p.iterate_protobuf_handler(peer, handler, requests(), pb.Frame)
             return await self._decode(responses)
 
