@@ -316,14 +316,14 @@ class CoordinatorApp:
         options = EvalOptions(heldout=str(self.state_dir / "heldout"), context=cfg.seq_len, tasks=cfg.eval_tasks, shots=cfg.eval_shots,
                               probe_items=cfg.eval_probe_items, max_tokens=cfg.eval_max_tokens, device=cfg.eval_device, seed=cfg.seed,
                               engine=cfg.eval_engine)
+        tasks = dict(parse_eval_task(spec) for spec in cfg.eval_tasks)
         if cfg.eval_on == "peer":  # volunteers download the organiser's tasks beside the split
             (self.state_dir / "heldout" / "tasks").mkdir(exist_ok=True)
-            for spec in cfg.eval_tasks:
-                name, path = parse_eval_task(spec)
+            for name, path in tasks.items():
                 shutil.copyfile(path, self.state_dir / "heldout" / "tasks" / f"{name}.jsonl")
         self.evaluator = Evaluator(options, self._on_evaluation, local=cfg.eval_on == "coordinator")
         self.evaluator.sources = set(self.data.heldout)
-        self.evaluator.tasks = (set(LABEL_TASKS) if cfg.heldout_share > 0 else set()) | {parse_eval_task(t)[0] for t in cfg.eval_tasks}
+        self.evaluator.tasks = (set(LABEL_TASKS) if cfg.heldout_share > 0 else set()) | set(tasks)
         self.evaluator.start()
         for c in checkpoints:  # a failure is tried again after a restart, too
             if c["eval"] is None or "error" in c["eval"]:

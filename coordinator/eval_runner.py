@@ -20,7 +20,6 @@ those whose ``eval.json`` an interrupted run already wrote).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from typing import Any, Callable
 
 from proto.run_config import EvalOptions
 
-from .evaluation import EVAL_FILE, load_saved
+from .evaluation import load_saved, save
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +192,7 @@ class Evaluator:
             log.warning("evaluation of the checkpoint of round %d failed: %s", round, result["error"])
         else:
             if worker != LOCAL:  # the worker's copy is on its machine: keep one beside the published checkpoint
-                tmp = lease.checkpoint / f".{EVAL_FILE}.tmp"
-                tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-                tmp.replace(lease.checkpoint / EVAL_FILE)
+                save(lease.checkpoint, result)
             log.info("checkpoint of round %d evaluated in %.1f s (%s): perplexity %s; accuracy %s", round, result.get("seconds", 0), worker,
                      {k: round_(v) for k, v in result.get("perplexity", {}).items()},
                      {k: round_(v.get("acc")) for k, v in result.get("accuracy", {}).items()})

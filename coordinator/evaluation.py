@@ -333,11 +333,11 @@ def evaluate(checkpoint: Path, config: EvalOptions) -> EvalResult:
     return result
 
 
-def save(checkpoint: Path, result: EvalResult) -> Path:
+def save(checkpoint: Path, result: EvalResult | dict[str, Any]) -> Path:
     """``eval.json`` in the checkpoint directory, written atomically (the manifest does not list it)."""
     path = checkpoint / EVAL_FILE
     tmp = checkpoint / f".{EVAL_FILE}.tmp"
-    tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(result.to_json() if isinstance(result, EvalResult) else result, indent=1, sort_keys=True))
     tmp.replace(path)
     return path
 

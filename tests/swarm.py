@@ -18,6 +18,14 @@ class Swarm(LocalSwarm):
         evaluation = () if "--eval-on" in coordinator_args else ("--eval-on", "off")
         super().__init__(state_dir, "--model", "tiny", *evaluation, *coordinator_args, log_dir=state_dir / "logs")
 
+    def wait_evaluated(self, checkpoints: int, timeout: float, who: str) -> None:
+        """Wait until ``checkpoints`` are published and each has its evaluation (a result or a recorded failure)."""
+        def evaluated() -> bool:
+            published = (self.status() or {}).get("checkpoints") or []
+            return len(published) == checkpoints and all(c["eval"] is not None for c in published)
+
+        self.wait_for(evaluated, timeout, f"{checkpoints} checkpoints published and evaluated by {who}")
+
 
 BREAKAGE = ROOT / "tests" / "breakage"
 

@@ -24,11 +24,7 @@ def swarm(tmp_path_factory):
     s.add_peer("--stage", "0")
     s.add_peer("--stage", "1")
     try:
-        def evaluated():
-            checkpoints = (s.status() or {}).get("checkpoints") or []
-            return len(checkpoints) == CHECKPOINTS and all(c["eval"] is not None for c in checkpoints)
-
-        s.wait_for(evaluated, 600, f"{CHECKPOINTS} checkpoints published and evaluated")
+        s.wait_evaluated(CHECKPOINTS, 600, "the coordinator")
         yield s
     finally:
         s.stop()

@@ -37,11 +37,7 @@ def swarm(tmp_path_factory):
     s.add_peer("--stage", "1")
     s.add_peer("--role", "eval", "--state-dir", str(root / "volunteer"))
     try:
-        def evaluated():
-            checkpoints = (s.status() or {}).get("checkpoints") or []
-            return len(checkpoints) == CHECKPOINTS and all(c["eval"] is not None for c in checkpoints)
-
-        s.wait_for(evaluated, 600, f"{CHECKPOINTS} checkpoints evaluated by the volunteer")
+        s.wait_evaluated(CHECKPOINTS, 600, "the volunteer")
         yield s
     finally:
         s.stop()
