@@ -92,7 +92,8 @@ def run(args, compile_model: bool) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / args.iterations
-    runtime.apply_step(runtime.flat_gradients(), args.seq_len)
+    runtime.load_gradients(runtime.flat_gradients(), args.seq_len)
+    runtime.apply_step(1)
     if cuda:
         torch.cuda.synchronize()
     tokens_per_second = args.micro_batch * args.seq_len / seconds

@@ -75,7 +75,8 @@ def measure(setting: dict, blocks: int, seq_len: int, threads: int) -> dict:
     short = seq_len if seq_len <= 16 else 16
     ctx = runtime.forward(1, hidden[:, :short], torch.zeros(1, dtype=torch.int64), torch.ones(1, short), 0)
     runtime.backward(ctx, output_grad[:, :short])
-    runtime.apply_step(runtime.flat_gradients(), short)
+    runtime.load_gradients(runtime.flat_gradients(), short)
+    runtime.apply_step(1)
     runtime.finish_round(1)
     # The peak from here on: a LoRA base is built in fp32 on the host and quantised before it reaches the device,
     # so the build's transient is host memory, not what the plan (of device memory) covers.
@@ -88,7 +89,8 @@ def measure(setting: dict, blocks: int, seq_len: int, threads: int) -> dict:
     seconds = time.perf_counter() - started
     flat = runtime.flat_gradients()
     summed = flat.clone()  # what an exact sync of two or more replicas returns beside the local gradient
-    runtime.apply_step(summed, seq_len)
+    runtime.load_gradients(summed, seq_len)
+    runtime.apply_step(2)
     peak = _proc_status("VmHWM") - before
     plan = plan_stage(StageShape.of(config, 1, 1 + blocks), plan_settings(train))
     return {"measured": peak, "planned": plan.peak, "parts": plan.parts, "tokens_per_second": seq_len / seconds}

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -300,6 +301,10 @@ class CoordinatorApp:
         self.metrics.tokens.inc(record.tokens)
         if record.loss is not None:
             self.metrics.loss.set(record.loss)
+        if record.lr is not None:
+            self.metrics.learning_rate.set(record.lr)
+        if record.grad_norm is not None and math.isfinite(record.grad_norm):
+            self.metrics.grad_norm.set(record.grad_norm)
         if record.duration > 0:
             self.last_tokens_per_second = record.tokens / record.duration
             self.metrics.tokens_per_second.set(self.last_tokens_per_second)

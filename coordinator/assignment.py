@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Collection, Sequence
 
@@ -57,6 +59,9 @@ def stage_needs(parameters: Sequence[int], d_model: int, train: TrainConfig, mem
     if train.sync_compression == "cocktail":  # random-subset mask bits plus the kept values, on rounds that sync
         kept = train.sync_random_ratio * train.sync_topk_ratio
         per_parameter = (train.sync_random_ratio / 8 + kept * train.sync_bits / 8) * (1 - train.p_skip)
+    elif train.sync_compression == "sparseloco":  # offsets and values of each chunk's top-k, every --sync-every rounds
+        offset_bits = math.log2(train.sync_chunk)
+        per_parameter = train.sync_density * (offset_bits + train.sync_bits) / 8 / train.sync_every
     else:  # reduce-scatter then all-gather of fp32 sums
         per_parameter = 4.0
     last = len(parameters) - 1

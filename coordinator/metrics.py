@@ -24,6 +24,8 @@ class CoordinatorMetrics:
         )
         self.round = Gauge("hometrain_round", "Number of the last completed round.", registry=r)
         self.loss = Gauge("hometrain_loss", "Mean token loss of the last completed round.", registry=r)
+        self.learning_rate = Gauge("hometrain_learning_rate", "Learning rate of the last completed round (the schedule's position).", registry=r)
+        self.grad_norm = Gauge("hometrain_grad_norm", "Global gradient norm over all stages in the last completed round, before clipping.", registry=r)
         self.tokens = Counter("hometrain_tokens", "Loss tokens trained.", registry=r)
         self.tokens_per_second = Gauge("hometrain_tokens_per_second", "Tokens per second of the last round.", registry=r)
         self.samples_dropped = Counter("hometrain_samples_dropped", "Samples handed out but not trained (failed hop, late, peer gone).", registry=r)

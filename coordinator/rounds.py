@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 
-from proto import codec
+from proto import NO_GRADIENT, codec
 from proto import hometrain_pb2 as pb
 from proto.run_config import CoordinatorConfig
+from proto.schedule import learning_rate
 
 from .membership import Membership, PeerRecord
 
@@ -102,6 +104,8 @@ class OpenRound:
     infos: dict[int, MicrobatchInfo] = field(default_factory=dict)  # index -> where its samples came from (in flight)
     attempt: int = 0                                             # which opening of the round (it opens again after training nothing)
     failed: int = 0                                              # microbatches reported failed (a subset of dropped)
+    squared_norms: dict[str, float] = field(default_factory=dict)  # peer id -> its gradient's squared norm (global clipping)
+    clip: pb.ClipReply | None = None                               # the round's clip factor, once decided
 
 
 class RoundEngine:
@@ -123,6 +127,7 @@ class RoundEngine:
         self.loss_scale = (DynamicLossScale.from_json(store.get_meta(LOSS_SCALE_KEY), config.micro_batch_size * config.seq_len)
                            if config.compute_dtype == "float16" else None)
         self.config = config
+        self.train = config.train_config()  # what peers train with (the decay's horizon resolved)
         self.layer_ranges = layer_ranges
         self.store = store
         self.data = data
@@ -377,6 +382,7 @@ class RoundEngine:
             round=cur.number, loss=loss, tokens=cur.tokens, samples=cur.samples, dropped=cur.dropped * self.config.micro_batch_size,
             started=cur.started, ended=now, participants=sorted(cur.members), checksums=checksums, bytes=self._byte_totals(),
             diverged_stages=sorted({cur.members[pid] for pid, r in cur.step_reports.items() if r.diverged}),
+            lr=learning_rate(self.train, cur.number), grad_norm=cur.clip.norm if cur.clip is not None and math.isfinite(cur.clip.norm) else None,
         )
         self.store.record_round(record)
         for callback in self.on_round_recorded:
@@ -537,6 +543,59 @@ class RoundEngine:
             return
         cur.step_reports[peer.peer_id] = report
         await self.tick()
+
+    async def clip_factor(self, peer: PeerRecord, request: pb.ClipRequest) -> pb.ClipReply | str:
+        """Global gradient clipping: wait until every stage's squared norm is in (one replica's under exact sync,
+        where they are equal; every live replica's when replicas step on their own gradients), then give each
+        the same factor, min(1, --clip-grad-norm / (norm + 1e-6)) as torch's clip_grad_norm_. A stage that does
+        not report within --sync-timeout is left out, with a warning. Returns why not, as a string, if the
+        request is not for the round in sync."""
+        cur = self.current
+        if self.phase != pb.SYNC or cur is None or request.round != cur.number or peer.peer_id not in cur.members:
+            return f"no round is syncing with this peer as round {request.round} (now round {self.round}, {pb.RoundPhase.Name(self.phase)})"
+        cur.squared_norms[peer.peer_id] = request.squared_norm
+        deadline = time.monotonic() + self.config.sync_timeout
+        async with self.changed:
+            self.changed.notify_all()  # the other stages' waits (long polls re-check their own condition and sleep on)
+            while cur.clip is None and self.current is cur and not self._norms_complete(cur):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self.changed.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+        if self.current is not cur:
+            return f"round {request.round} ended before every stage reported its gradient norm"
+        if cur.clip is None:
+            cur.clip = self._decide_clip(cur)
+        return cur.clip
+
+    def _norms_complete(self, cur: OpenRound) -> bool:
+        every_replica = self.config.compresses_sync(cur.number)  # local steps: each replica's own gradient
+        for stage in range(self.membership.num_stages):
+            alive = [pid for pid, s in cur.members.items() if s == stage and self.membership.get(pid) is not None]
+            reported = [pid for pid in alive if pid in cur.squared_norms]
+            if alive and (len(reported) < len(alive) if every_replica else not reported):
+                return False
+        return True
+
+    def _decide_clip(self, cur: OpenRound) -> pb.ClipReply:
+        """One factor from the stages' squared norms: the mean over each stage's replicas, summed over stages."""
+        by_stage: dict[int, list[float]] = {}
+        for pid, squared in cur.squared_norms.items():
+            if squared != NO_GRADIENT:
+                by_stage.setdefault(cur.members[pid], []).append(squared)
+        missing = sorted(set(cur.members.values()) - set(by_stage))
+        if missing:
+            log.warning("round %d: stage(s) %s reported no gradient norm within --sync-timeout; clipping by the others'", cur.number, missing)
+        total = sum(sum(values) / len(values) for values in by_stage.values())
+        if not math.isfinite(total):
+            log.warning("round %d: a gradient is not finite; no stage steps this round", cur.number)
+            return pb.ClipReply(factor=0.0, norm=total, skip=True)
+        norm = math.sqrt(total)
+        factor = min(1.0, self.config.clip_grad_norm / (norm + 1e-6))
+        return pb.ClipReply(factor=factor, norm=norm, skip=False)
 
     def upload_wanted(self, peer: PeerRecord, round: int, stage: int, part: str, nbytes: int) -> str:
         """"" if ``peer`` may upload ``part`` of ``stage`` for ``round`` now, of ``nbytes``; else why not."""

@@ -10,7 +10,7 @@ from typing import Callable
 
 import grpc
 
-from proto import PACKAGE_VERSION, PROTOCOL_VERSION, REACHABILITY_NONCE_BYTES
+from proto import NO_GRADIENT, PACKAGE_VERSION, PROTOCOL_VERSION, REACHABILITY_NONCE_BYTES
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 
@@ -218,6 +218,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.membership.update_stats(record, request.stats, "")
         await self.engine.report_step(record, request)
         return pb.StepAck()
+
+    async def ClipFactor(self, request: pb.ClipRequest, context: grpc.aio.ServicerContext) -> pb.ClipReply:
+        record = await self._peer(request.peer_id, context)
+        if request.squared_norm < 0 and request.squared_norm != NO_GRADIENT:  # NaN passes: a gradient that is not finite
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
+                               f"squared_norm {request.squared_norm} is negative (only {NO_GRADIENT}: no gradient this round)")
+        reply = await self.engine.clip_factor(record, request)
+        if isinstance(reply, str):
+            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "stale", reply)
+        return reply
 
     async def UploadCheckpoint(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.UploadReply:
         """A stage's shard, streamed to disk: the sender, stage, part and size are checked before anything is read."""

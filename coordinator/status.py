@@ -147,6 +147,7 @@ class StatusReport:
                 "round": r.round, "loss": r.loss, "tokens": r.tokens, "samples": r.samples, "dropped": r.dropped,
                 "started": r.started, "ended": r.ended, "duration": r.duration, "tokens_per_second": r.tokens / r.duration if r.duration > 0 else None,
                 "participants": r.participants, "checksums": r.checksums, "diverged_stages": r.diverged_stages, "bytes": r.bytes,
+                "lr": r.lr, "grad_norm": r.grad_norm,
             }
             for r in self.app.store.rounds()
         ]

@@ -194,6 +194,10 @@ def compression_line(train: dict) -> str:
         sync = (f"cocktail (random {train.get('sync_random_ratio')}, top-k {train.get('sync_topk_ratio')}, "
                 f"{train.get('sync_bits')}-bit, skip p={train.get('p_skip')}, resync every {train.get('resync_every')}, "
                 f"exact for the first {train.get('sync_warmup_rounds', 0)} rounds)")
+    elif sync == "sparseloco":
+        sync = (f"sparseloco (every {train.get('sync_every')} rounds, top {train.get('sync_density'):.2%} of "
+                f"{train.get('sync_chunk')}-value chunks, {train.get('sync_bits')}-bit, error decay {train.get('sync_error_decay')}, "
+                f"outer lr {train.get('outer_lr')}, exact for the first {train.get('sync_warmup_rounds', 0)} rounds)")
     else:
         sync = "exact gradient sum"
     return _e(f"compression: activations {acts} · gradients {grads} · replica sync {sync}")

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     participants TEXT NOT NULL,
     checksums TEXT NOT NULL,
     bytes TEXT NOT NULL,
-    diverged_stages TEXT NOT NULL DEFAULT '[]'
+    diverged_stages TEXT NOT NULL DEFAULT '[]',
+    lr REAL,
+    grad_norm REAL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     round INTEGER PRIMARY KEY,
@@ -58,6 +60,8 @@ class RoundRecord:
     checksums: dict[str, list[str]] = field(default_factory=dict)  # stage -> checksums reported
     bytes: dict[str, int] = field(default_factory=dict)
     diverged_stages: list[int] = field(default_factory=list)  # stages whose replicas skipped syncs and differ until re-aligned
+    lr: float | None = None         # the round's learning rate (the schedule's position)
+    grad_norm: float | None = None  # the global gradient norm the stages clipped by (None: no clipping)
 
     @property
     def duration(self) -> float:
@@ -75,6 +79,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
+            for column in ("lr", "grad_norm"):  # a store written before the training recipe was recorded
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE rounds ADD COLUMN {column} REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -92,9 +100,9 @@ class Store:
     def record_round(self, r: RoundRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.round, r.loss, r.tokens, r.samples, r.dropped, r.started, r.ended,
-                 json.dumps(r.participants), json.dumps(r.checksums), json.dumps(r.bytes), json.dumps(r.diverged_stages)),
+                 json.dumps(r.participants), json.dumps(r.checksums), json.dumps(r.bytes), json.dumps(r.diverged_stages), r.lr, r.grad_norm),
             )
 
     def rounds(self, limit: int | None = None) -> list[RoundRecord]:
@@ -102,7 +110,8 @@ class Store:
         with self._lock:
             rows = self._db.execute(query).fetchall()
         return [
-            RoundRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), json.loads(row[8]), json.loads(row[9]), json.loads(row[10]))
+            RoundRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), json.loads(row[8]), json.loads(row[9]),
+                        json.loads(row[10]), row[11], row[12])
             for row in reversed(rows)
         ]
 

@@ -114,6 +114,10 @@ class ControlClient:
     async def report_step(self, request: pb.StepReport) -> pb.StepAck:
         return await self._call(self.stub.ReportStep, request)
 
+    async def clip_factor(self, request: pb.ClipRequest, timeout: float) -> pb.ClipReply:
+        """Waits while the other stages report their norms: ``timeout`` covers the slowest stage's sync."""
+        return await self._call(self.stub.ClipFactor, request, timeout=timeout, retry_for=10)
+
     async def next_evaluation(self, request: pb.EvalJobRequest, retry_for: float) -> pb.EvalJob:
         return await self._call(self.stub.NextEvaluation, request, retry_for=retry_for)
 

@@ -39,7 +39,7 @@ from .inflight import InflightSizer
 from .metrics import PeerMetrics, PeerSnapshot, status_line
 from .pipeline import Pipeline
 from .reachability import Reachability, circuit_maddrs, free_port, p2p_options, probe
-from .replica_sync import StageSync, SyncExchange
+from .replica_sync import Clip, StageSync, SyncError, SyncExchange
 from .routing import Router
 from .stage_runtime import StageRuntime
 from .transport import FrameTransport, WireCounters
@@ -160,7 +160,7 @@ class PeerNode:
         self.boundary = BoundaryCodec(self.train, self.config.activation_cache_mb << 20, cache_dir, self.device.device)
         self.exchange = SyncExchange(self.transport, self.run_id, self.dht_id)
         self.runtime = StageRuntime(model_config, self.train, join.layer_start, join.layer_end, self.device.device)
-        self.sync = StageSync(self.runtime, self.exchange, self.train, self.stage)
+        self.sync = StageSync(self.runtime, self.exchange, self.train, self.stage, self._clip)
         self.pipeline = Pipeline(self.runtime, self.transport, self.directory, Router(rng=random.Random(self.dht_id)), self.boundary,
                                  self.run_id, self.stage, self.train.round_timeout, self.failures)
         self.weights = StageWeights(self.transport, self.run_id, join.checkpoint_public_key, self.stopping, self.config.connect_timeout,
@@ -297,7 +297,7 @@ class PeerNode:
             self.runtime = StageRuntime(old.model.config, self.train, layer_start, layer_end, self.device.device)
             self.runtime.loads = old.loads
             self.stage = stage
-            self.sync = StageSync(self.runtime, self.exchange, self.train, stage)
+            self.sync = StageSync(self.runtime, self.exchange, self.train, stage, self._clip)
             self.pipeline.runtime, self.pipeline.stage = self.runtime, stage
         old.executor.shutdown(wait=False, cancel_futures=True)
         await self._load_weights()
@@ -500,6 +500,23 @@ class PeerNode:
             more = f" ({self.drops - logged_drops - 1} more since the last warning)" if self.drops - logged_drops > 1 else ""
             log.warning("microbatch %d of round %d dropped%s: %s", mb.index, mb.round, more, error)
             self._drops_logged = (now, self.drops)
+
+    @property
+    def _clip(self) -> Clip | None:
+        return self._clip_factor if self.train.clip_grad_norm > 0 else None
+
+    async def _clip_factor(self, round: int, attempt: int, squared_norm: float) -> float | None:
+        """The factor every stage clips this round's gradient by, from the coordinator (None: a stage's gradient
+        was not finite, so nobody steps)."""
+        request = pb.ClipRequest(peer_id=self.peer_id, round=round, sync_attempt=attempt, squared_norm=squared_norm)
+        try:
+            reply = await self.client.clip_factor(request, timeout=self.train.sync_timeout + 15)
+        except grpc.aio.AioRpcError as exc:
+            raise SyncError(f"the coordinator gave no clip factor for round {round}: {exc.details() or exc.code().name}") from None
+        if reply.factor < 1.0:
+            log.debug("round %d: global gradient norm %.4g > --clip-grad-norm %g: gradients scaled by %.4g",
+                     round, reply.norm, self.train.clip_grad_norm, reply.factor)
+        return None if reply.skip else reply.factor
 
     async def _step_round(self, round: int, group: list[str], tokens: int, attempt: int, open_attempt: int, loss_scale: float) -> None:
         """SYNC: close the round, sync with the replica group and step (``peer.replica_sync``), report the checksum."""

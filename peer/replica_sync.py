@@ -1,6 +1,6 @@
 """Replica sync: how the replicas of one stage agree on their weights each round, all of it here.
 
-Two forms, by ``--sync-compression``:
+Three forms, by ``--sync-compression``:
 
 - ``none`` (exact): the replicas sum the round's gradients with a reduce-scatter then an
   all-gather over P2P (member i sums part i from everyone, in member order, and sends the sum
@@ -14,7 +14,18 @@ Two forms, by ``--sync-compression``:
   that is the error feedback, and it lives in the weights and nowhere else. A stage skips a
   round's sync with probability ``p_skip`` (the same draw on every replica) unless the round
   re-aligns (``resync_every``); the local steps of skipped rounds are part of the next delta.
-  Rounds 1..``sync_warmup_rounds`` sum gradients exactly, the anchor following the weights.
+- ``sparseloco`` (local steps, the DiLoCo family as SparseLoCo runs it): each replica steps on
+  its own gradient every round (the inner steps); every ``sync_every`` rounds it folds its drift
+  from the shared weights (the pseudo-gradient, anchor - weights) into an error-feedback
+  accumulator decayed by ``sync_error_decay``, sends the accumulator's chunk-wise top-k at
+  ``sync_bits`` (``peer.compression.sparseloco``) and keeps the rest of it. The shared weights
+  move by ``outer_lr`` times the token-weighted mean of what the replicas sent (the outer step),
+  and every replica continues from them; in between, replicas differ by design ("skipped").
+
+Rounds 1..``sync_warmup_rounds`` of either compressed form sum gradients exactly, the anchor
+following the weights. Every step, local or not, clips by one factor shared by all stages (the
+``clip`` callback asks the coordinator, which sums every stage's squared norm): see
+``peer.optimizer``.
 
 Checksums, checkpoints and hand-offs carry the agreed weights: the anchor under cocktail.
 ``StageSync`` holds the policy and the anchor and does all tensor arithmetic on the stage's
@@ -36,14 +47,15 @@ from typing import Any, Awaitable, Callable
 import torch
 from hivemind.p2p import P2PHandlerError, PeerID
 
-from proto import codec
+from proto import NO_GRADIENT, codec
 from proto import hometrain_pb2 as pb
 from proto.codec import WireKind
 from proto.run_config import TrainConfig
 from proto.schedule import resyncs, skips_sync, sync_seed
 
-from .compression import cocktail
+from .compression import cocktail, sparseloco
 from .compression.cocktail import SyncCompressionConfig
+from .compression.sparseloco import SparseLoCoConfig
 from .stage_model import parameter_checksum
 from .stage_runtime import StageRuntime
 from .transport import FrameTransport, Tensors
@@ -55,7 +67,8 @@ ANCHOR = "anchor"  # the name the agreed weights travel under in a state hand-of
 Key = tuple[int, int, int, int, int, str]  # round, attempt, stage, frame kind, part, sender
 Compute = Callable[..., Awaitable[Any]]    # runs a function on the stage's compute thread
 SEND_RETRY_FIRST, SEND_RETRY_MAX = 0.5, 4.0  # seconds between attempts to deliver a sync frame
-PAYLOAD_NAMES = {"mask", "meta", "values.codes", "values.scales", "values.meta", "weight"}
+PAYLOAD_NAMES = {"mask", "offsets", "meta", "values.codes", "values.scales", "values.meta", "weight"}
+Clip = Callable[[int, int, float], Awaitable[float | None]]  # (round, attempt, squared norm) -> clip factor (None: skip the step)
 
 
 class SyncError(RuntimeError):
@@ -210,8 +223,9 @@ class StageSync:
 
     state_names = (ANCHOR,)  # what of a hand-off is this sync's (``state``), not the runtime's
 
-    def __init__(self, runtime: StageRuntime, exchange: SyncExchange, train: TrainConfig, stage: int) -> None:
+    def __init__(self, runtime: StageRuntime, exchange: SyncExchange, train: TrainConfig, stage: int, clip: Clip | None = None) -> None:
         self.runtime = runtime
+        self.clip = clip                         # the global clip factor for this replica's squared norm (None: no clipping)
         self.exchange = exchange
         self.train = train
         self.stage = stage
@@ -220,6 +234,7 @@ class StageSync:
         self.unsynced_tokens = 0                 # cocktail: loss tokens behind params - anchor (the weight of this replica's delta)
         self.loss_scale = 1.0                    # the round's (fp16)
         self.overflowed = False                  # this round's gradient was not finite: no step
+        self.error: torch.Tensor | None = None   # sparseloco: the error-feedback accumulator of pseudo-gradients (flat fp32, CPU)
 
     # ------------------------------------------------------------ the agreed weights (compute thread)
 
@@ -247,8 +262,8 @@ class StageSync:
         numel = sum(p.numel() for _, p in self.runtime.trainable())
         if anchor is not None and (anchor.dtype != torch.float32 or tuple(anchor.shape) != (numel,) or not torch.isfinite(anchor).all()):
             raise codec.FrameError(f"anchor must be {numel} finite float32 values, received {anchor.dtype} {list(anchor.shape)}")
-        self.anchor = None
-        if self.train.sync_compression == "cocktail":
+        self.anchor, self.error = None, None
+        if self.train.sync_compression != "none":
             self.anchor = anchor.clone() if anchor is not None else self.runtime.flat_params()
         self.unsynced_tokens = 0
         self.stepped_round = next_round - 1
@@ -256,6 +271,7 @@ class StageSync:
     def _reset_anchor(self) -> None:
         self.anchor = self.runtime.flat_params()
         self.unsynced_tokens = 0
+        self.error = None
 
     # ------------------------------------------------------------ one round
 
@@ -275,7 +291,8 @@ class StageSync:
             synced, diverged, error = True, False, ""
             try:
                 if train.compresses_sync(round):
-                    how = await self._delta(round, group, attempt)
+                    local_steps = self._outer if train.sync_compression == "sparseloco" else self._delta
+                    how = await local_steps(round, group, attempt)
                     diverged = how == "skipped"
                 else:
                     how = await self._exact(round, group, tokens, attempt)
@@ -286,6 +303,18 @@ class StageSync:
             checksum = await runtime.run(self.checksum)
         return StepOutcome(synced, diverged, how, checksum, error, self.overflowed)
 
+    async def _step(self, round: int, attempt: int, summed: torch.Tensor, divisor: float) -> None:
+        """The recipe's order (``peer.optimizer``): gradients in, one clip factor for every stage (the coordinator's,
+        from all stages' squared norms), the round's step. A gradient that is not finite here or on any stage
+        skips the step (``overflowed``)."""
+        runtime = self.runtime
+        squared = await runtime.run(runtime.load_gradients, summed, divisor)
+        if self.clip is not None:
+            factor = await self.clip(round, attempt, squared)
+        else:
+            factor = 1.0 if math.isfinite(squared) else None
+        self.overflowed = not await runtime.run(runtime.apply_step, round, factor)
+
     async def _exact(self, round: int, group: list[str], tokens: int, attempt: int) -> str:
         """Sum gradients over the group, divide by the round's tokens, one step."""
         runtime = self.runtime
@@ -293,25 +322,33 @@ class StageSync:
         summed = flat if len(group) == 1 else await self.exchange.all_reduce_sum(
             flat, group, round, self.stage, self.train.sync_timeout, attempt, runtime.run)
         if tokens > 0:
-            self.overflowed = not await runtime.run(runtime.apply_step, summed, tokens * self.loss_scale)
+            await self._step(round, attempt, summed, tokens * self.loss_scale)
         else:
             await runtime.run(runtime.discard_gradients)
-        if self.anchor is not None:  # cocktail's warm-up: the exact weights are what the replicas agree on
+        if self.anchor is not None:  # the compressed syncs' warm-up: the exact weights are what the replicas agree on
             await runtime.run(self._reset_anchor)
         return f"group of {len(group)}, {tokens} tokens"
+
+    async def _local_step(self, round: int, attempt: int) -> None:
+        """Step on this replica's own gradient (once per round: a retried attempt must not step twice)."""
+        runtime = self.runtime
+        if self.stepped_round >= round:
+            return
+        local = runtime.round_tokens
+        if local > 0:
+            await self._step(round, attempt, await runtime.run(runtime.flat_gradients), local * self.loss_scale)
+            if not self.overflowed:  # a skipped step adds nothing to the delta, so its tokens must not weight it
+                self.unsynced_tokens += local
+        else:
+            if self.clip is not None:  # the other stages wait for every replica's norm: say there is none
+                await self.clip(round, attempt, NO_GRADIENT)
+            await runtime.run(runtime.discard_gradients)
+        self.stepped_round = round
 
     async def _delta(self, round: int, group: list[str], attempt: int) -> str:
         """A local step, then (unless this round skips) the weighted average of compressed parameter deltas."""
         runtime, train = self.runtime, self.train
-        if self.stepped_round < round:  # a retried attempt must not step twice
-            local = runtime.round_tokens
-            if local > 0:
-                self.overflowed = not await runtime.run(lambda: runtime.apply_step(runtime.flat_gradients(), local * self.loss_scale))
-                if not self.overflowed:  # a skipped step adds nothing to the delta, so its tokens must not weight it
-                    self.unsynced_tokens += local
-            else:
-                await runtime.run(runtime.discard_gradients)
-            self.stepped_round = round
+        await self._local_step(round, attempt)
         if len(group) == 1:
             await runtime.run(self._reset_anchor)
             return "alone"
@@ -327,6 +364,43 @@ class StageSync:
         self.unsynced_tokens = 0
         return f"delta sync with {len(group)}"
 
+    async def _outer(self, round: int, group: list[str], attempt: int) -> str:
+        """sparseloco: a local (inner) step; every ``sync_every`` rounds, the outer step on the replicas' mean
+        compressed pseudo-gradient, after which every replica holds the shared weights again."""
+        runtime, train = self.runtime, self.train
+        await self._local_step(round, attempt)
+        if len(group) == 1:
+            await runtime.run(self._reset_anchor)
+            return "alone"
+        if round % train.sync_every:
+            return "skipped"
+        config = SparseLoCoConfig(train.sync_density, train.sync_chunk, train.sync_bits)
+        payload = await runtime.run(self._compress_pseudo_gradient, config)
+        payload["weight"] = torch.tensor([float(self.unsynced_tokens)], dtype=torch.float64)
+        payloads = await self.exchange.all_gather(payload, group, round, self.stage, train.sync_timeout, attempt,
+                                                  raw_bytes=4 * self.anchor.numel())
+        await runtime.run(self._outer_step, payloads, group, config)
+        self.unsynced_tokens = 0
+        return f"outer step with {len(group)}"
+
+    def _compress_pseudo_gradient(self, config: SparseLoCoConfig) -> dict[str, torch.Tensor]:
+        """Fold this replica's drift since the shared weights into its error-feedback accumulator (decayed first);
+        send the accumulator's chunk-wise top-k; keep the rest of it for later syncs."""
+        if self.error is None:
+            self.error = torch.zeros_like(self.anchor)
+        self.error.mul_(self.train.sync_error_decay).add_(self.anchor - self.runtime.flat_params())
+        payload, sent = sparseloco.compress(self.error, config)
+        self.error.sub_(sent)
+        return payload
+
+    def _outer_step(self, payloads: list[dict[str, torch.Tensor]], group: list[str], config: SparseLoCoConfig) -> None:
+        """The shared weights move by ``outer_lr`` times the token-weighted mean pseudo-gradient; every replica
+        continues from them."""
+        numel = self.anchor.numel()
+        mean = self._weighted_mean(payloads, group, lambda frame: sparseloco.decompress(frame, numel, config), numel)
+        self.anchor = self.anchor - self.train.outer_lr * mean
+        self.runtime.load_flat_params(self.anchor)
+
     def _compress_delta(self, seed: int, config: SyncCompressionConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """This replica's delta against the anchor, compressed; and what the payload leaves unsent (the residual)."""
         delta = self.runtime.flat_params() - self.anchor
@@ -337,6 +411,14 @@ class StageSync:
                        residual: torch.Tensor) -> None:
         """Move the anchor by the token-weighted mean of the deltas (in member order); keep the residual in the weights."""
         numel = residual.numel()
+        mean = self._weighted_mean(payloads, group, lambda frame: cocktail.decompress(frame, numel, seed, config), numel)
+        self.anchor = self.anchor + mean
+        self.runtime.load_flat_params(self.anchor + residual)
+
+    @staticmethod
+    def _weighted_mean(payloads: list[dict[str, torch.Tensor]], group: list[str],
+                       decode: Callable[[dict[str, torch.Tensor]], torch.Tensor], numel: int) -> torch.Tensor:
+        """The mean of the members' decoded payloads (in member order), each weighted by the tokens behind it."""
         parts, weights = [], []
         for member, frame in zip(group, payloads):
             frame = dict(frame)
@@ -344,7 +426,7 @@ class StageSync:
             if w is None or w.dtype != torch.float64 or w.shape != (1,) or not w.item() >= 0 or not math.isfinite(w.item()):
                 raise SyncError(f"sync payload from {member} needs a finite float64 'weight' >= 0, got {None if w is None else w.tolist()}")
             try:
-                parts.append(cocktail.decompress(frame, numel, seed, config))
+                parts.append(decode(frame))
             except ValueError as exc:
                 raise SyncError(f"undecodable sync payload from {member}: {exc}") from None
             weights.append(w.item())
@@ -352,5 +434,4 @@ class StageSync:
         mean = torch.zeros(numel, dtype=torch.float32)
         for part, w in zip(parts, weights):
             mean += part * (w / norm if norm > 0 else 1 / len(group))
-        self.anchor = self.anchor + mean
-        self.runtime.load_flat_params(self.anchor + residual)
+        return mean

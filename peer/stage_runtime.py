@@ -203,10 +203,14 @@ class StageRuntime:
         ]
         return torch.cat(grads)
 
-    def apply_step(self, summed: torch.Tensor, divisor: float) -> bool:
-        """One optimizer step from ``summed`` gradients divided by ``divisor``; clear gradients. False if the
-        gradient was not finite and the step was skipped."""
-        stepped = self.optimizer.step(summed, divisor)
+    def load_gradients(self, summed: torch.Tensor, divisor: float) -> float:
+        """The gradients to step on: ``summed`` divided by ``divisor``. Returns their squared norm (inf: not finite)."""
+        return self.optimizer.load_gradients(summed, divisor)
+
+    def apply_step(self, round: int, clip_factor: float | None = 1.0) -> bool:
+        """``round``'s optimizer step on the loaded gradients, scaled by ``clip_factor`` (None: skip it); clear
+        gradients. False if nothing was stepped."""
+        stepped = self.optimizer.step(round, clip_factor)
         self.discard_gradients()
         return stepped
 

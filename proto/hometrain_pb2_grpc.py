@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=proto_dot_hometrain__pb2.StepReport.SerializeToString,
                 response_deserializer=proto_dot_hometrain__pb2.StepAck.FromString,
                 _registered_method=True)
+        self.ClipFactor = channel.unary_unary(
+                '/hometrain.Coordinator/ClipFactor',
+                request_serializer=proto_dot_hometrain__pb2.ClipRequest.SerializeToString,
+                response_deserializer=proto_dot_hometrain__pb2.ClipReply.FromString,
+                _registered_method=True)
         self.UploadCheckpoint = channel.stream_unary(
                 '/hometrain.Coordinator/UploadCheckpoint',
                 request_serializer=proto_dot_hometrain__pb2.CheckpointChunk.SerializeToString,
@@ -142,6 +147,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClipFactor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadCheckpoint(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -202,6 +213,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportStep,
                     request_deserializer=proto_dot_hometrain__pb2.StepReport.FromString,
                     response_serializer=proto_dot_hometrain__pb2.StepAck.SerializeToString,
+            ),
+            'ClipFactor': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClipFactor,
+                    request_deserializer=proto_dot_hometrain__pb2.ClipRequest.FromString,
+                    response_serializer=proto_dot_hometrain__pb2.ClipReply.SerializeToString,
             ),
             'UploadCheckpoint': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadCheckpoint,
@@ -435,6 +451,33 @@ class Coordinator:
             '/hometrain.Coordinator/ReportStep',
             proto_dot_hometrain__pb2.StepReport.SerializeToString,
             proto_dot_hometrain__pb2.StepAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClipFactor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hometrain.Coordinator/ClipFactor',
+            proto_dot_hometrain__pb2.ClipRequest.SerializeToString,
+            proto_dot_hometrain__pb2.ClipReply.FromString,
             options,
             channel_credentials,
             insecure,

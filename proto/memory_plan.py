@@ -13,8 +13,10 @@ What a stage holds (P: its parameters; T: those it trains, P without LoRA):
 - ``gradients``: T in fp32, accumulated over the round's microbatches.
 - ``optimizer``: AdamW's two fp32 moments (8 bytes per trained parameter), or 8-bit AdamW's two
   uint8 moments with a fp32 scale per 2048 values (tensors under 4096 values stay 32-bit).
-- ``sync``: cocktail keeps the agreed weights (4 bytes per trained parameter), and a sync holds
-  two flat fp32 copies of T while it runs (gradients or deltas, and their sum).
+- ``anchor``: cocktail keeps the agreed weights (4 bytes per trained parameter); sparseloco
+  keeps them and its error-feedback accumulator (8 bytes).
+- ``sync``: a sync holds two flat fp32 copies of T while it runs (gradients or deltas, and
+  their sum).
 - ``step``: the optimizer's own temporaries, one tensor at a time (AdamW is fused, so no
   temporaries the size of the stage): an allowance of one fp32 copy of the largest tensor for
   AdamW, three for 8-bit AdamW (it works on dequantized fp32 moments). The step takes its
@@ -32,7 +34,7 @@ What a stage holds (P: its parameters; T: those it trains, P without LoRA):
   as measured on the CPU).
 - ``aqsgd_cache``: the budget the AQ-SGD caches may hold in memory (``--activation-cache-mb``).
 
-Peak = weights + gradients + optimizer + cocktail's anchor + aqsgd_cache + the larger of
+Peak = weights + gradients + optimizer + anchor + aqsgd_cache + the larger of
 (activations + backward) and (sync + step).
 """
 
@@ -93,7 +95,7 @@ class PlanSettings:
     lora_rank: int = 0                  # 0: every parameter trains
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_base_bits: int = 32            # the frozen base's storage under LoRA: 32, 8 or 4
-    cocktail: bool = False              # cocktail sync keeps the agreed weights
+    sync_copies: int = 0                # fp32 copies of the trained weights the sync keeps: cocktail 1, sparseloco 2
     aqsgd_cache_bytes: int = 0
 
 
@@ -200,7 +202,7 @@ def plan_stage(shape: StageShape, settings: PlanSettings) -> MemoryPlan:
         "weights": _weight_bytes(shape, settings),
         "gradients": FP32 * trained,
         "optimizer": _optimizer_bytes(shape, settings),
-        "anchor": FP32 * trained if settings.cocktail else 0,
+        "anchor": settings.sync_copies * FP32 * trained,
         "aqsgd_cache": settings.aqsgd_cache_bytes,
         "activations": settings.in_flight * per_microbatch,
         "backward": _backward_transient(shape, settings),
@@ -266,11 +268,14 @@ def _split_evenly(ranges: list[tuple[int, int]], stages: int) -> list[tuple[int,
     return ranges
 
 
+SYNC_COPIES = {"none": 0, "cocktail": 1, "sparseloco": 2}  # --sync-compression -> PlanSettings.sync_copies
+
+
 def plan_settings(train, aqsgd_cache_bytes: int = 0) -> PlanSettings:
     """The planner's settings from a run's ``TrainConfig`` (``aqsgd_cache_bytes``: a peer's --activation-cache-mb)."""
     return PlanSettings(
         seq_len=train.seq_len, micro_batch=train.micro_batch_size, in_flight=train.max_inflight, precision=train.compute_dtype,
-        optimizer=train.optimizer, activation_checkpointing=train.activation_checkpointing, cocktail=train.sync_compression == "cocktail",
+        optimizer=train.optimizer, activation_checkpointing=train.activation_checkpointing, sync_copies=SYNC_COPIES[train.sync_compression],
         aqsgd_cache_bytes=aqsgd_cache_bytes if train.activation_compression == "aqsgd" else 0,
         lora_rank=train.lora_rank, lora_targets=train.lora_target_modules, lora_base_bits=train.lora_base_bits,
     )

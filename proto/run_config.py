@@ -103,18 +103,29 @@ class TrainConfig:
         "run": ("seed", "round_timeout", "deadline_factor", "deadline_floor"),
         "model": ("compute_dtype", "activation_checkpointing", "lora_rank", "lora_alpha", "lora_targets", "lora_base_bits"),
         "data": ("seq_len", "micro_batch_size", "global_batch_size"),
-        "optimizer": ("optimizer", "lr", "weight_decay", "beta1", "beta2", "eps"),
+        "optimizer": ("optimizer", "lr", "lr_schedule", "lr_warmup_rounds", "lr_decay_rounds", "lr_min_ratio", "clip_grad_norm",
+                      "weight_decay", "beta1", "beta2", "eps"),
         "compression": ("activation_compression", "activation_bits", "activation_first_bits", "gradient_bits", "boundary_block",
                         "sync_compression", "sync_random_ratio", "sync_topk_ratio", "sync_bits", "p_skip", "resync_every",
-                        "sync_warmup_rounds"),
+                        "sync_warmup_rounds", "sync_every", "sync_density", "sync_chunk", "sync_error_decay", "outer_lr"),
         "network": ("sync_timeout", "max_inflight"),
     }
 
     seq_len: int = opt(64, "Tokens per training sample.", unit="tokens")
     micro_batch_size: int = opt(4, "Samples per microbatch (what one pipeline trip carries).")
     global_batch_size: int = opt(16, "Samples per round, i.e. per optimizer step, across all replicas.")
-    lr: float = opt(1e-3, "AdamW learning rate (GPT-JT used 1e-5 on GPT-J-6B).")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    lr: float = opt(1e-3, "AdamW peak learning rate (GPT-JT used 1e-5 on GPT-J-6B).")
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt(
+        "cosine", "After the warm-up the learning rate decays to --lr-min-ratio x --lr by round --lr-decay-rounds: cosine, "
+        "linear, or constant (no decay).")
+    lr_warmup_rounds: int = opt(10, "The learning rate rises linearly from --lr / N at round 1 to --lr at round N (0: no warm-up).")
+    lr_decay_rounds: int = opt(
+        0, "Round at which the decay reaches its floor and stays (0: the coordinator's --rounds; with no --rounds, no decay).")
+    lr_min_ratio: float = opt(0.1, "The decay's floor, as a share of --lr.")
+    clip_grad_norm: float = opt(
+        1.0, "Clip the gradient by its global norm over all stages (what one process's clip_grad_norm_ does): stages report "
+        "their squared norms and all scale by the same factor, min(1, N / norm); 0: no clipping.")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay, on matrices only (biases, LayerNorm weights never decay).")
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.999, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
@@ -140,16 +151,26 @@ class TrainConfig:
     activation_first_bits: Literal[2, 4, 8] = opt(8, "AQ-SGD: bits for a frame holding a sample's first visit (it fills both caches).")
     gradient_bits: Literal[0, 2, 4, 8] = opt(0, "Bits per activation gradient backward (0: fp32, uncompressed).")
     boundary_block: Literal[64, 128, 256, 512, 1024, 2048, 4096] = opt(64, "Values sharing one scale when activations or their gradients are quantized (larger: fewer bytes on scales, coarser).")
-    sync_compression: Literal["none", "cocktail"] = opt("none", "Replica sync: none (exact gradient sum) or cocktail (parameter deltas: random subset, top-k, low-bit, error feedback).")
+    sync_compression: Literal["none", "cocktail", "sparseloco"] = opt(
+        "none", "Replica sync: none (exact gradient sum every round), cocktail (every round, parameter deltas: random subset, "
+        "top-k, low-bit, error feedback) or sparseloco (local steps: --sync-every rounds apart, pseudo-gradients through an "
+        "error-feedback accumulator, chunk-wise top-k at low bits, an outer step).")
     sync_random_ratio: float = opt(0.1, "cocktail: share of coordinates in the shared random subset.")
     sync_topk_ratio: float = opt(0.2, "cocktail: share of the random subset kept by magnitude.")
-    sync_bits: Literal[2, 4, 8] = opt(4, "cocktail: bits per kept value.")
+    sync_bits: Literal[2, 4, 8] = opt(4, "cocktail and sparseloco: bits per kept value.")
     p_skip: float = opt(0.0, "cocktail: probability that a stage skips a round's sync and keeps training locally (same draw on every replica).")
     resync_every: int = opt(0, "cocktail: never skip the sync of rounds divisible by N, so replicas re-align at least that often (0: no such rule).")
     sync_warmup_rounds: int = opt(
-        0, "cocktail: rounds 1..N sum gradients exactly, uncompressed, before the compressed delta sync starts (as CocktailSGD "
-        "warms up: compression costs most early in training from random init)."
+        0, "cocktail and sparseloco: rounds 1..N sum gradients exactly, uncompressed, before the compressed sync starts (as "
+        "CocktailSGD warms up: compression costs most early in training from random init)."
     )
+    sync_every: int = opt(15, "sparseloco: replicas sync every N rounds and step on their own gradients in between (H local steps).")
+    sync_density: float = opt(64 / 4096, "sparseloco: share of each chunk's values sent, the largest by magnitude (Covenant-72B sent 64 of every 4096).")
+    sync_chunk: Literal[64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536] = opt(
+        4096, "sparseloco: values per top-k chunk; each sent value's offset costs log2(N) bits.")
+    sync_error_decay: float = opt(0.95, "sparseloco: the error-feedback accumulator is multiplied by this before each pseudo-gradient is added "
+                                        "(it stands in for DiLoCo's outer momentum).")
+    outer_lr: float = opt(1.0, "sparseloco: the outer step moves the shared weights by this times the replicas' mean compressed pseudo-gradient.")
 
     def __post_init__(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
@@ -163,8 +184,27 @@ class TrainConfig:
             raise ConfigError(f"--compute-dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
         if self.activation_compression not in ("none", "direct", "aqsgd"):
             raise ConfigError(f"--activation-compression must be none, direct or aqsgd, got {self.activation_compression!r}")
-        if self.sync_compression not in ("none", "cocktail"):
-            raise ConfigError(f"--sync-compression must be none or cocktail, got {self.sync_compression!r}")
+        if self.sync_compression not in ("none", "cocktail", "sparseloco"):
+            raise ConfigError(f"--sync-compression must be none, cocktail or sparseloco, got {self.sync_compression!r}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"--lr-schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        for name in ("lr_warmup_rounds", "lr_decay_rounds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ConfigError(f"--lr-min-ratio must be in [0, 1], got {self.lr_min_ratio}")
+        if not self.clip_grad_norm >= 0 or not math.isfinite(self.clip_grad_norm):
+            raise ConfigError(f"--clip-grad-norm must be a finite number >= 0 (0: no clipping), got {self.clip_grad_norm}")
+        if self.sync_every < 1:
+            raise ConfigError(f"--sync-every must be >= 1, got {self.sync_every}")
+        if not 0 < self.sync_density <= 1:
+            raise ConfigError(f"--sync-density must be in (0, 1], got {self.sync_density}")
+        if self.sync_chunk not in tuple(2**i for i in range(6, 17)):
+            raise ConfigError(f"--sync-chunk must be a power of two from 64 to 65536, got {self.sync_chunk}")
+        if not 0 <= self.sync_error_decay <= 1:
+            raise ConfigError(f"--sync-error-decay must be in [0, 1], got {self.sync_error_decay}")
+        if not self.outer_lr > 0:
+            raise ConfigError(f"--outer-lr must be > 0, got {self.outer_lr}")
         for name in ("activation_bits", "activation_first_bits", "sync_bits"):
             if getattr(self, name) not in (2, 4, 8):
                 raise ConfigError(f"--{name.replace('_', '-')} must be 2, 4 or 8, got {getattr(self, name)}")
@@ -189,16 +229,17 @@ class TrainConfig:
             raise ConfigError(f"--lora-targets must name some of {', '.join(LORA_TARGETS)}; got {self.lora_targets!r}")
         if self.lora_base_bits != 32 and not self.lora_rank:
             raise ConfigError(f"--lora-base-bits {self.lora_base_bits} needs --lora-rank > 0: only a frozen base can be held in fewer bits")
-        if self.sync_warmup_rounds > 0 and self.sync_compression != "cocktail":
-            raise ConfigError(f"--sync-warmup-rounds {self.sync_warmup_rounds} needs --sync-compression cocktail: without it every round's sync is exact")
+        if self.sync_warmup_rounds > 0 and self.sync_compression == "none":
+            raise ConfigError(f"--sync-warmup-rounds {self.sync_warmup_rounds} needs --sync-compression cocktail or sparseloco: without it every round's sync is exact")
 
     @property
     def lora_target_modules(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     def compresses_sync(self, round: int) -> bool:
-        """Whether ``round`` syncs compressed parameter deltas (cocktail, past the warm-up) rather than summing gradients exactly."""
-        return self.sync_compression == "cocktail" and round > self.sync_warmup_rounds
+        """Whether ``round`` steps locally and syncs compressed (cocktail or sparseloco, past the warm-up) rather than summing
+        gradients exactly."""
+        return self.sync_compression != "none" and round > self.sync_warmup_rounds
 
     @property
     def microbatches_per_round(self) -> int:
@@ -345,7 +386,9 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
         return values  # type: ignore[return-value]
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+        """What peers train with: this run's settings, the decay's horizon resolved (``--rounds`` when not given)."""
+        train = TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+        return dataclasses.replace(train, lr_decay_rounds=self.lr_decay_rounds or self.rounds)
 
     @property
     def public_host(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 
 def _unit(*parts: int) -> float:
@@ -25,3 +26,21 @@ def resyncs(round: int, resync_every: int) -> bool:
 def sync_seed(seed: int, round: int, stage: int, attempt: int) -> int:
     """Seed of the shared random subset of a round's compressed sync (indices are never sent)."""
     return int(_unit(seed, round, stage, attempt, 2) * 2**62)
+
+
+def learning_rate(train, round: int) -> float:
+    """The learning rate of ``round`` (1-based): linear warm-up to ``train.lr`` over ``lr_warmup_rounds``, then
+    ``lr_schedule`` decay to ``lr_min_ratio * lr`` at round ``lr_decay_rounds`` (0: no decay), flat after it.
+
+    A function of the round alone, so every replica and stage takes the same value, and a checkpoint or a
+    hand-off, which carries its round, carries the schedule's position."""
+    peak, warmup, horizon = train.lr, train.lr_warmup_rounds, train.lr_decay_rounds
+    if warmup and round <= warmup:
+        return peak * round / warmup
+    if train.lr_schedule == "constant" or horizon <= warmup:
+        return peak
+    floor = peak * train.lr_min_ratio
+    progress = min(1.0, (round - warmup) / (horizon - warmup))
+    if train.lr_schedule == "linear":
+        return peak - (peak - floor) * progress
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

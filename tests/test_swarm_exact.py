@@ -1,16 +1,21 @@
 """2 stages x 1 replica on loopback: the swarm trains exactly like one process, and its checkpoint is the model.
 
 The swarm trains causal LM on the built-in text only (no UL2 phase, no instructions), so every
-row is a plain causal window and HF's own causal forward is the right reference.
+row is a plain causal window and HF's own causal forward is the right reference. It trains with
+the whole recipe: a learning-rate warm-up then cosine decay, clipping by the global gradient
+norm (low enough that it clips), and weight decay on matrices only; the reference does the same
+with torch's own clip_grad_norm_ and AdamW parameter groups.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
@@ -27,6 +32,9 @@ from .swarm import Swarm, seeded_model
 pytestmark = pytest.mark.swarm
 ROUNDS = 10
 DATA_ARGS = ("--ul2-tokens", "0", "--instruction-share", "0")
+WARMUP, MIN_RATIO, CLIP, DECAY = 3, 0.2, 0.8, 0.1
+RECIPE_ARGS = ("--lr-warmup-rounds", str(WARMUP), "--lr-schedule", "cosine", "--lr-min-ratio", str(MIN_RATIO),
+               "--clip-grad-norm", str(CLIP), "--weight-decay", str(DECAY))  # the decay ends at --rounds
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +42,7 @@ def swarm(tmp_path_factory):
     state = tmp_path_factory.mktemp("exact")
     token = state / "join-token"  # secrets come from a file or the environment, never from a command line
     token.write_text("secret\n")
-    s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token-file", str(token), *DATA_ARGS)
+    s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token-file", str(token), *DATA_ARGS, *RECIPE_ARGS)
     s.add_peer("--stage", "0", "--serve-after-run", env={"HOMETRAIN_JOIN_TOKEN": "secret"})
     s.add_peer("--stage", "1", "--join-token-file", str(token), "--serve-after-run")
     try:
@@ -44,15 +52,26 @@ def swarm(tmp_path_factory):
         s.stop()
 
 
-def reference_losses(state_dir, rounds: int) -> list[float]:
-    """Plain single-process training on the same batches, seed and optimizer."""
-    t = CoordinatorConfig(ul2_tokens=0, instruction_share=0)  # the swarm's settings: defaults plus DATA_ARGS
+def expected_lr(peak: float, round: int) -> float:
+    """Linear warm-up over WARMUP rounds, then cosine from the peak to MIN_RATIO of it at round ROUNDS."""
+    if round <= WARMUP:
+        return peak * round / WARMUP
+    floor = peak * MIN_RATIO
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (round - WARMUP) / (ROUNDS - WARMUP)))
+
+
+def reference_run(state_dir, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    """Plain single-process training on the same batches, seed and recipe: (losses, gradient norms, learning rates)."""
+    t = CoordinatorConfig(ul2_tokens=0, instruction_share=0)  # the swarm's data settings: defaults plus DATA_ARGS
     model = seeded_model(GPTJConfig.from_pretrained(str(state_dir / "checkpoints" / f"round-{ROUNDS:06d}")), t.seed)  # what peers built
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(str(state_dir / "tokenizer"))
     data = build_mixer(t, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-    losses, tokens_seen = [], 0
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": DECAY}, {"params": vectors, "weight_decay": 0.0}],
+                                  lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    losses, norms, lrs, tokens_seen = [], [], [], 0
     for r in range(1, rounds + 1):
         loss_sum, tokens = 0.0, 0
         for i in range(t.microbatches_per_round):
@@ -65,21 +84,31 @@ def reference_losses(state_dir, rounds: int) -> list[float]:
             tokens += mb.loss_tokens
         for p in model.parameters():
             p.grad /= tokens
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        lrs.append(expected_lr(t.lr, r))
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[-1]
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss_sum / tokens)
         tokens_seen += tokens
-    return losses
+    return losses, norms, lrs
 
 
 def test_swarm_losses_match_single_process_reference(swarm):
     rounds = swarm.rounds()
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert all(r["dropped"] == 0 for r in rounds)
-    expected = reference_losses(swarm.state_dir, ROUNDS)
-    for record, want in zip(rounds, expected):
-        assert record["loss"] == pytest.approx(want, rel=1e-4), f"round {record['round']}"
-    assert expected[-1] < expected[0]
+    losses, norms, lrs = reference_run(swarm.state_dir, ROUNDS)
+    assert sum(n > CLIP for n in norms) >= ROUNDS // 2, f"the clip threshold must bite: reference norms {norms}"
+    for record, loss, norm, lr in zip(rounds, losses, norms, lrs):
+        assert record["loss"] == pytest.approx(loss, rel=1e-4), f"round {record['round']}"
+        assert record["grad_norm"] == pytest.approx(norm, rel=1e-4), f"round {record['round']}: the global norm both stages clipped by"
+        assert record["lr"] == pytest.approx(lr, rel=1e-9), f"round {record['round']}"
+    assert losses[-1] < losses[0]
+    gauges = {s.name: s.value for family in text_string_to_metric_families(swarm.get_text("/metrics")) for s in family.samples}
+    assert gauges["hometrain_learning_rate"] == pytest.approx(lrs[-1], rel=1e-9)
+    assert gauges["hometrain_grad_norm"] == pytest.approx(norms[-1], rel=1e-4)
 
 
 def test_checkpoint_loads_with_transformers_and_equals_swarm_output(swarm):
