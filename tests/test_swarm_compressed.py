@@ -73,3 +73,25 @@ def test_cocktail_warmup_sums_exactly_then_compresses(tmp_path):
     wire = status["wire"]["sync"]
     ratio = wire["uncompressed_bytes"] / wire["bytes"]
     assert (exact + compressed) / (exact + compressed / 100) < ratio <= (exact + compressed) / exact, (wire, exact, compressed)
+
+
+def test_sparseloco_takes_local_steps_and_agrees_at_each_outer_step(tmp_path):
+    """Every --sync-every rounds the replicas send their accumulators' top-k and take the outer step (their
+    checksums agree, and the shared weights move); the rounds between are local steps (diverged by design).
+    Global clipping runs through it all: each local step clips by the factor from every replica's norm."""
+    every, total = 3, 9
+    rounds, status = train(tmp_path, total, "--min-replicas", "2", "--sync-compression", "sparseloco", "--sync-every", str(every),
+                           "--sync-bits", "2", "--clip-grad-norm", "0.5")
+    assert [r["round"] for r in rounds] == list(range(1, total + 1))
+    assert all(r["dropped"] == 0 and math.isfinite(r["loss"]) for r in rounds)
+    for r in rounds:
+        outer = r["round"] % every == 0
+        assert sorted(r["diverged_stages"]) == ([] if outer else [0, 1]), f"round {r['round']}: {r['diverged_stages']}"
+        if outer:
+            for stage in ("0", "1"):
+                assert len(r["checksums"][stage]) == 2 and len(set(r["checksums"][stage])) == 1, f"round {r['round']} stage {stage}"
+        assert r["grad_norm"] is not None and r["grad_norm"] > 0
+    shared = [r["checksums"]["0"][0] for r in rounds if r["round"] % every == 0]
+    assert len(set(shared)) == len(shared), "the outer steps did not move the shared weights"
+    sync = status["wire"]["sync"]
+    assert sync["uncompressed_bytes"] / sync["bytes"] > 100, sync  # per sync; and only one round in three syncs
