@@ -1,9 +1,14 @@
 """Traffic and loss of the demo swarm (2 stages x 2 replicas) uncompressed and with each compression setting.
 
 Every setting trains the same tiny GPT-J from the same seed on the same data for the same
-rounds, in one invocation. Bytes are what peers counted sending, by kind, divided by the
+rounds, in one invocation, with the run's training recipe (warm-up, cosine decay to the last
+round, global clipping, matrix-only decay). Every round of every setting syncs the same four
+replicas: rounds open only when each stage has both of its replicas (``--min-replicas 2``), so
+no round runs short of a replica. Bytes are what peers counted sending, by kind, divided by the
 loss tokens trained; "reduction" compares activations + gradients + sync with the
-uncompressed run (state transfer at start-up and control messages are shown apart). Final
+uncompressed run (state transfer at start-up and control messages are shown apart). These are
+tensor payloads: the framing around them (frame headers, libp2p's yamux and noise, TCP/IP) is
+not in them; bench/netlab measures it against the kernel's counters. Final
 loss is the mean of the last 5 rounds; the gap is relative to the uncompressed run.
 
 Two tables: from random init, and continued training (GPT-JT's and CocktailSGD's case: an
@@ -16,8 +21,11 @@ shows the activation bytes of each epoch: first visits go at --activation-first-
 fill both caches, later visits send 2-bit changes. The mixer draws samples with replacement,
 so an "epoch" is a dataset's worth of samples, not each sample exactly once.
 
-    python bench/compression.py [--rounds 60] [--pretrain-rounds 240] [--no-scratch] [--only NAME ...]
-                                [--epochs 3] [--diagnostics]
+    python bench/compression.py [--rounds 100] [--pretrain-rounds 240] [--no-scratch] [--only NAME ...]
+                                [--repeats 1] [--epochs 3] [--diagnostics]
+
+``--repeats N`` runs each compressed setting N times (rows "#2", "#3"...): which replica trains
+which microbatch depends on timing, so compressed rows are not bit-reproducible.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ DIRECT4 = ["--activation-compression", "direct", "--activation-bits", "4", "--gr
 DIRECT2 = ["--activation-compression", "direct", "--activation-bits", "2", "--gradient-bits", "2"]
 BLOCK256 = ["--boundary-block", "256"]
 COCKTAIL = ["--sync-compression", "cocktail"]
+SPARSELOCO = ["--sync-compression", "sparseloco", "--sync-bits", "2"]  # 64 of every 4096 values (--sync-density's default)
 SETTINGS: dict[str, list[str]] = {
     "uncompressed": [],
     "aqsgd2/8+g8 (no sync compr.)": ["--activation-compression", "aqsgd", "--activation-bits", "2", "--activation-first-bits", "8",
@@ -42,6 +51,10 @@ SETTINGS: dict[str, list[str]] = {
     "direct4+g4/256+cocktail.3x.3": [*DIRECT4, *BLOCK256, *COCKTAIL, "--sync-random-ratio", "0.3", "--sync-topk-ratio", "0.3"],
     "direct4+g4/256+cocktail": [*DIRECT4, *BLOCK256, *COCKTAIL],
     "direct2+g2/256+cocktail2+skip.75": [*DIRECT2, *BLOCK256, *COCKTAIL, "--sync-bits", "2", "--p-skip", "0.75", "--resync-every", "10"],
+    "direct4+g4/256+sparseloco.H1": [*DIRECT4, *BLOCK256, *SPARSELOCO, "--sync-every", "1"],
+    "direct4+g4/256+sparseloco.H4": [*DIRECT4, *BLOCK256, *SPARSELOCO, "--sync-every", "4"],
+    "direct4+g4/256+sparseloco.H15": [*DIRECT4, *BLOCK256, *SPARSELOCO, "--sync-every", "15"],
+    "direct2+g2/256+sparseloco.H4": [*DIRECT2, *BLOCK256, *SPARSELOCO, "--sync-every", "4"],
 }
 # Where the loss goes (--diagnostics): each cost alone.
 DIAGNOSTICS: dict[str, list[str]] = {
@@ -50,8 +63,11 @@ DIAGNOSTICS: dict[str, list[str]] = {
     "cocktail dense 8-bit (delta form)": [*COCKTAIL, "--sync-random-ratio", "1", "--sync-topk-ratio", "1", "--sync-bits", "8"],
     "cocktail alone": COCKTAIL,
 }
-# Only by name (--only), for long runs from random init (e.g. --rounds 300): exact sums first, as CocktailSGD warms up.
+# Only by name (--only): the same sync bytes as sparseloco.H4's 1.56%, spent on denser, rarer syncs; and, for long runs
+# from random init (e.g. --rounds 300), exact sums first, as CocktailSGD warms up.
 WARMUP: dict[str, list[str]] = {
+    "direct4+g4/256+sparseloco.H8.d1/8": [*DIRECT4, *BLOCK256, *SPARSELOCO, "--sync-every", "8", "--sync-density", "0.125"],
+    "direct4+g4/256+sparseloco.H16.d1/4": [*DIRECT4, *BLOCK256, *SPARSELOCO, "--sync-every", "16", "--sync-density", "0.25"],
     "direct4+g4/256+cocktail after 240 exact": [*DIRECT4, *BLOCK256, *COCKTAIL, "--sync-warmup-rounds", "240"],
 }
 
@@ -60,8 +76,8 @@ def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool 
     """Train ``rounds`` rounds with 4 peers; returns the final status and the round records.
     With ``keep_checkpoint`` the run publishes a checkpoint of its last round and waits until the status lists it."""
     every = rounds if keep_checkpoint else 10 * rounds
-    swarm = LocalSwarm(state, "--eval-on", "off", "--model", "tiny", "--stages", "2", "--rounds", str(rounds), "--checkpoint-every", str(every),
-                       "--linger", *flags, log_dir=state / "logs")
+    swarm = LocalSwarm(state, "--eval-on", "off", "--model", "tiny", "--stages", "2", "--min-replicas", "2", "--rounds", str(rounds),
+                       "--checkpoint-every", str(every), "--linger", *flags, log_dir=state / "logs")
     try:
         for _ in range(4):
             swarm.add_peer("--serve-after-run")
@@ -74,15 +90,21 @@ def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool 
         swarm.stop()
 
 
-def compare(tmp: Path, names: list[str], settings: dict[str, list[str]], rounds: int, common: list[str] = ()) -> dict:
-    """Run every named setting (plus ``common`` flags) for ``rounds``; bytes by kind, tokens and final loss of each."""
+def compare(tmp: Path, names: list[str], settings: dict[str, list[str]], rounds: int, common: list[str] = (), repeats: int = 1) -> dict:
+    """Run every named setting (plus ``common`` flags) for ``rounds``, compressed ones ``repeats`` times; bytes by
+    kind, tokens and final loss of each run."""
     results = {}
     for name in names:
-        status, records = run_swarm(tmp / name.replace("/", "_"), rounds, [*common, *settings[name]])
-        tokens = sum(r["tokens"] for r in records)
-        losses = [r["loss"] for r in records if r["loss"] is not None]
-        results[name] = (status["wire"], tokens, sum(losses[-5:]) / len(losses[-5:]))
-        print(f"ran {name}: {len(records)} rounds, {tokens} tokens", flush=True)
+        for repeat in range(1 if name == "uncompressed" else repeats):
+            label = name if repeat == 0 else f"{name} #{repeat + 1}"
+            status, records = run_swarm(tmp / label.replace("/", "_").replace(" ", "_"), rounds, [*common, *settings[name]])
+            short = [r["round"] for r in records if len(r["participants"]) != 4]
+            if short:
+                raise SystemExit(f"{label}: rounds {short[:5]} synced fewer than the 4 replicas; the comparison would not be fair")
+            tokens = sum(r["tokens"] for r in records)
+            losses = [r["loss"] for r in records if r["loss"] is not None]
+            results[label] = (status["wire"], tokens, sum(losses[-5:]) / len(losses[-5:]))
+            print(f"ran {label}: {len(records)} rounds, {tokens} tokens", flush=True)
     return results
 
 
@@ -90,18 +112,19 @@ def print_table(title: str, results: dict) -> None:
     base_wire, base_tokens, base_loss = results["uncompressed"]
     base_total = sum(base_wire[k]["bytes"] for k in TRAINING_KINDS) / base_tokens
     print(f"\n{title}; bytes sent per trained token")
-    print(f"{'setting':40s} {'activations':>11s} {'gradients':>10s} {'sync':>10s} {'total':>10s} {'reduction':>9s} {'state+ctl':>9s} {'loss':>7s} {'gap':>7s}")
+    print(f"{'setting':44s} {'activations':>11s} {'gradients':>10s} {'sync':>10s} {'total':>10s} {'reduction':>9s} {'state+ctl':>9s} {'loss':>7s} {'gap':>7s}")
     for name, (wire, tokens, loss) in results.items():
         per = {k: wire[k]["bytes"] / tokens for k in TRAINING_KINDS}
         total = sum(per.values())
         other = (wire["state"]["bytes"] + wire["control"]["bytes"]) / tokens
-        print(f"{name:40s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
+        print(f"{name:44s} {per['activations']:11.1f} {per['gradients']:10.1f} {per['sync']:10.1f} {total:10.1f} "
               f"{base_total / total:8.1f}x {other:9.1f} {loss:7.4f} {100 * (loss - base_loss) / base_loss:+6.2f}%")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each compressed setting, to show their spread")
     parser.add_argument("--only", nargs="*", default=None, choices=[*SETTINGS, *DIAGNOSTICS, *WARMUP])
     parser.add_argument("--diagnostics", action="store_true", help="run the settings that isolate each cost instead")
     parser.add_argument("--pretrain-rounds", type=int, default=240,
@@ -115,7 +138,7 @@ def main() -> None:
     scratch = continued = epochs = None
     with tempfile.TemporaryDirectory(prefix="hometrain-bench-") as tmp:
         if args.scratch:
-            scratch = compare(Path(tmp) / "scratch", names, settings, args.rounds)
+            scratch = compare(Path(tmp) / "scratch", names, settings, args.rounds, repeats=args.repeats)
         if args.pretrain_rounds:
             pretrained = Path(tmp) / "pretrain"
             status, _ = run_swarm(pretrained, args.pretrain_rounds, [], keep_checkpoint=True)
@@ -125,7 +148,7 @@ def main() -> None:
             # seed), causal from the start, with a fresh optimizer as --init-from gives.
             common = ["--init-from", checkpoint, "--tokenizer", str(pretrained / "tokenizer"),
                       "--seed", "1", "--ul2-tokens", "0"]
-            continued = compare(Path(tmp) / "continued", names, settings, args.rounds, common)
+            continued = compare(Path(tmp) / "continued", names, settings, args.rounds, common, args.repeats)
         epochs = epoch_table(Path(tmp) / "epochs", args.epochs) if args.epochs else None
 
     if scratch:

@@ -20,7 +20,11 @@ What it shares with hometrain (so only the training scheme differs):
   exactly hometrain's rounds. Nothing is downloaded.
 * loss: ``peer.stage_model.summed_token_loss`` over a microbatch's loss tokens, divided by them
   (hometrain divides a round's summed gradient by its loss tokens; every causal row has seq_len).
-* optimizer: AdamW with ``proto.run_config.TrainConfig``'s lr, betas, eps and weight decay;
+* optimizer: AdamW with ``proto.run_config.TrainConfig``'s lr, betas, eps and weight decay, on
+  hometrain's parameter groups (``peer.optimizer.param_groups``: matrices decay, vectors do not)
+  and its learning-rate schedule by epoch (``proto.schedule.learning_rate``, the decay ending at
+  --epochs), through hivemind's ``scheduler``. Not hometrain's global clipping: hivemind.Optimizer
+  has none, and a peer's own clip would see only its local gradients;
   ``target_batch_size`` = TrainConfig.global_batch_size (samples per hometrain round), one
   ``opt.step()`` per microbatch of TrainConfig.micro_batch_size samples.
 
@@ -84,6 +88,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from proto.run_config import TrainConfig  # noqa: E402  (after the sys.path line: runs as a plain script)
+from proto.schedule import learning_rate  # noqa: E402
+from peer.optimizer import param_groups  # noqa: E402
 
 COMPRESSIONS = ("none", "fp16", "uniform8bit", "blockwise8bit", "quantile8bit", "size-adaptive")
 SIZE_ADAPTIVE_THRESHOLD = 2**16 + 1  # hivemind's ALBERT example: fp16 below, uniform 8-bit from here on (elements)
@@ -528,14 +534,16 @@ def train(cfg: BaselineConfig, progress: Progress, settings: dict[str, Any]) -> 
         "torch": torch.__version__,
     }
 
+    schedule = dataclasses.replace(t, lr_decay_rounds=t.lr_decay_rounds or cfg.epochs)  # hometrain's: decay to the last round
     dht = start_dht(cfg)
     opt = None
     try:
         progress.maddrs = [str(m) for m in dht.get_visible_maddrs()]
         print("MADDRS " + json.dumps(progress.maddrs), flush=True)
         opt = hivemind.Optimizer(
-            dht=dht, run_id=cfg.run_id, params=model.parameters(),
-            optimizer=partial(torch.optim.AdamW, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay),
+            dht=dht, run_id=cfg.run_id, params=param_groups(list(model.named_parameters()), t.weight_decay),
+            optimizer=partial(torch.optim.AdamW, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
+            scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda epoch: learning_rate(schedule, epoch + 1) / t.lr),
             batch_size_per_step=cfg.micro_batch_size, target_batch_size=cfg.global_batch_size,
             matchmaking_time=cfg.matchmaking_time, averaging_timeout=cfg.averaging_timeout,
             average_state_every=cfg.average_state_every, use_local_updates=False,
