@@ -584,7 +584,7 @@ class RoundEngine:
         """One factor from the stages' squared norms: the mean over each stage's replicas, summed over stages."""
         by_stage: dict[int, list[float]] = {}
         for pid, squared in cur.squared_norms.items():
-            if squared != NO_GRADIENT:
+            if squared != NO_GRADIENT and pid in cur.members:  # a member an averaging retry left out no longer counts
                 by_stage.setdefault(cur.members[pid], []).append(squared)
         missing = sorted(set(cur.members.values()) - set(by_stage))
         if missing:

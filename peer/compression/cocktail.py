@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantization import QuantConfig, Quantized, dequantize, pack_codes, quantize, unpack_codes
+from .quantization import QuantConfig, Quantized, check_share, dequantize, pack_codes, quantize, unpack_codes, values_config
 
 _CHUNK = 1 << 22  # mask coordinates drawn per step, to bound the memory of the draw
 
@@ -40,17 +40,12 @@ class SyncCompressionConfig:
 
     def __post_init__(self) -> None:
         for name in ("random_ratio", "topk_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-        try:
-            self.quant
-        except ValueError as error:
-            raise ValueError(f"bits={self.bits!r}, bucket={self.bucket!r} cannot quantize the values: {error}") from None
+            check_share(name, getattr(self, name))
+        self.quant
 
     @property
     def quant(self) -> QuantConfig:
-        return QuantConfig(self.bits, block=self.bucket)
+        return values_config(self.bits, self.bucket)
 
 
 @functools.lru_cache(maxsize=1)

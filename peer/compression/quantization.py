@@ -67,6 +67,20 @@ class QuantConfig:
         return "bnb8" if self.bits == 8 else "nf4"
 
 
+def values_config(bits: int, bucket: int) -> QuantConfig:
+    """How a sparse sync's kept values are quantized; ValueError names both settings if they cannot be."""
+    try:
+        return QuantConfig(bits, block=bucket)
+    except ValueError as error:
+        raise ValueError(f"bits={bits!r}, bucket={bucket!r} cannot quantize the values: {error}") from None
+
+
+def check_share(name: str, value: float) -> None:
+    """ValueError unless ``value`` is a share in (0, 1]."""
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
 @dataclass
 class Quantized:
     """Everything needed to rebuild a quantized tensor; ``codes`` are packed 8 // bits per byte."""

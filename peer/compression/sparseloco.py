@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantization import QuantConfig, Quantized, dequantize, pack_codes, quantize, unpack_codes
+from .quantization import QuantConfig, Quantized, check_share, dequantize, pack_codes, quantize, unpack_codes, values_config
 
 CHUNKS = tuple(2**i for i in range(6, 17))  # 64 .. 65536 values per chunk: offsets of 6 .. 16 bits
 
@@ -35,18 +35,14 @@ class SparseLoCoConfig:
     bucket: int = 128
 
     def __post_init__(self) -> None:
-        if not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        check_share("density", self.density)
         if self.chunk not in CHUNKS:
             raise ValueError(f"chunk must be a power of two from 64 to 65536, got {self.chunk!r}")
-        try:
-            self.quant
-        except ValueError as error:
-            raise ValueError(f"bits={self.bits!r}, bucket={self.bucket!r} cannot quantize the values: {error}") from None
+        self.quant
 
     @property
     def quant(self) -> QuantConfig:
-        return QuantConfig(self.bits, block=self.bucket)
+        return values_config(self.bits, self.bucket)
 
     @property
     def keep(self) -> int:
