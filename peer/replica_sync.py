@@ -235,6 +235,7 @@ class StageSync:
         self.loss_scale = 1.0                    # the round's (fp16)
         self.overflowed = False                  # this round's gradient was not finite: no step
         self.error: torch.Tensor | None = None   # sparseloco: the error-feedback accumulator of pseudo-gradients (flat fp32, CPU)
+        self.sent_round: tuple[int, dict[str, torch.Tensor]] = (0, {})  # sparseloco: the round whose payload left the accumulator
 
     # ------------------------------------------------------------ the agreed weights (compute thread)
 
@@ -375,7 +376,9 @@ class StageSync:
         if round % train.sync_every:
             return "skipped"
         config = SparseLoCoConfig(train.sync_density, train.sync_chunk, train.sync_bits)
-        payload = await runtime.run(self._compress_pseudo_gradient, config)
+        if self.sent_round[0] != round:  # a retried attempt resends what the first took from the accumulator
+            self.sent_round = (round, await runtime.run(self._compress_pseudo_gradient, config))
+        payload = dict(self.sent_round[1])
         payload["weight"] = torch.tensor([float(self.unsynced_tokens)], dtype=torch.float64)
         payloads = await self.exchange.all_gather(payload, group, round, self.stage, train.sync_timeout, attempt,
                                                   raw_bytes=4 * self.anchor.numel())
