@@ -50,9 +50,10 @@ from .model_presets import (
     stage_tensor_shapes,
 )
 from .rounds import RoundEngine
+from .join_tokens import JoinTokens
 from .service import CoordinatorService
 from .status import StatusReport
-from .store import RoundRecord, Store
+from .store import RoundRecord, Store, holds_a_run
 from .data.tokenizer import load_or_train
 from .eval_runner import Evaluator
 
@@ -101,10 +102,11 @@ class CoordinatorApp:
         """Run id, tokenizer, model config and data, created once and reused on restart; with --init-from, its
         round-0 checkpoint, re-sharded by stage. A run from the seed has none: each peer builds its own stage."""
         cfg = self.config
-        if not (self.state_dir / "coordinator.sqlite").is_file():
+        database = self.state_dir / "coordinator.sqlite"
+        if not holds_a_run(database):  # a new run (`coordinator token` may have made the store already)
             self._check_shape()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.state_dir / "coordinator.sqlite")
+        self.store = Store(database)
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex[:12]
         self.store.set_meta("run_id", self.run_id)
         self.signing_key = load_signing_key(self.state_dir / "signing_key.pem")
@@ -266,7 +268,10 @@ class CoordinatorApp:
         )
         self._point_at_latest_checkpoint()
         self._start_evaluator()
-        self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, cfg.join_token, self.layer_ranges)
+        self.tokens = JoinTokens(self.store, cfg.join_token)
+        self.membership.extra_members = [self.dht.peer_id.to_base58()]  # peers may call it (it bootstraps their DHT)
+        self.service = CoordinatorService(self.engine, self.membership, self.metrics, self.join_template, self.tokens, self.layer_ranges,
+                                          self.signing_key)
         if self.evaluator is not None and not self.evaluator.local:
             self.service.serve_evaluations(self.evaluator, self.checkpoint_url, pb.EvalJob(
                 heldout_url=f"http://{cfg.public_host}:{self.http.port}/heldout/", options_json=json.dumps(dataclasses.asdict(self.evaluator.options)),

@@ -77,6 +77,51 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    """``coordinator token create|list|revoke``: the run's join tokens, in its store (the coordinator may be running)."""
+    import time
+
+    from .join_tokens import issue
+    from .store import Store
+
+    database = Path(args.state_dir) / "coordinator.sqlite"
+    if args.action != "create" and not database.is_file():
+        print(f"coordinator token: {database} does not exist: --state-dir must be the run's state directory", file=sys.stderr)
+        return 2
+    store = Store(database)
+    try:
+        if args.action == "create":
+            token = issue(store, args.name)
+            if args.out:
+                out = Path(args.out)
+                out.touch(mode=0o600, exist_ok=False)
+                out.write_text(token.secret + "\n")
+                print(f"token {token.token_id} written to {out}: give that file to the volunteer (peer join --join-token-file FILE)")
+            else:
+                print(token.secret)
+                print(f"token {token.token_id}: shown once; the run keeps only its digest. The volunteer puts it in a file and "
+                      "passes --join-token-file FILE, or sets HOMETRAIN_JOIN_TOKEN", file=sys.stderr)
+        elif args.action == "list":
+            rows = store.tokens()
+            if not rows:
+                print("no tokens issued (the run admits whoever holds its --join-token, or anyone if it has none)")
+            for row in rows:
+                created = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
+                state = "live" if row["revoked"] is None else "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(row["revoked"]))
+                print(f"{row['id']}  {created}  {state:<24} {row['name']}")
+        else:
+            if not store.revoke_token(args.token_id):
+                print(f"coordinator token: no single live token has the id {args.token_id!r} (see coordinator token list)", file=sys.stderr)
+                return 2
+            print(f"revoked {args.token_id}: peers that joined with it are refused at their next call")
+    except FileExistsError:
+        print(f"coordinator token: {args.out} exists; choose a new file (the token is written only to a file created for it)", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="Run a hometrain training run's coordinator.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true", help="LoRA checkpoints: fold the adapters into the base weights (peft's merge_and_unload).")
     export.add_argument("--base", type=Path, default=None,
                         help="LoRA checkpoints: the base model directory, if not where the adapter config says (the run's round-0 checkpoint).")
+    about = "Issue, list and revoke the run's join tokens (each volunteer gets their own; revoking one removes its peers)."
+    token = commands.add_parser("token", help=about, description=about)
+    token.add_argument("action", choices=("create", "list", "revoke"))
+    token.add_argument("token_id", nargs="?", default="", help="revoke: the id (or a unique prefix) that create and list show.")
+    token.add_argument("--state-dir", default=CoordinatorConfig.state_dir, help="The run's state directory (as given to coordinator serve).")
+    token.add_argument("--name", default="", help="create: who the token is for, shown by list.")
+    token.add_argument("--out", default="", help="create: write the token to this new file (mode 0600) instead of printing it.")
     about = "Evaluate a checkpoint: perplexity on each source's held-out split, multiple-choice accuracy (acc, acc_norm)."
     evaluation = commands.add_parser("eval", help=about, description=about)
     evaluation.add_argument("checkpoint", type=Path, help="A checkpoint directory, e.g. STATE_DIR/checkpoints/round-000030.")
@@ -108,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "token":
+        if args.action == "revoke" and not args.token_id:
+            print("coordinator token revoke: which token? give its id (coordinator token list shows them)", file=sys.stderr)
+            return 2
+        return _token(args)
     try:
         config = load(CoordinatorConfig, args, args.config) if args.command == "serve" else load(DemoConfig, args)
         setup_logging(config, "%(asctime)s %(levelname)s %(name)s: %(message)s")

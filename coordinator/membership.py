@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from proto import hometrain_pb2 as pb
@@ -14,6 +14,9 @@ from .assignment import Replica, StageNeeds, choose_stage, plan_rebalance
 GRACE_CAP = 3           # a short stage is refilled after at most this many graces, joins or not
 MAX_MADDRS = 8          # addresses kept per peer (the rest are dropped)
 MAX_MADDR_CHARS = 256
+MEMBERS_REFRESH = 0.5   # seconds a computed member set is reused
+OBSERVER_SECONDS = 600.0  # how long an observer (Observe) stays a member of the data plane
+MAX_OBSERVERS = 64        # the oldest is dropped beyond this
 
 
 @dataclass
@@ -46,6 +49,9 @@ class PeerRecord:
     bytes_received: dict[str, int] = field(default_factory=dict)
     uncompressed_sent: dict[str, int] = field(default_factory=dict)
     uncompressed_received: dict[str, int] = field(default_factory=dict)
+    credential_digest: str = ""   # sha256 of the credential its Join returned (never shown)
+    token_id: str = ""            # the join token it joined with ("": an open run); revoking it removes the peer
+    flagged: str = ""             # why its replicas distrust it (robust aggregation); a flagged peer gets no work
 
     @property
     def alive(self) -> bool:
@@ -56,6 +62,7 @@ class PeerRecord:
             "id": self.peer_id,
             "p2p_id": self.dht_peer_id,
             "reachability": self.reachability or None,
+            "flagged": self.flagged or None,
             "name": self.name,
             "stage": self.stage,
             "device": self.device,
@@ -84,13 +91,20 @@ class Membership:
         self.peers: dict[str, PeerRecord] = {}
         self.short_since: dict[int, float] = {}  # stage -> when it fell below the replicas it needs
         self.last_join = 0.0
+        self.extra_members: list[str] = []  # libp2p ids that are members without a record (the coordinator's own node)
+        self.observers: dict[str, tuple[float, str]] = {}  # libp2p id -> (member until, monotonic; the token it came with)
+        self.token_revoked: Callable[[str], bool] = lambda token_id: False
+        self.members_epoch = 0
+        self._members: tuple[str, ...] = ()
+        self._members_at = float("-inf")
 
-    def add(self, name: str, device: str, throughput: float, requested_stage: int, free_memory: int = 0) -> PeerRecord:
+    def add(self, name: str, device: str, throughput: float, requested_stage: int, free_memory: int = 0,
+            credential_digest: str = "", token_id: str = "") -> PeerRecord:
         """Admit a peer to the stage the policy picks; ValueError if its memory fits no stage."""
         newcomer = Replica(-1, throughput, free_memory)
         stage = choose_stage([_replica(p) for p in self.live()], self.num_stages, requested_stage, newcomer, self.needs)
         record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, requested_stage=requested_stage, throughput=throughput,
-                            free_memory=free_memory)
+                            free_memory=free_memory, credential_digest=credential_digest, token_id=token_id)
         self.peers[record.peer_id] = record
         self.last_join = time.time()  # peers are arriving: give those that may be on their way the grace again
         return record
@@ -99,11 +113,32 @@ class Membership:
         record = self.peers.get(peer_id)
         return record if record is not None and record.alive else None
 
+    def member_ids(self, now: float, fresh: bool = False) -> tuple[int, tuple[str, ...]]:
+        """(epoch, sorted libp2p ids of live peers): the data plane's member set. Recomputed at most every
+        MEMBERS_REFRESH seconds (a heartbeat must not walk the whole table) unless ``fresh``; the epoch grows when the set changes."""
+        if fresh or now - self._members_at >= MEMBERS_REFRESH:
+            self.observers = {k: v for k, v in self.observers.items() if v[0] > now and not (v[1] and self.token_revoked(v[1]))}
+            ids = tuple(sorted({p.dht_peer_id for p in self.live() if p.dht_peer_id} | set(self.extra_members) | set(self.observers)))
+            if ids != self._members:
+                self._members, self.members_epoch = ids, self.members_epoch + 1
+            self._members_at = now
+        return self.members_epoch, self._members
+
+    def observe(self, dht_peer_id: str, token_id: str, now: float) -> float:
+        """Make ``dht_peer_id`` a data-plane member for OBSERVER_SECONDS without a stage; returns the seconds."""
+        self.observers.pop(dht_peer_id, None)
+        while len(self.observers) >= MAX_OBSERVERS:
+            self.observers.pop(next(iter(self.observers)))
+        self.observers[dht_peer_id] = (now + OBSERVER_SECONDS, token_id)
+        self._members_at = float("-inf")  # recomputed at the next heartbeat
+        return OBSERVER_SECONDS
+
     def live(self) -> list[PeerRecord]:
         return [p for p in self.peers.values() if p.alive]
 
     def online(self, stage: int | None = None) -> list[PeerRecord]:
-        return [p for p in self.peers.values() if p.state == pb.ONLINE and (stage is None or p.stage == stage)]
+        """Peers that train (flagged ones do not: they are out of routing and sync groups)."""
+        return [p for p in self.peers.values() if p.state == pb.ONLINE and not p.flagged and (stage is None or p.stage == stage)]
 
     def expire(self, now: float) -> list[PeerRecord]:
         """Mark peers silent for longer than the heartbeat timeout as gone; return them."""

@@ -102,6 +102,8 @@ class OpenRound:
     deadline: float = 0.0                                        # seconds after `started` the round closes
     tokens_before: int = 0                                       # loss tokens trained before this round: picks the data phase
     infos: dict[int, MicrobatchInfo] = field(default_factory=dict)  # index -> where its samples came from (in flight)
+    loss_tokens: dict[int, int] = field(default_factory=dict)  # index -> loss tokens it holds (in flight): what a report may claim
+    suspicions: dict[str, set[str]] = field(default_factory=dict)  # DHT id -> peer ids of the replicas that named it a suspect
     attempt: int = 0                                             # which opening of the round (it opens again after training nothing)
     failed: int = 0                                              # microbatches reported failed (a subset of dropped)
     squared_norms: dict[str, float] = field(default_factory=dict)  # peer id -> its gradient's squared norm (global clipping)
@@ -494,6 +496,7 @@ class RoundEngine:
         cur.next_index += 1
         cur.in_flight[index] = peer.peer_id
         mb, cur.infos[index] = self.data.microbatch_with_info(cur.number, index, self.config.micro_batch_size, cur.tokens_before)
+        cur.loss_tokens[index] = int(mb.loss_mask.sum().item())
         return pb.Microbatch(
             available=True, round=cur.number, index=index, sample_ids=mb.sample_ids, open_attempt=cur.attempt, loss_scale=self.current_loss_scale,
             input_ids=codec.to_message(mb.input_ids), target_ids=codec.to_message(mb.target_ids),
@@ -507,6 +510,13 @@ class RoundEngine:
             return False  # late: the round closed (the sample was counted as dropped then)
         del cur.in_flight[report.microbatch_index]
         info = cur.infos.pop(report.microbatch_index, None)
+        handed = cur.loss_tokens.pop(report.microbatch_index, 0)
+        if report.ok and not _plausible(report, handed):
+            log.warning("round %d: peer %s reported %d loss tokens and loss sum %g for microbatch %d, which holds %d loss tokens: "
+                        "the report is refused and the microbatch dropped", cur.number, peer.peer_id, report.tokens, report.loss_sum,
+                        report.microbatch_index, handed)
+            report = pb.ProgressReport(ok=False, round=report.round, microbatch_index=report.microbatch_index,
+                                       error=f"implausible report: {report.tokens} loss tokens claimed, {handed} handed out")
         if report.ok:
             if info is not None:
                 self.accounting.count(info)
@@ -542,7 +552,25 @@ class RoundEngine:
         if self.phase != pb.SYNC or cur is None or report.round != cur.number or peer.peer_id not in cur.members:
             return
         cur.step_reports[peer.peer_id] = report
+        if report.suspects:
+            self._weigh_suspects(cur, peer, report.suspects)
         await self.tick()
+
+    def _weigh_suspects(self, cur: OpenRound, reporter: PeerRecord, suspects: list[str]) -> None:
+        """A replica named others of its group whose updates its robust aggregation clipped hard. A peer named by a
+        majority of the other replicas of its group is flagged: one bad replica cannot get an honest one flagged."""
+        group = cur.groups.get(cur.members[reporter.peer_id], [])
+        for dht_id in set(suspects):
+            if dht_id == reporter.dht_peer_id or dht_id not in group:
+                continue
+            named_by = cur.suspicions.setdefault(dht_id, set())
+            named_by.add(reporter.peer_id)
+            suspect = next((p for p in self.membership.live() if p.dht_peer_id == dht_id), None)
+            if suspect is None or suspect.flagged or len(named_by) < (len(group) - 1) // 2 + 1:
+                continue
+            suspect.flagged = (f"round {cur.number}: {len(named_by)} of its {len(group) - 1} fellow replicas found its update far "
+                               "from theirs (robust aggregation)")
+            log.warning("peer %s (stage %d) flagged and taken out of routing and syncs: %s", suspect.peer_id, suspect.stage, suspect.flagged)
 
     async def clip_factor(self, peer: PeerRecord, request: pb.ClipRequest) -> pb.ClipReply | str:
         """Global gradient clipping: wait until every stage's squared norm is in (one replica's under exact sync,
@@ -719,3 +747,12 @@ class RoundEngine:
             "microbatches_dropped": cur.dropped if cur else 0,
             "in_flight": len(cur.in_flight) if cur else 0,
         }
+
+
+MAX_MEAN_LOSS = 100.0  # nats per token a report may claim: far above any real cross-entropy (ln 50400 = 10.8 at uniform)
+
+
+def _plausible(report: pb.ProgressReport, handed: int) -> bool:
+    """A stage-0 peer's word on a microbatch it fed cannot exceed what the coordinator handed out: its loss tokens
+    (they set the gradient divisor) at most the microbatch's, its loss sum finite, non-negative and bounded."""
+    return report.tokens <= handed and 0.0 <= report.loss_sum <= MAX_MEAN_LOSS * max(report.tokens, 1)

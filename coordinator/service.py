@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
 from typing import Callable
 
 import grpc
+from hivemind.p2p import PeerID
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proto import NO_GRADIENT, PACKAGE_VERSION, PROTOCOL_VERSION, REACHABILITY_NONCE_BYTES
+from proto.auth import credential_of, digest, matches, new_secret, sign_member_set
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 
 from .eval_runner import LEASE_SECONDS, RESULT_MAX_BYTES, STDERR_TAIL, Evaluator
+from .join_tokens import JoinTokens
 from .membership import Membership, PeerRecord
 from .metrics import CoordinatorMetrics
 from .reachability import PROBE_INTERVAL, ProbeLimiter, dial_back, observed_host
@@ -34,15 +38,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         membership: Membership,
         metrics: CoordinatorMetrics,
         join_reply: pb.JoinReply,
-        join_token: str,
+        tokens: JoinTokens,
         layer_ranges: list[tuple[int, int]],
+        signing_key: Ed25519PrivateKey,
     ) -> None:
         self.engine = engine
         self.layer_ranges = layer_ranges
         self.membership = membership
         self.metrics = metrics
         self.join_template = join_reply
-        self.join_token = join_token
+        self.tokens = tokens
+        self.signing_key = signing_key
+        membership.token_revoked = tokens.revoked
         self.probes = ProbeLimiter()
         self.evaluator: Evaluator | None = None  # set by serve_evaluations (--eval-on peer)
 
@@ -50,19 +57,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """Hand checkpoints to evaluating volunteers (NextEvaluation, ReportEvaluation); ``job`` holds what every job shares."""
         self.evaluator, self.checkpoint_url, self.eval_job = evaluator, checkpoint_url, job
 
-    async def _admit(self, request: pb.JoinRequest | pb.EvalJobRequest, context: grpc.aio.ServicerContext) -> None:
-        """A newcomer (to train or to evaluate) speaks this protocol and holds the run's join token."""
+    async def _admit(self, request: pb.JoinRequest | pb.EvalJobRequest | pb.ObserveRequest, context: grpc.aio.ServicerContext) -> str:
+        """A newcomer (to train or to evaluate) speaks this protocol and holds a live join token; returns the token's id."""
         if request.protocol_version != PROTOCOL_VERSION:
             await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol_version",
                                f"this coordinator speaks protocol {PROTOCOL_VERSION} (hometrain {PACKAGE_VERSION}); "
                                f"your peer speaks {request.protocol_version}: install hometrain=={PACKAGE_VERSION}")
-        await self._check_token(request.join_token, context)
+        return await self._check_token(request.join_token, context)
 
-    async def _check_token(self, token: str, context: grpc.aio.ServicerContext) -> None:
-        if self.join_token and not hmac.compare_digest(token.encode(), self.join_token.encode()):
+    async def _check_token(self, token: str, context: grpc.aio.ServicerContext) -> str:
+        token_id = self.tokens.admit(token)
+        if token_id is None:
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "join_token",
-                               "this run requires a join token and the one given does not match: put the organiser's token in a file "
-                               "and pass --join-token-file FILE, or set HOMETRAIN_JOIN_TOKEN")
+                               "this run requires a join token and the one given is not one of its live tokens "
+                               f"({'none was given' if not token else 'it does not match, or the organiser revoked it'}): put the "
+                               "organiser's token in a file and pass --join-token-file FILE, or set HOMETRAIN_JOIN_TOKEN")
+        assert token_id is not None
+        return token_id
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
         self.metrics.rpc_errors.labels(kind).inc()
@@ -70,30 +81,47 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await context.abort(code, message)
 
     async def _peer(self, peer_id: str, context: grpc.aio.ServicerContext) -> PeerRecord:
+        """The live member ``peer_id`` names, if the call carries that member's credential (else the call is refused)."""
         record = self.membership.get(peer_id)
         if record is None:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_peer",
                                f"peer id {peer_id!r} is not (or no longer) a member of this run; join again")
         assert record is not None
+        await self._authenticate(record, context)
         return record
+
+    async def _authenticate(self, record: PeerRecord, context: grpc.aio.ServicerContext) -> None:
+        if not matches(credential_of(context.invocation_metadata()), record.credential_digest):
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "credential",
+                               f"this call names peer {record.peer_id} but does not carry that peer's credential (the one its Join "
+                               "returned, in metadata x-hometrain-credential): a peer id alone grants nothing; join to get your own")
+        if record.token_id and self.tokens.revoked(record.token_id):
+            record.state = pb.GONE
+            self.engine.drop_in_flight_of(record.peer_id)
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "revoked",
+                               f"the join token peer {record.peer_id} joined with was revoked by the organiser: it is no longer "
+                               "a member of this run; ask the organiser for a new token")
 
     def _count(self, request, reply) -> None:
         self.metrics.control_bytes.labels("received").inc(request.ByteSize())
         self.metrics.control_bytes.labels("sent").inc(reply.ByteSize())
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        await self._admit(request, context)
+        token_id = await self._admit(request, context)
         if request.requested_stage >= self.membership.num_stages:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
                                f"--stage {request.requested_stage} does not exist: this run has stages 0..{self.membership.num_stages - 1}")
+        credential = new_secret()
         try:
-            record = self.membership.add(request.name, request.device, request.throughput, request.requested_stage, request.free_memory_bytes)
+            record = self.membership.add(request.name, request.device, request.throughput, request.requested_stage, request.free_memory_bytes,
+                                         credential_digest=digest(credential), token_id=token_id)
         except ValueError as exc:
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory", str(exc))
             raise  # unreachable: abort raises
         reply = pb.JoinReply()
         reply.CopyFrom(self.join_template)
         reply.peer_id = record.peer_id
+        reply.credential = credential
         reply.stage = record.stage
         reply.layer_start, reply.layer_end = self.layer_ranges[record.stage]
         log.info("peer %s joined (%s, %s): stage %d", record.peer_id, request.name or "unnamed", request.device, record.stage)
@@ -157,9 +185,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         record = self.membership.get(request.peer_id)
         if record is None:
             return pb.HeartbeatReply(known=False)
+        await self._authenticate(record, context)
         self.membership.heard(record, time.monotonic())
         self.membership.update_stats(record, request.stats, request.dht_peer_id, request.maddrs, request.reachability)
-        reply = pb.HeartbeatReply(known=True)
+        reply = pb.HeartbeatReply(known=True, members_epoch=self._members_epoch())
         self._count(request, reply)
         await self.engine.tick()
         return reply
@@ -184,6 +213,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
         record = self.membership.get(request.peer_id)
         if record is not None:
+            await self._authenticate(record, context)
             record.state = pb.LEFT
             log.info("peer %s (stage %d) left", record.peer_id, record.stage)
             self.engine.drop_in_flight_of(record.peer_id)
@@ -228,6 +258,30 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if isinstance(reply, str):
             await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "stale", reply)
         return reply
+
+    def _members_epoch(self) -> int:
+        """The member set's epoch, or 0 where the data plane is open: a run without join tokens admits anyone anyway."""
+        return self.membership.member_ids(time.monotonic())[0] if self.tokens.required else 0
+
+    async def Members(self, request: pb.MembersRequest, context: grpc.aio.ServicerContext) -> pb.MemberSet:
+        """The libp2p ids the data plane serves, signed; computed afresh (a peer asks when a stranger calls it)."""
+        await self._peer(request.peer_id, context)
+        epoch, ids = self.membership.member_ids(time.monotonic(), fresh=True)
+        run_id = self.join_template.run_id
+        reply = pb.MemberSet(run_id=run_id, epoch=epoch, dht_peer_ids=ids, signature=sign_member_set(self.signing_key, run_id, epoch, ids))
+        self._count(request, reply)
+        return reply
+
+    async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveReply:
+        token_id = await self._admit(request, context)
+        try:
+            PeerID.from_base58(request.dht_peer_id)
+        except Exception:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_request",
+                               f"dht_peer_id {request.dht_peer_id[:80]!r} is not a base58 libp2p peer id")
+        seconds = self.membership.observe(request.dht_peer_id, token_id, time.monotonic())
+        log.info("observer %s may use the data plane for %.0fs", request.dht_peer_id, seconds)
+        return pb.ObserveReply(seconds=seconds)
 
     async def UploadCheckpoint(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.UploadReply:
         """A stage's shard, streamed to disk: the sender, stage, part and size are checked before anything is read."""

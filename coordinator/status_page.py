@@ -304,7 +304,9 @@ def render_page(status: dict, rounds: list[dict]) -> str:
     stage_map = f'<div id="stage-map" class="stages">{boxes_html}</div>'
 
     peer_rows = [[_td(_e(p.get("id"))), _td(_e(p.get("name"))), _td(_e(p.get("stage", "–")), True),
-                  _td(_e(p.get("device"))), _td(_e(p.get("state"))), _td(_e(p.get("reachability") or "–")),
+                  _td(_e(p.get("device"))),
+                  _td(_e(p.get("state")) + (f" <span class='warn' title='{_e(p['flagged'])}'>flagged</span>" if p.get("flagged") else "")),
+                  _td(_e(p.get("reachability") or "–")),
                   _td(_fmt(p.get("throughput"), ",.2f"), True),
                   _td(human_bytes(p["link_bytes_per_second"]) + "/s" if p.get("link_bytes_per_second") else "–", True),
                   _td(_fmt(p.get("microbatches", 0)) + (f" <span class='warn'>({_fmt(p['microbatches_failed'])} failed)</span>"

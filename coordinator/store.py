@@ -1,7 +1,7 @@
 """The coordinator's persisted state: SQLite in WAL mode under --state-dir.
 
 Holds the run's identity and settings, every completed round, the published checkpoints and
-their evaluations (peers are not kept: after a restart they rejoin by themselves). A restarted coordinator reads
+their evaluations, and the join tokens (as digests; ``coordinator token`` writes them from another process) (peers are not kept: after a restart they rejoin by themselves). A restarted coordinator reads
 the last completed round from here and resumes at the next one, so no round is numbered twice.
 """
 
@@ -42,6 +42,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS evaluations (round INTEGER PRIMARY KEY, result TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    revoked REAL
+);
 """
 
 
@@ -66,6 +73,19 @@ class RoundRecord:
     @property
     def duration(self) -> float:
         return self.ended - self.started
+
+
+def holds_a_run(path: Path) -> bool:
+    """Whether the database at ``path`` belongs to a run that has started (read-only: nothing is created)."""
+    if not path.is_file():
+        return False
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT value FROM meta WHERE key = 'run_id'").fetchone() is not None
+    except sqlite3.OperationalError:  # no meta table yet
+        return False
+    finally:
+        db.close()
 
 
 class Store:
@@ -137,6 +157,30 @@ class Store:
                 "LEFT JOIN evaluations e ON e.round = c.round ORDER BY c.round").fetchall()
         keys = ("round", "path", "tokens", "loss", "bytes", "seconds", "created")
         return [dict(zip(keys, row[:-1]), eval=json.loads(row[-1]) if row[-1] else None) for row in rows]
+
+    def add_token(self, token_id: str, name: str, digest: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO join_tokens VALUES (?, ?, ?, ?, NULL)", (token_id, name, digest, time.time()))
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Revoke a token (by id or a unique prefix of it); False if no live token matches."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM join_tokens WHERE id LIKE ? AND revoked IS NULL", (token_id + "%",)).fetchall()
+            if len(rows) != 1:
+                return False
+            self._db.execute("UPDATE join_tokens SET revoked = ? WHERE id = ?", (time.time(), rows[0][0]))
+        return True
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token ever created, oldest first: id, name, digest, created, revoked (None: live)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, name, digest, created, revoked FROM join_tokens ORDER BY created").fetchall()
+        return [dict(zip(("id", "name", "digest", "created", "revoked"), row)) for row in rows]
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (``coordinator token revoke``) wrote to the database."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def record_evaluation(self, round: int, result: dict[str, Any]) -> None:
         with self._lock:

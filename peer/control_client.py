@@ -15,6 +15,7 @@ import grpc
 
 from proto import GRPC_MAX_MESSAGE_BYTES
 from proto import hometrain_pb2 as pb
+from proto.auth import CREDENTIAL_METADATA
 from proto.codec import WireKind
 from proto import hometrain_pb2_grpc as pb_grpc
 
@@ -64,6 +65,11 @@ class ControlClient:
         options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES)]
         self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.credential = ""  # from JoinReply: every call after Join carries it
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((CREDENTIAL_METADATA, self.credential),) if self.credential else ()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -75,7 +81,7 @@ class ControlClient:
         give_up = time.monotonic() + retry_for
         while True:
             try:
-                reply = await unless_stopped(method(request, timeout=timeout), self.stop)
+                reply = await unless_stopped(method(request, timeout=timeout, metadata=self.metadata), self.stop)
                 self.counters.count_sent(WireKind.CONTROL, request.ByteSize(), request.ByteSize())
                 self.counters.count_received(WireKind.CONTROL, reply.ByteSize(), reply.ByteSize())
                 return reply
@@ -94,7 +100,13 @@ class ControlClient:
                 delay = min(delay * 2, MAX_BACKOFF)
 
     async def join(self, request: pb.JoinRequest, retry_for: float) -> pb.JoinReply:
-        return await self._call(self.stub.Join, request, retry_for=retry_for)
+        """Join, and carry the credential the coordinator hands back on every later call."""
+        reply = await self._call(self.stub.Join, request, retry_for=retry_for)
+        self.credential = reply.credential
+        return reply
+
+    async def members(self, peer_id: str) -> pb.MemberSet:
+        return await self._call(self.stub.Members, pb.MembersRequest(peer_id=peer_id), timeout=10, retry_for=0)
 
     async def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         return await self._call(self.stub.Heartbeat, request, timeout=10)
@@ -126,9 +138,9 @@ class ControlClient:
 
     async def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
         """One try, bounded: a peer that is leaving does not wait for a coordinator that is gone."""
-        await self.stub.Leave(request, timeout=timeout)
+        await self.stub.Leave(request, timeout=timeout, metadata=self.metadata)
 
     async def upload_checkpoint(self, chunks: AsyncIterator[pb.CheckpointChunk], nbytes: int) -> pb.UploadReply:
-        reply = await self.stub.UploadCheckpoint(chunks, timeout=600)
+        reply = await self.stub.UploadCheckpoint(chunks, timeout=600, metadata=self.metadata)
         self.counters.count_sent(WireKind.STATE, nbytes, nbytes)
         return reply

@@ -30,6 +30,7 @@ class PeerSnapshot:
     frames_rejected: int        # data-plane frames from other peers dropped as malformed
     records_rejected: int       # DHT records dropped as malformed
     peers_in_stage: int = 0
+    non_members_refused: int = 0  # data-plane calls from libp2p peers outside the run's member set
 
 
 class _SnapshotCollector:
@@ -56,6 +57,8 @@ class _SnapshotCollector:
         yield raw
         yield CounterMetricFamily("hometrain_frames_rejected", "Frames from other peers dropped as malformed.", value=s.frames_rejected)
         yield CounterMetricFamily("hometrain_dht_records_rejected", "DHT stage records dropped as malformed.", value=s.records_rejected)
+        yield CounterMetricFamily("hometrain_non_members_refused", "Data-plane calls refused: the caller is not a member of the run.",
+                                  value=s.non_members_refused)
 
 
 class PeerMetrics:

@@ -36,6 +36,7 @@ from .device import DeviceInfo
 from .directory import StageDirectory, StageRecord
 from .failures import FailureLog, StageFailed, describe
 from .inflight import InflightSizer
+from .members import Members
 from .metrics import PeerMetrics, PeerSnapshot, status_line
 from .pipeline import Pipeline
 from .reachability import Reachability, circuit_maddrs, free_port, p2p_options, probe
@@ -83,6 +84,7 @@ class PeerNode:
         self.maddrs: list[str] = []
         self.reach: Reachability | None = None
         self.transport: FrameTransport | None = None
+        self.members: Members | None = None
         self.directory: StageDirectory | None = None
         self.failures = FailureLog("")
         self.runtime: StageRuntime | None = None
@@ -153,6 +155,8 @@ class PeerNode:
         self.maddrs = circuit_maddrs(bootstrap, self.dht_id) if self.reach.relayed else [str(m) for m in self.dht.get_visible_maddrs()]
         self.failures = FailureLog(self.dht_id)
         self.transport = FrameTransport(await self.dht.replicate_p2p(), self.counters)
+        self.members = Members(lambda: self.client.members(self.peer_id), join.checkpoint_public_key, self.run_id)
+        self.transport.admits = self.members.admits
         self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
         if not self.config.cache_dir and state_dir is None:
             self._temporary_cache = tempfile.mkdtemp(prefix="hometrain-aqsgd-")  # removed when the peer leaves
@@ -177,6 +181,7 @@ class PeerNode:
                 self.metrics = None
                 raise CannotStart(f"cannot serve metrics on port {self.config.metrics_port} (--metrics-port): {exc.strerror or exc}; "
                                   "pick a free port, or 0 to turn metrics off") from None
+        await self._heartbeat()  # the coordinator learns this node's libp2p id: the replicas it loads from must admit it
         await self._load_weights()
 
     def _check_memory(self, model_config: GPTJConfig, layer_start: int, layer_end: int) -> None:
@@ -315,6 +320,7 @@ class PeerNode:
             microbatches_failed=self.failures.count, throughput=self.throughput, counters=self.counters,
             frames_rejected=self.transport.frames_rejected if self.transport else 0,
             records_rejected=self.directory.records_rejected if self.directory else 0,
+            non_members_refused=self.members.refused if self.members else 0,
         )
 
     def stats(self) -> pb.PeerStats:
@@ -336,6 +342,8 @@ class PeerNode:
         asked_as = self.peer_id
         reply = await self._send_heartbeat()
         if reply.known:
+            if self.members is not None:
+                await self.members.update(reply.members_epoch)
             return
         async with self._rejoin_lock:  # the heartbeat loop and the round loop may both find out; join once
             if self.peer_id != asked_as:

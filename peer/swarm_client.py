@@ -2,7 +2,9 @@
 
 Used to evaluate the live model (and by tests to compare the swarm with a published
 checkpoint). The client joins the DHT in client mode, picks a stage-0 peer from the stage
-directory and sends an INFER frame; the logits come back along the route.
+directory and sends an INFER frame; the logits come back along the route. A run with join
+tokens serves only its members: give ``coordinator`` and ``join_token``, and the client first
+asks the coordinator to admit its node for a while (Observe).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import hivemind
 import torch
 from hivemind.p2p import PeerID
 
+import grpc
+
+from proto import PROTOCOL_VERSION
 from proto import hometrain_pb2 as pb
+from proto import hometrain_pb2_grpc as pb_grpc
 from proto.codec import WireKind
 
 from .directory import StageDirectory
@@ -43,18 +49,34 @@ async def _infer(dht: hivemind.DHT, run_id: str, input_ids: torch.Tensor, prefix
     return reply["logits"]
 
 
-def swarm_logits(initial_peers: list[str], run_id: str, input_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None, timeout: float = 60.0) -> torch.Tensor:
+def _client_dht(initial_peers: list[str], coordinator: str, join_token: str) -> hivemind.DHT:
+    """A client-mode DHT node, admitted to the run's data plane when ``coordinator`` is given."""
+    dht = hivemind.DHT(initial_peers=initial_peers, start=True, client_mode=True, await_ready=True)
+    if coordinator:
+        try:
+            with grpc.insecure_channel(coordinator) as channel:
+                pb_grpc.CoordinatorStub(channel).Observe(pb.ObserveRequest(
+                    protocol_version=PROTOCOL_VERSION, join_token=join_token, dht_peer_id=dht.peer_id.to_base58()), timeout=30)
+        except BaseException:
+            dht.shutdown()
+            raise
+    return dht
+
+
+def swarm_logits(initial_peers: list[str], run_id: str, input_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None,
+                 timeout: float = 60.0, coordinator: str = "", join_token: str = "") -> torch.Tensor:
     """Logits of the swarm's current weights for ``input_ids`` [B, L] (causal unless prefix lengths are given)."""
     if prefix_lengths is None:
         prefix_lengths = torch.zeros(input_ids.shape[0], dtype=torch.int64)
-    dht = hivemind.DHT(initial_peers=initial_peers, start=True, client_mode=True, await_ready=True)
+    dht = _client_dht(initial_peers, coordinator, join_token)
     try:
         return asyncio.run(_infer(dht, run_id, input_ids, prefix_lengths, timeout))
     finally:
         dht.shutdown()
 
 
-def swarm_stage_state(initial_peers: list[str], run_id: str, peer_id: str, stage: int, timeout: float = 120.0) -> tuple[int, dict[str, torch.Tensor], dict]:
+def swarm_stage_state(initial_peers: list[str], run_id: str, peer_id: str, stage: int, timeout: float = 120.0,
+                      coordinator: str = "", join_token: str = "") -> tuple[int, dict[str, torch.Tensor], dict]:
     """A replica's whole state, as it hands it to a joiner: (round it is ready for, tensors, extras). For checking
     that replicas agree, weights and optimizer state alike."""
 
@@ -62,7 +84,7 @@ def swarm_stage_state(initial_peers: list[str], run_id: str, peer_id: str, stage
         transport = FrameTransport(await dht.replicate_p2p(), WireCounters())
         return await asyncio.wait_for(fetch_state(transport, peer_id, run_id, stage), timeout)
 
-    dht = hivemind.DHT(initial_peers=initial_peers, start=True, client_mode=True, await_ready=True)
+    dht = _client_dht(initial_peers, coordinator, join_token)
     try:
         state = asyncio.run(fetch(dht))
         return state.next_round, state.tensors, state.extras

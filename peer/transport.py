@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 OFF_LOOP_BYTES = 4 << 20  # frames larger than this are encoded and decoded in a worker thread
 Handler = Callable[[pb.FrameHeader, Tensors, PeerID], Awaitable[tuple[pb.FrameHeader, Mapping[str, torch.Tensor]]]]
+Admits = Callable[[str], Awaitable[bool]]  # base58 libp2p id of a caller -> may it use the data plane
+
+
+class NotAMember(PermissionError):
+    """A data-plane call from a libp2p peer that is not in the run's member set."""
 
 
 def fp32_equivalent(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -129,6 +134,7 @@ class FrameTransport:
         self.counters = counters
         self.max_frame_bytes = max_frame_bytes
         self.frames_rejected = 0
+        self.admits: Admits | None = None  # set once the peer knows its run's member set (peer.members)
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs it announced (from the stage directory)
         self.link = LinkMeter()
 
@@ -174,6 +180,9 @@ class FrameTransport:
         """Register ``handler`` under ``name``: frames in, frames out; bad frames are refused and counted."""
 
         async def stream_handler(requests, context: P2PContext):
+            caller = context.remote_id.to_base58()
+            if self.admits is not None and not await self.admits(caller):
+                raise NotAMember(f"{caller} is not a member of this run: its data plane serves the peers the coordinator admitted")
             try:
                 header, tensors, nbytes = await self._decode(requests)
             except codec.FrameError as exc:

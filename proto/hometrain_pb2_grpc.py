@@ -79,6 +79,16 @@ class CoordinatorStub:
                 request_serializer=proto_dot_hometrain__pb2.ClipRequest.SerializeToString,
                 response_deserializer=proto_dot_hometrain__pb2.ClipReply.FromString,
                 _registered_method=True)
+        self.Members = channel.unary_unary(
+                '/hometrain.Coordinator/Members',
+                request_serializer=proto_dot_hometrain__pb2.MembersRequest.SerializeToString,
+                response_deserializer=proto_dot_hometrain__pb2.MemberSet.FromString,
+                _registered_method=True)
+        self.Observe = channel.unary_unary(
+                '/hometrain.Coordinator/Observe',
+                request_serializer=proto_dot_hometrain__pb2.ObserveRequest.SerializeToString,
+                response_deserializer=proto_dot_hometrain__pb2.ObserveReply.FromString,
+                _registered_method=True)
         self.UploadCheckpoint = channel.stream_unary(
                 '/hometrain.Coordinator/UploadCheckpoint',
                 request_serializer=proto_dot_hometrain__pb2.CheckpointChunk.SerializeToString,
@@ -153,6 +163,18 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Members(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Observe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadCheckpoint(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -218,6 +240,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ClipFactor,
                     request_deserializer=proto_dot_hometrain__pb2.ClipRequest.FromString,
                     response_serializer=proto_dot_hometrain__pb2.ClipReply.SerializeToString,
+            ),
+            'Members': grpc.unary_unary_rpc_method_handler(
+                    servicer.Members,
+                    request_deserializer=proto_dot_hometrain__pb2.MembersRequest.FromString,
+                    response_serializer=proto_dot_hometrain__pb2.MemberSet.SerializeToString,
+            ),
+            'Observe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Observe,
+                    request_deserializer=proto_dot_hometrain__pb2.ObserveRequest.FromString,
+                    response_serializer=proto_dot_hometrain__pb2.ObserveReply.SerializeToString,
             ),
             'UploadCheckpoint': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadCheckpoint,
@@ -478,6 +510,60 @@ class Coordinator:
             '/hometrain.Coordinator/ClipFactor',
             proto_dot_hometrain__pb2.ClipRequest.SerializeToString,
             proto_dot_hometrain__pb2.ClipReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Members(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hometrain.Coordinator/Members',
+            proto_dot_hometrain__pb2.MembersRequest.SerializeToString,
+            proto_dot_hometrain__pb2.MemberSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Observe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hometrain.Coordinator/Observe',
+            proto_dot_hometrain__pb2.ObserveRequest.SerializeToString,
+            proto_dot_hometrain__pb2.ObserveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,7 +60,7 @@ def test_reports_of_an_earlier_opening_are_refused_and_a_trained_opening_clears_
     assert not asyncio.run(engine.report_progress(peer, stale))
     assert engine.next_microbatch(peer, 1, attempt=0).available is False  # a feeder of the old opening gets nothing
     for index in range(cur.target):
-        cur.in_flight[index] = peer.peer_id
+        cur.in_flight[index], cur.loss_tokens[index] = peer.peer_id, 10  # handed out: what a report may claim
         ok = pb.ProgressReport(peer_id=peer.peer_id, round=1, microbatch_index=index, ok=True, loss_sum=1.0, tokens=10, open_attempt=1)
         assert asyncio.run(engine.report_progress(peer, ok))
     assert engine.phase == pb.SYNC and engine.stall is None and engine.current.tokens == 10 * cur.target

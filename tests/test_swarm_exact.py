@@ -45,6 +45,7 @@ def swarm(tmp_path_factory):
     s = Swarm(state, "--stages", "2", "--rounds", str(ROUNDS), "--checkpoint-every", str(ROUNDS), "--linger", "--join-token-file", str(token), *DATA_ARGS, *RECIPE_ARGS)
     s.add_peer("--stage", "0", "--serve-after-run", env={"HOMETRAIN_JOIN_TOKEN": "secret"})
     s.add_peer("--stage", "1", "--join-token-file", str(token), "--serve-after-run")
+    s.observer = {"coordinator": f"127.0.0.1:{s.port}", "join_token": "secret"}
     try:
         s.wait_for(lambda: any(c["round"] == ROUNDS for c in s.status()["checkpoints"]), 300, f"the checkpoint of round {ROUNDS}")
         yield s
@@ -124,7 +125,9 @@ def test_checkpoint_loads_with_transformers_and_equals_swarm_output(swarm):
                       return_tensors="pt", padding="max_length", max_length=24, truncation=True)["input_ids"]
     with torch.no_grad():
         expected = model(batch).logits
-    actual = swarm_logits(status["dht_maddrs"], status["run"], batch)
+    with pytest.raises(Exception, match="not a member"):  # a run with join tokens serves its members only
+        swarm_logits(status["dht_maddrs"], status["run"], batch, timeout=20)
+    actual = swarm_logits(status["dht_maddrs"], status["run"], batch, **swarm.observer)
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     # Beside each shard, its stage's optimizer state: what the live replica holds after the last round.
@@ -133,7 +136,7 @@ def test_checkpoint_loads_with_transformers_and_equals_swarm_output(swarm):
         assert name in manifest["files"], sorted(manifest["files"])
         saved = load_file(str(directory / name))
         peer = next(p for p in status["peers"] if p["stage"] == stage)
-        _, live, _ = swarm_stage_state(status["dht_maddrs"], status["run"], peer["p2p_id"], stage)
+        _, live, _ = swarm_stage_state(status["dht_maddrs"], status["run"], peer["p2p_id"], stage, **swarm.observer)
         moments = {k: v for k, v in live.items() if k.startswith("optim.")}
         assert moments and set(saved) == set(moments) and all(torch.equal(saved[k], moments[k]) for k in moments)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 from hivemind.p2p import P2P
 
@@ -33,3 +34,54 @@ def test_call_reaches_a_peer_known_only_by_its_announced_addresses():
             await b.shutdown()
 
     assert torch.equal(asyncio.run(main()), torch.full((3,), 2.0))
+
+
+def test_a_private_run_serves_members_only_and_counts_the_rest():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from peer.members import Members
+    from proto.auth import sign_member_set
+
+    key, forger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+    async def main():
+        a = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        b = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        try:
+            served, caller = FrameTransport(a, WireCounters()), FrameTransport(b, WireCounters())
+            published = {"epoch": 1, "ids": [a.peer_id.to_base58()], "key": key}
+
+            async def fetch() -> pb.MemberSet:
+                ids, epoch = published["ids"], published["epoch"]
+                return pb.MemberSet(run_id="run", epoch=epoch, dht_peer_ids=ids, signature=sign_member_set(published["key"], "run", epoch, ids))
+
+            members = Members(fetch, public, "run")
+            served.admits = members.admits
+            await members.update(1)
+            handled = []
+
+            async def echo(header, tensors, sender):
+                handled.append(sender)
+                return pb.FrameHeader(kind=pb.ACK, run_id=header.run_id), {}
+
+            await served.serve("test.echo", echo, receive_kind="control", send_kind="control")
+            caller.addresses[a.peer_id.to_base58()] = [str(m) for m in await a.get_visible_maddrs()]
+            call = lambda: caller.call(a.peer_id, "test.echo", pb.FrameHeader(kind=pb.FORWARD, run_id="run"), {"x": torch.ones(2)},  # noqa: E731
+                                       "control", "control", timeout=20)
+            with pytest.raises(Exception, match="not a member"):
+                await call()
+            assert members.refused == 1 and not handled
+            published.update(epoch=2, ids=[a.peer_id.to_base58(), b.peer_id.to_base58()], key=forger)  # a set the run's key did not sign
+            await members.update(2)
+            assert members.epoch == 1 and b.peer_id.to_base58() not in members.ids
+            published["key"] = key
+            await asyncio.sleep(1.1)  # a stranger makes the peer fetch the set again, at most once a second
+            await call()  # admitted: the set fetched on its arrival names it
+            assert handled == [b.peer_id] and members.epoch == 2
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    asyncio.run(main())
