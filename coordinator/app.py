@@ -23,6 +23,7 @@ from proto import GRPC_MAX_MESSAGE_BYTES, PACKAGE_VERSION
 from proto import hometrain_pb2 as pb
 from proto import hometrain_pb2_grpc as pb_grpc
 from proto.addresses import resolve_ipv4
+from proto.auth import key_fingerprint
 from proto.memory_plan import GIB, StageShape, plan_layer_ranges, plan_settings, plan_stage
 from proto.run_config import ConfigError, CoordinatorConfig, EvalOptions, parse_eval_task
 
@@ -110,6 +111,7 @@ class CoordinatorApp:
         self.run_id = self.store.get_meta("run_id") or uuid.uuid4().hex[:12]
         self.store.set_meta("run_id", self.run_id)
         self.signing_key = load_signing_key(self.state_dir / "signing_key.pem")
+        self.key_fingerprint = key_fingerprint(public_key_hex(self.signing_key))
         self.tokenizer_dir = self.state_dir / "tokenizer"
         saved_tokenizer = (self.tokenizer_dir / "tokenizer.json").is_file()
         if cfg.init_from and not cfg.tokenizer and not saved_tokenizer:
@@ -283,7 +285,11 @@ class CoordinatorApp:
             server = grpc.aio.server(options=options)
             pb_grpc.add_CoordinatorServicer_to_server(self.service, server)
             try:
-                self.grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+                if cfg.tls_cert:
+                    credentials = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                    self.grpc_port = server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
+                else:
+                    self.grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
             except RuntimeError:  # some grpc versions raise instead of returning 0
                 self.grpc_port = 0
             if self.grpc_port or time.monotonic() > deadline:
@@ -295,7 +301,10 @@ class CoordinatorApp:
         self.grpc_server = server
         await self.grpc_server.start()
         log.info("run %s: round %d, %d stages %s, hometrain %s", self.run_id, self.engine.round, len(self.layer_ranges), self.layer_ranges, PACKAGE_VERSION)
-        log.info("control plane on %s:%d; status page http://%s:%d/", cfg.public_host, self.grpc_port, cfg.public_host, self.http.port)
+        log.info("control plane on %s:%d (%s); status page http://%s:%d/", cfg.public_host, self.grpc_port,
+                 "TLS" if cfg.tls_cert else "plaintext: --tls-cert/--tls-key serve TLS", cfg.public_host, self.http.port)
+        log.info("checkpoints and member sets are signed with key %s: volunteers pin it with --coordinator-key %s",
+                 self.key_fingerprint, self.key_fingerprint)
 
     # ------------------------------------------------------------ running
 

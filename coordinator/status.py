@@ -95,6 +95,8 @@ class StatusReport:
         return {
             "run": app.run_id,
             "version": PACKAGE_VERSION,
+            "key_fingerprint": app.key_fingerprint,  # of the key that signs checkpoints: volunteers pin it (--coordinator-key)
+            "private": app.tokens.required,  # join tokens are needed, and the data plane serves members only
             "model": {"preset": app.config.init_from or app.config.model, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
                       "n_head": cfg.n_head, "rotary_dim": cfg.rotary_dim, "vocab_size": cfg.vocab_size, "parameters": parameter_count(cfg)},
             "round": last[0].round if last else 0,

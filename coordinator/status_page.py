@@ -288,6 +288,8 @@ def render_page(status: dict, rounds: list[dict]) -> str:
               + (f"<p class='reason'>{_e(reason)}</p>" if reason and not s.get("stalled") else "")
               + (f"<p class='muted'>{model_line}</p>" if model_line else "")
               + (f"<p class='muted' id='compression'>{compression_line(_d(s.get('train')))}</p>" if s.get("train") else "")
+              + (f"<p class='muted' id='trust'>{'private run (join tokens; members-only data plane)' if s.get('private') else 'open run'}"
+                 f" · signing key <code>{_e(s['key_fingerprint'])}</code> (peer join --coordinator-key)</p>" if s.get("key_fingerprint") else "")
               + "<div class='summary'>" + "".join(f"<span><b>{k}:</b> {v}</span>" for k, v in summary) + "</div>")
 
     boxes = []

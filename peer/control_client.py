@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
@@ -58,12 +59,16 @@ def _short(exc: grpc.aio.AioRpcError) -> str:
 class ControlClient:
     """Async client of the Coordinator service; retries transport failures with backoff."""
 
-    def __init__(self, address: str, counters: WireCounters, stop: asyncio.Event) -> None:
+    def __init__(self, address: str, counters: WireCounters, stop: asyncio.Event, tls_ca: str = "", tls: bool = False) -> None:
         self.address = address
         self.counters = counters
         self.stop = stop
         options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES)]
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        if tls or tls_ca:  # the coordinator's certificate must chain to --tls-ca (or the system's roots)
+            roots = Path(tls_ca).read_bytes() if tls_ca else None
+            self.channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.credential = ""  # from JoinReply: every call after Join carries it
 

@@ -32,6 +32,7 @@ from proto.manifest import MANIFEST, ManifestError, is_optimizer_shard, verify_m
 from proto.run_config import TASK_NAME, EvalOptions, PeerConfig
 
 from .control_client import ControlClient, Stopped
+from .coordinator_key import UntrustedCoordinator, trust_coordinator_key
 from .device import DeviceInfo
 from .transport import WireCounters
 
@@ -129,7 +130,7 @@ class EvalWorker:
 
     async def _run(self) -> int:
         self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
-        client = ControlClient(self.config.coordinator, WireCounters(), self.stopping)
+        client = ControlClient(self.config.coordinator, WireCounters(), self.stopping, tls_ca=self.config.tls_ca, tls=self.config.tls)
         worker_id = ""
         try:
             while not self.stopping.is_set():
@@ -137,6 +138,7 @@ class EvalWorker:
                     protocol_version=PROTOCOL_VERSION, join_token=self.config.join_token, name=self.config.name,
                     device=self.device.description, worker_id=worker_id), retry_for=self.config.connect_timeout)
                 if not worker_id:
+                    trust_coordinator_key(job.checkpoint_public_key, self.config.coordinator, self.config.coordinator_key, self.config.state_dir)
                     log.info("evaluating checkpoints for the run at %s as %s (on %s)", self.config.coordinator, job.worker_id,
                              self.device.description)
                 worker_id = job.worker_id
@@ -157,6 +159,9 @@ class EvalWorker:
             pass
         except grpc.aio.AioRpcError as exc:
             print(f"peer: the coordinator refused: {exc.details() or exc.code().name}", file=sys.stderr)
+            return 2
+        except UntrustedCoordinator as exc:
+            print(f"peer: {exc}", file=sys.stderr)
             return 2
         finally:
             await client.close()

@@ -32,6 +32,7 @@ from proto.run_config import PeerConfig, TrainConfig
 
 from .compression.boundary import BoundaryCodec
 from .control_client import ControlClient, Stopped, unless_stopped
+from .coordinator_key import UntrustedCoordinator, trust_coordinator_key
 from .device import DeviceInfo
 from .directory import StageDirectory, StageRecord
 from .failures import FailureLog, StageFailed, describe
@@ -61,7 +62,7 @@ class PeerNode:
         self.device = device
         self.counters = WireCounters()
         self.stopping = asyncio.Event()
-        self.client = ControlClient(config.coordinator, self.counters, self.stopping)
+        self.client = ControlClient(config.coordinator, self.counters, self.stopping, tls_ca=config.tls_ca, tls=config.tls)
         self.coordinator_host = config.coordinator_host  # where announced loopback addresses really are
         self.tasks: set[asyncio.Task] = set()
         self.rounds_seen: dict[str, set] = {"feed": set(), "sync": set(), "upload": set()}
@@ -104,7 +105,9 @@ class PeerNode:
             device=self.device.description, free_memory_bytes=self.device.free_memory_bytes,
             throughput=self.throughput, requested_stage=requested_stage,
         )
-        return await self.client.join(request, retry_for=self.config.connect_timeout)
+        reply = await self.client.join(request, retry_for=self.config.connect_timeout)
+        trust_coordinator_key(reply.checkpoint_public_key, self.config.coordinator, self.config.coordinator_key, self.config.state_dir)
+        return reply
 
     async def run(self) -> int:
         """Join, train until told to stop (or the run ends), leave; returns the exit status."""
@@ -115,6 +118,10 @@ class PeerNode:
             return 0
         except grpc.aio.AioRpcError as exc:
             log.error("could not join the run at %s: %s", self.config.coordinator, exc.details() or exc.code().name)
+            await self.client.close()
+            return 1
+        except UntrustedCoordinator as exc:
+            log.error("%s", exc)
             await self.client.close()
             return 1
         try:

@@ -44,20 +44,26 @@ REPLICA_PASSES = 3          # passes over the stage's replicas for their state b
 REPLICA_RETRY_SECONDS = 2.0
 DOWNLOAD_BACKOFF_MAX = 30.0
 UPLOAD_CHUNK = 1 << 20
+METADATA_LIMIT = 64 << 20   # bytes: a checkpoint's manifest or index
 
 
 class CannotStart(RuntimeError):
     """This peer cannot take part (no weights to load, a port in use); the message says what to do."""
 
 
-def _get(url: str, timeout: float = 60.0, progress: Callable[[int, int], None] | None = None) -> bytes:
+def _get(url: str, timeout: float = 60.0, progress: Callable[[int, int], None] | None = None, limit: int = METADATA_LIMIT) -> bytes:
+    """Download ``url``; ManifestError past ``limit`` bytes (a server cannot make the peer hold more than it expects)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
+            if total > limit:
+                raise ManifestError(f"{url} is {total} bytes, more than the {limit} this peer expects of it: refused")
             chunks, received = [], 0
             while block := response.read(1 << 20):
                 chunks.append(block)
                 received += len(block)
+                if received > limit:
+                    raise ManifestError(f"{url} sent more than the {limit} bytes this peer expects of it: refused")
                 if progress:
                     progress(received, total)
             return b"".join(chunks)
@@ -65,9 +71,24 @@ def _get(url: str, timeout: float = 60.0, progress: Callable[[int, int], None] |
         raise ConnectionError(f"cannot download {url}: {exc}") from exc
 
 
+def shard_limit(numel: int) -> int:
+    """The most a checkpoint shard of ``numel`` parameters may hold: fp32 weights, or their optimizer state (two
+    fp32 moments and a step each), plus the header."""
+    return 3 * 4 * numel + METADATA_LIMIT
+
+
+def check_identity(manifest: dict[str, Any], run_id: str, round: int | None) -> None:
+    """A validly signed manifest of another run or round is refused too: the coordinator's key signs every run it serves."""
+    if run_id and manifest.get("run") != run_id:
+        raise ManifestError(f"the checkpoint's manifest is of run {manifest.get('run')!r}, not this run's {run_id!r}: refused")
+    if round is not None and manifest.get("round") != round:
+        raise ManifestError(f"the checkpoint's manifest is of round {manifest.get('round')!r}, not the {round} the coordinator "
+                            "announced: refused")
+
+
 def fetch_checkpoint_tensors(
     base_url: str, names: set[str], public_key_hex: str, progress: Callable[[str, int, int], None] | None = None,
-    optimizer_shard: str = "",
+    optimizer_shard: str = "", expect: tuple[str, int | None] = ("", None), limit: int = 1 << 40,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, int]:
     """Download only the shards holding ``names`` from a checkpoint URL (and ``optimizer_shard``, if the checkpoint
     has it); verify everything. Returns the tensors, the optimizer's scalars (None without its shard) and the
@@ -75,6 +96,7 @@ def fetch_checkpoint_tensors(
     """
     manifest = json.loads(_get(base_url + MANIFEST))
     verify_manifest(manifest, public_key_hex)
+    check_identity(manifest, *expect)
     index_bytes = _get(base_url + INDEX)
     verify_file(INDEX, index_bytes, manifest)
     weight_map: dict[str, str] = json.loads(index_bytes)["weight_map"]
@@ -83,13 +105,14 @@ def fetch_checkpoint_tensors(
         raise ManifestError(f"checkpoint of round {manifest.get('round')} lacks {len(missing)} tensors of this stage, e.g. {missing[:3]}")
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted({weight_map[n] for n in names}):
-        data = _get(base_url + shard, progress=(lambda got, total, s=shard: progress(s, got, total)) if progress else None)
+        data = _get(base_url + shard, progress=(lambda got, total, s=shard: progress(s, got, total)) if progress else None, limit=limit)
         verify_file(shard, data, manifest)
         loaded = load_safetensors(data)
         tensors.update({k: v for k, v in loaded.items() if k in names})
     extras = None
     if optimizer_shard and optimizer_shard in manifest.get("files", {}):
-        data = _get(base_url + optimizer_shard, progress=(lambda got, total: progress(optimizer_shard, got, total)) if progress else None)
+        data = _get(base_url + optimizer_shard, progress=(lambda got, total: progress(optimizer_shard, got, total)) if progress else None,
+                    limit=limit)
         verify_file(optimizer_shard, data, manifest)
         tensors.update(load_safetensors(data))
         extras = {"steps": json.loads(_safetensors_metadata(data).get("steps", "{}"))}
@@ -98,12 +121,13 @@ def fetch_checkpoint_tensors(
 
 def fetch_adapter_tensors(
     base_url: str, names: set[str], public_key_hex: str, progress: Callable[[str, int, int], None] | None = None,
-    optimizer_shard: str = "",
+    optimizer_shard: str = "", expect: tuple[str, int | None] = ("", None), limit: int = 1 << 40,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, int]:
     """LoRA runs: the stage's adapters (``names``, as the stage names them) from an adapter checkpoint, verified."""
     manifest = json.loads(_get(base_url + MANIFEST))
     verify_manifest(manifest, public_key_hex)
-    data = _get(base_url + ADAPTER_FILE, progress=(lambda got, total: progress(ADAPTER_FILE, got, total)) if progress else None)
+    check_identity(manifest, *expect)
+    data = _get(base_url + ADAPTER_FILE, progress=(lambda got, total: progress(ADAPTER_FILE, got, total)) if progress else None, limit=limit)
     verify_file(ADAPTER_FILE, data, manifest)
     adapters = {stage_name(k): v for k, v in load_safetensors(data).items()}
     missing = sorted(names - set(adapters))
@@ -112,7 +136,7 @@ def fetch_adapter_tensors(
     tensors = {k: v for k, v in adapters.items() if k in names}
     extras = None
     if optimizer_shard and optimizer_shard in manifest.get("files", {}):
-        data = _get(base_url + optimizer_shard)
+        data = _get(base_url + optimizer_shard, limit=limit)
         verify_file(optimizer_shard, data, manifest)
         for name, value in load_safetensors(data).items():  # optim.<peft name>.<key> -> optim.<stage name>.<key>
             param, key = state_key(name)
@@ -256,12 +280,21 @@ class StageWeights:
             bar.close()
 
     async def _from_checkpoint(self, stage: int, runtime: StageRuntime, sync: StageSync, checkpoint: Callable[[], tuple[str, int]]) -> None:
-        names = set(runtime.weights())
-        if runtime.lora:  # the checkpoint holds adapters, named as peft names them
-            fetch = lambda url, progress: fetch_adapter_tensors(url, names, self.public_key, progress, optimizer_shard_name(stage, self.num_stages))  # noqa: E731
-        else:
-            fetch = lambda url, progress: fetch_checkpoint_tensors(url, names, self.public_key, progress, optimizer_shard_name(stage, self.num_stages))  # noqa: E731
-        (tensors, extras, round), url = await self._download(stage, lambda: checkpoint()[0], fetch)
+        weights = runtime.weights()
+        names, limit = set(weights), shard_limit(sum(t.numel() for t in weights.values()))
+        reader = fetch_adapter_tensors if runtime.lora else fetch_checkpoint_tensors  # LoRA: adapters, named as peft names them
+        announced: dict[str, int] = {}
+
+        def fetch(url: str, progress):
+            return reader(url, names, self.public_key, progress, optimizer_shard_name(stage, self.num_stages),
+                          expect=(self.run_id, announced.get(url)), limit=limit)
+
+        def current() -> str:
+            url, round = checkpoint()
+            announced[url] = round
+            return url
+
+        (tensors, extras, round), url = await self._download(stage, current, fetch)
         tensors, extras = matching_optimizer_state(names, tensors, extras)
         await runtime.run(import_stage, runtime, sync, tensors, extras, round + 1)
         what = "weights and optimizer state" if extras is not None else "weights"
@@ -270,7 +303,7 @@ class StageWeights:
     async def load_base(self, stage: int, runtime: StageRuntime, url: str) -> None:
         """LoRA: the frozen base of the stage, from the run's round-0 checkpoint, then adapters on it."""
         (tensors, _, round), _ = await self._download(stage, lambda: url, lambda u, progress: fetch_checkpoint_tensors(
-            u, set(runtime.base_names), self.public_key, progress))
+            u, set(runtime.base_names), self.public_key, progress, expect=(self.run_id, 0)))
         try:
             await runtime.run(runtime.load_base, tensors, self.seed)
         except Exception as exc:

@@ -46,6 +46,7 @@ SECTION_HELP = {
     "device": "what this machine lends",
     "observability": "logs and metrics",
     "evaluation": "how every published checkpoint is judged (coordinator eval)",
+    "security": "TLS for the control plane, and which coordinator key to trust",
 }
 
 
@@ -273,8 +274,11 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
         "network": ("host", "announce_host", "port", "http_port", "dht_port") + TrainConfig.sections["network"],
         "observability": ("quiet", "log_format"),
         "evaluation": ("eval_on", "eval_device", "eval_engine", "eval_tasks", "eval_shots", "eval_probe_items", "eval_max_tokens"),
+        "security": ("tls_cert", "tls_key"),
     }
 
+    tls_cert: str = opt("", "PEM certificate chain to serve the gRPC control plane over TLS (with --tls-key; default: plaintext).")
+    tls_key: str = opt("", "PEM private key of --tls-cert.")
     host: str = opt("0.0.0.0", "Address the gRPC, HTTP and DHT listeners bind to.")
     announce_host: str = opt(
         "", "Address peers reach this machine at: it goes into checkpoint URLs and the DHT's announced addresses "
@@ -340,6 +344,11 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
             raise ConfigError(f"--init-from {self.init_from}: no config.json there; point it at a Hugging Face GPT-J checkpoint directory")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"--tokenizer {self.tokenizer}: no such directory; point it at a saved Hugging Face tokenizer")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both (PEM files) to serve TLS, or neither for plaintext")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{flag} {path}: no such file; give a PEM file")
         if self.lora_rank and self.eval_on == "peer":
             raise ConfigError("--eval-on peer: evaluating volunteers load plain models, and a LoRA run publishes adapters; use "
                               "--eval-on coordinator (--eval-device cuda), or off and `coordinator export --merge` then `coordinator eval`")
@@ -477,9 +486,15 @@ class PeerConfig(ConsoleConfig):
         "compression": ("activation_cache_mb", "cache_dir"),
         "network": ("initial_peers", "host", "announce_host", "p2p_port", "reachability", "inflight"),
         "observability": ("metrics_port", "quiet", "log_format"),
+        "security": ("tls", "tls_ca", "coordinator_key"),
     }
 
     coordinator: str = opt("127.0.0.1:50051", "HOST:PORT of the coordinator's gRPC control plane.")
+    tls: bool = opt(False, "Speak TLS to the coordinator, checking its certificate against the system's roots (or --tls-ca).")
+    tls_ca: str = opt("", "PEM file of the certificate authority (or the self-signed certificate) the coordinator's must chain to; implies --tls.")
+    coordinator_key: str = opt(
+        "", "Fingerprint of the key the coordinator signs checkpoints and member sets with, as its log and status page show it: "
+        "refuse a coordinator with another (default: trust the first key seen and, with --state-dir, remember it).")
     gpu: str = opt("auto", "CUDA device index to train on, or 'cpu' (auto: GPU 0 if there is one, else cpu).")
     name: str = opt("", "Public name shown on the status page.")
     join_token: str = opt("", "Token the organiser gave you, if the run requires one.", secret=True)
@@ -512,6 +527,11 @@ class PeerConfig(ConsoleConfig):
         split_host_port("--coordinator", self.coordinator)
         for flag, port in (("--p2p-port", self.p2p_port), ("--metrics-port", self.metrics_port)):
             check_port(flag, port)
+        if self.tls_ca and not Path(self.tls_ca).is_file():
+            raise ConfigError(f"--tls-ca {self.tls_ca}: no such file; give the PEM certificate the organiser published")
+        if self.coordinator_key and not all(c in "0123456789abcdef" for c in self.coordinator_key.lower()):
+            raise ConfigError(f"--coordinator-key {self.coordinator_key!r} is not a hex fingerprint: copy it from the coordinator's "
+                              "log or status page")
 
     @property
     def coordinator_host(self) -> str:

@@ -114,3 +114,96 @@ def test_observers_need_a_token_and_a_real_peer_id(run):
     refused(lambda: observe("guess", "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"), grpc.StatusCode.PERMISSION_DENIED)
     assert "base58" in refused(lambda: observe(SECRET, "not a peer id"), grpc.StatusCode.INVALID_ARGUMENT)
     assert observe(SECRET, "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").seconds > 0
+
+
+def self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and localhost, made here: what an organiser without a CA would serve."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hometrain test coordinator")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "coordinator.crt", directory / "coordinator.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_the_control_plane_speaks_tls_when_given_a_certificate(tmp_path):
+    cert, key = self_signed(tmp_path)
+    s = Swarm(tmp_path / "run", "--stages", "1", "--rounds", "1", "--tls-cert", cert, "--tls-key", key)
+    try:
+        assert "TLS" in s.log_tail(200)
+        roots = open(cert, "rb").read()
+        with grpc.secure_channel(f"127.0.0.1:{s.port}", grpc.ssl_channel_credentials(root_certificates=roots)) as channel:
+            reply = join(pb_grpc.CoordinatorStub(channel), token="")
+            assert reply.credential and heartbeat(pb_grpc.CoordinatorStub(channel), reply.peer_id, reply.credential).known
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}") as channel:  # plaintext gets nowhere
+            with pytest.raises(grpc.RpcError):
+                join(pb_grpc.CoordinatorStub(channel), token="")
+        (tmp_path / "other").mkdir()
+        stranger = open(self_signed(tmp_path / "other")[0], "rb").read()
+        with grpc.secure_channel(f"127.0.0.1:{s.port}", grpc.ssl_channel_credentials(root_certificates=stranger)) as channel:
+            with pytest.raises(grpc.RpcError):  # a certificate the peer was not told to trust
+                join(pb_grpc.CoordinatorStub(channel), token="")
+    finally:
+        s.stop()
+
+
+def test_a_pinned_or_remembered_coordinator_key_refuses_another(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from peer.coordinator_key import UntrustedCoordinator, trust_coordinator_key
+    from proto.auth import key_fingerprint
+
+    def public() -> str:
+        return Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+    first, other = public(), public()
+    assert trust_coordinator_key(first, "c:1", pinned=key_fingerprint(first)) == key_fingerprint(first)
+    with pytest.raises(UntrustedCoordinator, match="--coordinator-key"):
+        trust_coordinator_key(other, "c:1", pinned=key_fingerprint(first))
+    state = str(tmp_path / "peer-state")
+    trust_coordinator_key(first, "c:1", state_dir=state)  # first use: remembered
+    assert trust_coordinator_key(first, "c:1", state_dir=state) == key_fingerprint(first)
+    with pytest.raises(UntrustedCoordinator, match="signed with"):
+        trust_coordinator_key(other, "c:1", state_dir=state)
+    trust_coordinator_key(other, "elsewhere:1", state_dir=state)  # another coordinator has its own key
+
+
+def test_a_checkpoint_of_another_run_or_round_or_too_large_is_refused(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from peer.weights import _get, check_identity
+    from proto.manifest import ManifestError
+
+    check_identity({"run": "r1", "round": 5}, "r1", 5)
+    with pytest.raises(ManifestError, match="run"):
+        check_identity({"run": "r2", "round": 5}, "r1", 5)
+    with pytest.raises(ManifestError, match="round"):
+        check_identity({"run": "r1", "round": 4}, "r1", 5)
+    (tmp_path / "shard").write_bytes(b"x" * 4096)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard"
+        assert len(_get(url, limit=4096)) == 4096
+        with pytest.raises(ManifestError, match="4096 bytes, more than the 1000"):
+            _get(url, limit=1000)
+    finally:
+        server.shutdown()
