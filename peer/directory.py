@@ -1,9 +1,10 @@
 """Who holds which stage: per-stage records in the hivemind DHT, checked against their schema as they are read.
 
 One DHT key per stage, one subkey per peer (its libp2p id), with an expiry the peer refreshes.
-Anyone can write a DHT value, so a record is used only if it fits ``StageRecord``'s schema; a
-bad one is dropped and counted (``records_rejected``), never raised to the sender that reads
-it. While the coordinator's own list of a stage is recent (it comes with every round state),
+Anyone can write a DHT value, so a record is used only if it fits ``StageRecord``'s schema and, in
+a run with join tokens, its subkey is a member of the run (``is_member``); others are dropped and
+counted (``records_rejected``), never raised to the sender that reads it. Records are not signed:
+a member could still overwrite another member's, which is why routing prefers the coordinator's list. While the coordinator's own list of a stage is recent (it comes with every round state),
 that list stands in for the DHT: the coordinator drops dead peers sooner than records expire.
 """
 
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -79,6 +80,7 @@ class StageDirectory:
         self.run_id = run_id
         self.addresses = addresses if addresses is not None else {}  # peer id -> where it can be dialled
         self.records_rejected = 0
+        self.is_member: Callable[[str], bool] = lambda peer_id: True  # set to the run's member set (peer.members)
         self._cache: dict[int, tuple[float, dict[str, StageRecord]]] = {}
         self._told: dict[int, tuple[float, dict[str, StageRecord]]] = {}  # stage -> (when, records) from the coordinator
 
@@ -116,9 +118,9 @@ class StageDirectory:
         if found is not None and isinstance(found.value, dict):
             for peer_id, item in found.value.items():
                 record = StageRecord.parse(getattr(item, "value", None))
-                if not isinstance(peer_id, str) or record is None:
+                if not isinstance(peer_id, str) or record is None or not self.is_member(peer_id):
                     self.records_rejected += 1
-                    log.debug("dropped a malformed stage-%d record from the DHT (subkey %r)", stage, peer_id)
+                    log.debug("dropped a malformed or non-member stage-%d record from the DHT (subkey %r)", stage, peer_id)
                     continue
                 if not record.leaving:
                     records[peer_id] = record

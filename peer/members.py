@@ -75,6 +75,10 @@ class Members:
             if reply.epoch >= self.epoch:
                 self.epoch, self.ids = reply.epoch, frozenset(reply.dht_peer_ids)
 
+    def knows(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is in the set held now (no fetch): for records read from the DHT."""
+        return not self.enforced or peer_id in self.ids
+
     async def admits(self, peer_id: str) -> bool:
         """Whether ``peer_id`` (base58) may use the data plane; counts and logs those refused."""
         if not self.enforced or peer_id in self.ids:

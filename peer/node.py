@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import hivemind
@@ -39,17 +40,19 @@ from .failures import FailureLog, StageFailed, describe
 from .inflight import InflightSizer
 from .members import Members
 from .metrics import PeerMetrics, PeerSnapshot, status_line
-from .pipeline import Pipeline
+from .pipeline import FORWARD_HANDLER, FRAME_SLACK, INFER_HANDLER, Pipeline, boundary_frame_limit
 from .reachability import Reachability, circuit_maddrs, free_port, p2p_options, probe
-from .replica_sync import Clip, StageSync, SyncError, SyncExchange
+from .replica_sync import SYNC_HANDLER, Clip, StageSync, SyncError, SyncExchange
 from .routing import Router
 from .stage_runtime import StageRuntime
 from .transport import FrameTransport, WireCounters
+from .state_transfer import STATE_HANDLER
 from .weights import CannotStart, StageWeights, state_sources
 
 log = logging.getLogger(__name__)
 
 ANNOUNCE_EVERY = 10.0
+SYNC_BYTES_PER_PARAMETER = 12  # the most a sync frame spends on one of the stage's parameters (int64 index + fp32 value)
 STATUS_EVERY = 10.0
 DROP_LOG_EVERY = 10.0       # seconds between warnings about dropped microbatches (the first is said at once)
 
@@ -165,6 +168,7 @@ class PeerNode:
         self.members = Members(lambda: self.client.members(self.peer_id), join.checkpoint_public_key, self.run_id)
         self.transport.admits = self.members.admits
         self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
+        self.directory.is_member = self.members.knows
         if not self.config.cache_dir and state_dir is None:
             self._temporary_cache = tempfile.mkdtemp(prefix="hometrain-aqsgd-")  # removed when the peer leaves
         cache_dir = self.config.cache_dir or (str(state_dir / "activation-cache") if state_dir is not None else self._temporary_cache)
@@ -177,6 +181,7 @@ class PeerNode:
         self.weights = StageWeights(self.transport, self.run_id, join.checkpoint_public_key, self.stopping, self.config.connect_timeout,
                                     show_progress=not self.config.quiet, num_stages=join.num_stages, seed=self.train.seed,
                                     base_url=reachable_url(join.base_checkpoint_url, self.coordinator_host))
+        self.transport.limits = self._frame_limits()
         await self.pipeline.start()
         await self.exchange.start()
         await self.weights.serve(lambda: (self.stage, self.runtime, self.sync))
@@ -188,8 +193,22 @@ class PeerNode:
                 self.metrics = None
                 raise CannotStart(f"cannot serve metrics on port {self.config.metrics_port} (--metrics-port): {exc.strerror or exc}; "
                                   "pick a free port, or 0 to turn metrics off") from None
-        await self._heartbeat()  # the coordinator learns this node's libp2p id: the replicas it loads from must admit it
+        # The coordinator learns this node's libp2p id (the replicas it loads from must admit it), and heartbeats go on
+        # while a long state transfer runs, so the peer is not timed out for loading.
+        await self._heartbeat()
+        self._spawn(self._heartbeat_loop())
         await self._load_weights()
+
+    def _frame_limits(self) -> dict[str, Callable[[], int]]:
+        """The largest frame each handler takes, from the run's shapes (not the 2 GiB any frame may be): a microbatch's
+        activations, a sync part of this stage's gradient (its size follows the stage the peer holds now), a state request."""
+        boundary = boundary_frame_limit(self.train, self.runtime.model.config)
+        return {
+            FORWARD_HANDLER: lambda: boundary,
+            INFER_HANDLER: lambda: boundary,
+            SYNC_HANDLER: lambda: SYNC_BYTES_PER_PARAMETER * sum(p.numel() for p in self.runtime.model.parameters()) + FRAME_SLACK,
+            STATE_HANDLER: lambda: FRAME_SLACK,
+        }
 
     def _check_memory(self, model_config: GPTJConfig, layer_start: int, layer_end: int) -> None:
         """Refuse a stage this device cannot hold (before allocating it), saying what would fit."""
@@ -229,7 +248,6 @@ class PeerNode:
         """Heartbeats, DHT records and the round loop, until the run ends or the peer is told to stop."""
         await self._heartbeat()
         await self._announce()
-        self._spawn(self._heartbeat_loop())
         self._spawn(self._announce_loop())
         if not self.config.quiet:
             self._spawn(self._status_loop())

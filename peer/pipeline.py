@@ -19,10 +19,12 @@ from typing import Mapping
 
 import torch
 from hivemind.p2p import PeerID
+from transformers import GPTJConfig
 
 from proto import codec
 from proto import hometrain_pb2 as pb
 from proto.codec import WireKind
+from proto.run_config import TrainConfig
 
 from .compression.boundary import BoundaryCodec, MissingEntries, Outgoing
 from .directory import StageDirectory
@@ -35,6 +37,17 @@ log = logging.getLogger(__name__)
 
 FORWARD_HANDLER = "hometrain.forward"
 INFER_HANDLER = "hometrain.infer"
+FRAME_SLACK = 1 << 20  # bytes a boundary frame may carry beyond its activations (header, ids, AQ-SGD scales)
+
+
+def infer_batch_limit(train: TrainConfig) -> int:
+    """Most samples one INFER frame may hold: a stage computes it in one go."""
+    return max(train.micro_batch_size, 8)
+
+
+def boundary_frame_limit(train: TrainConfig, config: GPTJConfig) -> int:
+    """The largest FORWARD or INFER frame a stage takes: fp32 activations of the larger of a microbatch and an INFER batch."""
+    return 4 * infer_batch_limit(train) * max(train.seq_len, config.n_positions) * config.n_embd + FRAME_SLACK
 
 
 class NoRouteError(RuntimeError):
@@ -143,6 +156,8 @@ class Pipeline:
         prefix = tensors.get("prefix_lengths")
         if inputs is None or prefix is None or inputs.dim() != (2 if self.stage == 0 else 3) or inputs.shape[1] > config.n_positions:
             raise codec.FrameError(f"INFER frame for stage {self.stage} needs {'input_ids [batch, seq]' if self.stage == 0 else 'hidden [batch, seq, d_model]'} and prefix_lengths [batch]")
+        if inputs.shape[0] > infer_batch_limit(self.runtime.train):
+            raise codec.FrameError(f"INFER frame of {inputs.shape[0]} samples: this stage answers at most {infer_batch_limit(self.runtime.train)} at once")
         codec.require_shape("prefix_lengths", prefix, (inputs.shape[0],), torch.int64)
         if self.stage == 0 and (inputs.dtype != torch.int64 or int(inputs.min()) < 0 or int(inputs.max()) >= config.vocab_size):
             raise codec.FrameError(f"input_ids must be int64 token ids in [0, {config.vocab_size})")

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 OFF_LOOP_BYTES = 4 << 20  # frames larger than this are encoded and decoded in a worker thread
+MAX_STREAMS_PER_PEER = 64  # frames one caller may be sending at once (a stage-0 peer pipelines --max-inflight of them)
+RECEIVE_TIMEOUT = 600.0    # seconds one frame may take to arrive (a slow sender cannot hold a stream open for ever)
+# A refused caller's small frame is read to its end before the refusal is sent: closing a stream with bytes still
+# unread can reset it, and the caller then sees a broken pipe instead of why it was refused. Larger frames are cut off.
+REFUSAL_DRAIN_BYTES, REFUSAL_DRAIN_SECONDS = 1 << 20, 2.0
 Handler = Callable[[pb.FrameHeader, Tensors, PeerID], Awaitable[tuple[pb.FrameHeader, Mapping[str, torch.Tensor]]]]
 Admits = Callable[[str], Awaitable[bool]]  # base58 libp2p id of a caller -> may it use the data plane
 
@@ -129,10 +134,15 @@ class LinkMeter:
 class FrameTransport:
     """Sends frames to other peers' handlers and serves this peer's handlers."""
 
-    def __init__(self, p2p: P2P, counters: WireCounters, max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, p2p: P2P, counters: WireCounters, max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
+                 max_streams_per_peer: int = MAX_STREAMS_PER_PEER, receive_timeout: float = RECEIVE_TIMEOUT) -> None:
         self.p2p = p2p
         self.counters = counters
         self.max_frame_bytes = max_frame_bytes
+        self.max_streams_per_peer = max_streams_per_peer  # frames one caller may be sending this peer at once
+        self.receive_timeout = receive_timeout            # longest a caller may take to send one frame
+        self.limits: dict[str, Callable[[], int]] = {}     # handler -> the largest frame it takes now (bytes)
+        self.open_streams: dict[str, int] = defaultdict(int)
         self.frames_rejected = 0
         self.admits: Admits | None = None  # set once the peer knows its run's member set (peer.members)
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs it announced (from the stage directory)
@@ -182,21 +192,41 @@ class FrameTransport:
         async def stream_handler(requests, context: P2PContext):
             caller = context.remote_id.to_base58()
             if self.admits is not None and not await self.admits(caller):
+                await _drain(requests, REFUSAL_DRAIN_BYTES, REFUSAL_DRAIN_SECONDS)
                 raise NotAMember(f"{caller} is not a member of this run: its data plane serves the peers the coordinator admitted")
+            if self.open_streams.get(caller, 0) >= self.max_streams_per_peer:
+                self.frames_rejected += 1
+                raise codec.FrameError(f"{caller} already sends {self.open_streams[caller]} frames to this peer at once "
+                                       f"(at most {self.max_streams_per_peer}): refused")
+            self.open_streams[caller] = self.open_streams.get(caller, 0) + 1
+            try:  # counted until the answer is sent: a caller holds a stream open as long as its handler runs
+                async for message in answer(requests, caller):
+                    yield message
+            finally:
+                self.open_streams[caller] -= 1
+                if not self.open_streams[caller]:
+                    del self.open_streams[caller]
+
+        async def answer(requests, caller: str):
             try:
-                header, tensors, nbytes = await self._decode(requests)
+                limit = self.limits[name]() if name in self.limits else self.max_frame_bytes
+                header, tensors, nbytes = await asyncio.wait_for(self._decode(requests, limit), self.receive_timeout)
+            except asyncio.TimeoutError:
+                self.frames_rejected += 1
+                log.warning("dropped a %s frame from %s: not received within %.0fs", receive_kind, caller, self.receive_timeout)
+                raise codec.FrameError(f"the frame took longer than {self.receive_timeout:.0f}s to arrive: dropped") from None
             except codec.FrameError as exc:
                 self.frames_rejected += 1
-                log.warning("dropped a bad %s frame from %s: %s", receive_kind, context.remote_id, exc)
+                log.warning("dropped a bad %s frame from %s: %s", receive_kind, caller, exc)
                 raise
             self.counters.count_received(receive_kind, nbytes, header.raw_bytes or fp32_equivalent(tensors))
             try:
-                reply_header, reply = await handler(header, tensors, context.remote_id)
+                reply_header, reply = await handler(header, tensors, PeerID.from_base58(caller))
             except codec.StaleFrame:
                 raise  # well-formed, just late: the sender reroutes or drops it
             except codec.FrameError as exc:  # the handler's schema check refused what the frame holds
                 self.frames_rejected += 1
-                log.warning("dropped a bad %s frame from %s: %s", receive_kind, context.remote_id, exc)
+                log.warning("dropped a bad %s frame from %s: %s", receive_kind, caller, exc)
                 raise
             size = codec.frame_nbytes(reply)
             self.counters.count_sent(send_kind, size, reply_header.raw_bytes or fp32_equivalent(reply))
@@ -205,11 +235,27 @@ class FrameTransport:
 
         await self.p2p.add_protobuf_handler(name, stream_handler, pb.Frame, stream_input=True, stream_output=True)
 
-    async def _decode(self, messages) -> tuple[pb.FrameHeader, Tensors, int]:
-        header, payload = await codec.receive_frame(messages, max_bytes=self.max_frame_bytes)
+    async def _decode(self, messages, max_bytes: int | None = None) -> tuple[pb.FrameHeader, Tensors, int]:
+        header, payload = await codec.receive_frame(messages, max_bytes=min(max_bytes or self.max_frame_bytes, self.max_frame_bytes))
         if len(payload) > OFF_LOOP_BYTES:
             return header, await asyncio.to_thread(codec.frame_tensors, header, payload), len(payload)
         return header, codec.frame_tensors(header, payload), len(payload)
+
+
+async def _drain(messages, max_bytes: int, seconds: float) -> None:
+    """Read and drop what a caller sends, until its stream ends, ``max_bytes`` have come, or ``seconds`` pass."""
+
+    async def read() -> None:
+        seen = 0
+        async for message in messages:
+            seen += message.ByteSize()
+            if seen > max_bytes:
+                return
+
+    try:
+        await asyncio.wait_for(read(), seconds)
+    except Exception:  # noqa: BLE001 - the refusal that follows is what matters, not how the caller's stream ended
+        pass
 
 
 async def _encode(header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor], nbytes: int) -> list[pb.Frame]:

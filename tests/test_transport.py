@@ -85,3 +85,37 @@ def test_a_private_run_serves_members_only_and_counts_the_rest():
             await b.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_handler_takes_frames_up_to_its_limit_and_a_bounded_number_at_once():
+    async def main():
+        a = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        b = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        try:
+            served, caller = FrameTransport(a, WireCounters(), max_streams_per_peer=1), FrameTransport(b, WireCounters())
+            served.limits["test.slow"] = lambda: 1 << 10
+            release = asyncio.Event()
+
+            async def slow(header, tensors, sender):
+                await release.wait()
+                return pb.FrameHeader(kind=pb.ACK, run_id=header.run_id), {}
+
+            await served.serve("test.slow", slow, receive_kind="control", send_kind="control")
+            caller.addresses[a.peer_id.to_base58()] = [str(m) for m in await a.get_visible_maddrs()]
+            call = lambda n: caller.call(a.peer_id, "test.slow", pb.FrameHeader(kind=pb.FORWARD, run_id="run"), {"x": torch.ones(n)},  # noqa: E731
+                                         "control", "control", timeout=20)
+            with pytest.raises(Exception, match="exceeds|larger|limit|bytes"):
+                await call(1024)  # 4 KiB of floats: over the handler's 1 KiB
+            first = asyncio.ensure_future(call(16))
+            await asyncio.sleep(1.0)
+            with pytest.raises(Exception):
+                await call(16)  # a second stream from the same caller while the first is open
+            assert served.frames_rejected == 2 and served.open_streams == {b.peer_id.to_base58(): 1}
+            release.set()
+            await first
+            assert served.frames_rejected == 2 and not served.open_streams
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    asyncio.run(main())
