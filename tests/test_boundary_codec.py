@@ -135,3 +135,29 @@ def test_the_activation_cache_budget_is_shared_by_every_neighbour():
             codec.acknowledged(f"peer-{neighbour}", out)
         assert codec.cache_memory_bytes <= budget, (neighbour, codec.cache_memory_bytes)
     assert len(codec._caches) == 6 and codec.cache_memory_bytes > budget // 2  # one cache per neighbour, the budget in use
+
+
+def test_caches_are_bounded_in_number_and_on_disk(tmp_path):
+    """A crowd of senders cannot grow the receiver's caches: at most MAX_NEIGHBOUR_CACHES are kept, spilled bytes stay
+    within the disk budget, and a sender whose cache was dropped is told to send its samples whole again."""
+    from peer.compression.boundary import MAX_NEIGHBOUR_CACHES
+
+    config = TrainConfig(activation_compression="aqsgd")
+    memory, disk = 16 * 1024, 256 * 1024
+    receiver = BoundaryCodec(config, memory, tmp_path, torch.device("cpu"), disk_bytes=disk)
+    senders = {}
+    for neighbour in range(MAX_NEIGHBOUR_CACHES + 8):
+        senders[neighbour] = BoundaryCodec(config, 1 << 24, None, torch.device("cpu"))
+        for batch in range(3):
+            ids = [10 * batch + i for i in range(4)]
+            out = Outgoing(ids, torch.randn(4, 8, 64), {})
+            receiver.decode_activations(f"src-{neighbour}", ids, senders[neighbour].encode_activations("receiver", out))
+            senders[neighbour].acknowledged("receiver", out)
+        assert len(receiver._caches) <= MAX_NEIGHBOUR_CACHES
+        assert receiver.cache_memory_bytes <= memory and receiver.cache_disk_bytes <= disk, neighbour
+    assert receiver.cache_disk_bytes > 0  # the budgets were in use, not idle
+    ids = [0, 1, 2, 3]
+    with pytest.raises(MissingEntries):  # the first neighbour's cache was dropped: its revisit cannot be decoded
+        receiver.decode_activations("src-0", ids, senders[0].encode_activations("receiver", Outgoing(ids, torch.randn(4, 8, 64), {})))
+    receiver.close()
+    assert not any(tmp_path.rglob("*.safetensors"))

@@ -109,6 +109,7 @@ class ActivationCache:
         self._names = itertools.count()
         self._stats = CacheStats()
         self._memory_limit = self.config.max_memory_bytes
+        self._disk_limit = self.config.max_disk_bytes
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._memory or key in self._disk
@@ -125,6 +126,13 @@ class ActivationCache:
         if nbytes < 0:
             raise ValueError(f"memory limit must be >= 0 bytes, got {nbytes}")
         self._memory_limit = nbytes
+        self._evict()
+
+    def set_disk_limit(self, nbytes: int | None) -> None:
+        """Keep at most ``nbytes`` spilled on disk from now on (None: no bound), dropping the oldest beyond it now."""
+        if nbytes is not None and nbytes < 0:
+            raise ValueError(f"disk limit must be None or >= 0 bytes, got {nbytes}")
+        self._disk_limit = nbytes
         self._evict()
 
     def stats(self) -> CacheStats:
@@ -183,7 +191,7 @@ class ActivationCache:
             self._disk[key] = _Spilled(entry.version, path, nbytes, entry.tensor.device)
             self._stats.disk_bytes += nbytes
             self._stats.spills += 1
-        limit = self.config.max_disk_bytes
+        limit = self._disk_limit
         while limit is not None and self._stats.disk_bytes > limit and self._disk:
             _, spilled = self._disk.popitem(last=False)
             spilled.path.unlink(missing_ok=True)

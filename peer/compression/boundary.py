@@ -14,11 +14,15 @@ them is packed losslessly too: token ids in the narrowest integer type their val
 ``decode_forward`` is where a FORWARD frame enters a stage: it decodes the activations and the
 extras and checks them against the stage (shapes, dtypes, vocabulary, finiteness) once; the
 pipeline gets tensors it can trust or a ``FrameError`` saying what was wrong. The caches of all
-neighbours share one memory budget (``cache_bytes``), split evenly among them as they appear.
+neighbours share one memory budget (``cache_bytes``) and one disk budget (``disk_bytes``), split
+evenly among them as they appear; at most ``MAX_NEIGHBOUR_CACHES`` are kept, the least recently
+used dropped beyond that (its samples then travel whole again), so peers that come and go, or a
+crowd of callers, cannot grow them without bound.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -39,6 +43,7 @@ FIRST_ROWS = FIRST_PREFIX + "rows"
 MASK_BITS = "loss_mask.bits"
 NARROW_INTS = ("target_ids", "prefix_lengths")  # int64 fields a frame may carry narrower
 EXTRAS = ("target_ids", "loss_mask", "prefix_lengths")  # what travels beside the activations
+MAX_NEIGHBOUR_CACHES = 32  # AQ-SGD caches kept, one per neighbour and direction: far more than a stage's neighbours
 __all__ = ["BoundaryCodec", "MissingEntries", "Outgoing"]
 
 
@@ -55,30 +60,45 @@ class Outgoing:
 class BoundaryCodec:
     """Encodes and decodes the tensors of FORWARD and BACKWARD frames for this peer."""
 
-    def __init__(self, train: TrainConfig, cache_bytes: int, cache_dir: str | Path | None, device: torch.device) -> None:
+    def __init__(self, train: TrainConfig, cache_bytes: int, cache_dir: str | Path | None, device: torch.device,
+                 disk_bytes: int | None = None) -> None:
         self.train = train
         self.device = device
         self.cache_bytes = cache_bytes
+        self.disk_bytes = disk_bytes  # spilled bytes of all caches together (None: no bound)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         # Per peer, a pair sharing one cache: revisits ("aq.") and first visits ("aqf."), each at its own bits.
         self._senders: dict[str, tuple[AQSGDSender, AQSGDSender]] = {}
         self._receivers: dict[str, tuple[AQSGDReceiver, AQSGDReceiver]] = {}
-        self._caches: list[ActivationCache] = []
+        self._caches: OrderedDict[tuple[str, str], ActivationCache] = OrderedDict()  # (role, peer), least recently used first
 
     def _cache(self, role: str, peer: str) -> ActivationCache:
-        """A new cache for one neighbour; every cache's share of the budget shrinks to make room for it."""
+        """A new cache for one neighbour; every cache's share of the budgets shrinks to make room for it, and beyond
+        ``MAX_NEIGHBOUR_CACHES`` the least recently used neighbour's cache is dropped."""
+        while len(self._caches) >= MAX_NEIGHBOUR_CACHES:
+            (old_role, old_peer), old = self._caches.popitem(last=False)
+            (self._senders if old_role == "to" else self._receivers).pop(old_peer, None)
+            old.close()
         spill = self.cache_dir / f"{role}-{peer[-12:]}" if self.cache_dir else None
         cache = ActivationCache(CacheConfig(max_memory_bytes=self.cache_bytes, spill_dir=spill))
-        self._caches.append(cache)
-        share = self.cache_bytes // len(self._caches)
-        for each in self._caches:
-            each.set_memory_limit(share)
+        self._caches[(role, peer)] = cache
+        for each in self._caches.values():
+            each.set_memory_limit(self.cache_bytes // len(self._caches))
+            each.set_disk_limit(None if self.disk_bytes is None else self.disk_bytes // len(self._caches))
         return cache
+
+    def _used(self, role: str, peer: str) -> None:
+        self._caches.move_to_end((role, peer))
 
     @property
     def cache_memory_bytes(self) -> int:
         """Bytes all AQ-SGD caches hold in memory now (never more than ``cache_bytes``)."""
-        return sum(cache.stats().memory_bytes for cache in self._caches)
+        return sum(cache.stats().memory_bytes for cache in self._caches.values())
+
+    @property
+    def cache_disk_bytes(self) -> int:
+        """Bytes all AQ-SGD caches hold spilled on disk now (never more than ``disk_bytes``)."""
+        return sum(cache.stats().disk_bytes for cache in self._caches.values())
 
     # ------------------------------------------------------------ activations
 
@@ -94,6 +114,7 @@ class BoundaryCodec:
         if dest not in self._senders:
             cache = self._cache("to", dest)
             self._senders[dest] = (AQSGDSender(cache, PREFIX), AQSGDSender(cache, FIRST_PREFIX))
+        self._used("to", dest)
         revisit, first = self._senders[dest]
         new = [i for i, sid in enumerate(out.sample_ids) if revisit.cache.get(sid) is None]
         old = [i for i in range(len(out.sample_ids)) if i not in set(new)]
@@ -112,13 +133,15 @@ class BoundaryCodec:
         return QuantConfig(bits=bits, block=self.train.boundary_block)
 
     def acknowledged(self, dest: str, out: Outgoing) -> None:
-        for pending in out.pending or ():
-            self._senders[dest][0].commit(pending)
+        if dest in self._senders:  # (its cache may have been dropped meanwhile: the next frame goes whole)
+            for pending in out.pending or ():
+                self._senders[dest][0].commit(pending)
         out.pending = None
 
     def failed(self, dest: str, out: Outgoing) -> None:
-        for pending in out.pending or ():
-            self._senders[dest][0].abort(pending)
+        if dest in self._senders:
+            for pending in out.pending or ():
+                self._senders[dest][0].abort(pending)
         out.pending = None
 
     def missing(self, dest: str, out: Outgoing, sample_ids: list[int]) -> None:
@@ -144,6 +167,7 @@ class BoundaryCodec:
         if source not in self._receivers:
             cache = self._cache("from", source)
             self._receivers[source] = (AQSGDReceiver(cache, PREFIX, self.device), AQSGDReceiver(cache, FIRST_PREFIX, self.device))
+        self._used("from", source)
         revisit, first = self._receivers[source]
         has_old, has_new = PREFIX + "base" in tensors, FIRST_PREFIX + "base" in tensors
         if has_old and has_new:
@@ -205,8 +229,8 @@ class BoundaryCodec:
             raise FrameError(f"undecodable gradient: {exc}") from None
 
     def close(self) -> None:
-        for pair in (*self._senders.values(), *self._receivers.values()):
-            pair[0].cache.close()
+        for cache in self._caches.values():
+            cache.close()
 
 
 def pack_extras(extras: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
