@@ -34,6 +34,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from coordinator.local_swarm import LocalSwarm
 
@@ -72,14 +73,18 @@ WARMUP: dict[str, list[str]] = {
 }
 
 
-def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool = False) -> tuple[dict, list[dict]]:
-    """Train ``rounds`` rounds with 4 peers; returns the final status and the round records.
+def run_swarm(state: Path, rounds: int, flags: list[str], keep_checkpoint: bool = False, replicas: int = 2,
+              add_peers: Callable[[LocalSwarm], None] | None = None) -> tuple[dict, list[dict]]:
+    """Train ``rounds`` rounds with 2 stages of ``replicas`` peers each (rounds open only with all of them); returns the
+    final status and the round records. ``add_peers`` starts the peers instead (default: plain ``peer join``s).
     With ``keep_checkpoint`` the run publishes a checkpoint of its last round and waits until the status lists it."""
     every = rounds if keep_checkpoint else 10 * rounds
-    swarm = LocalSwarm(state, "--eval-on", "off", "--model", "tiny", "--stages", "2", "--min-replicas", "2", "--rounds", str(rounds),
+    swarm = LocalSwarm(state, "--eval-on", "off", "--model", "tiny", "--stages", "2", "--min-replicas", str(replicas), "--rounds", str(rounds),
                        "--checkpoint-every", str(every), "--linger", *flags, log_dir=state / "logs")
     try:
-        for _ in range(4):
+        if add_peers is not None:
+            add_peers(swarm)
+        for _ in range(0 if add_peers is not None else 2 * replicas):
             swarm.add_peer("--serve-after-run")
         swarm.wait_for(lambda: swarm.status()["round"] >= rounds, 1800, f"{rounds} rounds")
         if keep_checkpoint:
@@ -102,10 +107,15 @@ def compare(tmp: Path, names: list[str], settings: dict[str, list[str]], rounds:
             if short:
                 raise SystemExit(f"{label}: rounds {short[:5]} synced fewer than the 4 replicas; the comparison would not be fair")
             tokens = sum(r["tokens"] for r in records)
-            losses = [r["loss"] for r in records if r["loss"] is not None]
-            results[label] = (status["wire"], tokens, sum(losses[-5:]) / len(losses[-5:]))
+            results[label] = (status["wire"], tokens, final_loss(records))
             print(f"ran {label}: {len(records)} rounds, {tokens} tokens", flush=True)
     return results
+
+
+def final_loss(records: list[dict], last: int = 5) -> float:
+    """The mean loss of the last ``last`` rounds that trained (one round's loss is too noisy to compare runs by)."""
+    losses = [r["loss"] for r in records if r["loss"] is not None]
+    return sum(losses[-last:]) / len(losses[-last:])
 
 
 def print_table(title: str, results: dict) -> None:

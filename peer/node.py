@@ -172,8 +172,9 @@ class PeerNode:
         if not self.config.cache_dir and state_dir is None:
             self._temporary_cache = tempfile.mkdtemp(prefix="hometrain-aqsgd-")  # removed when the peer leaves
         cache_dir = self.config.cache_dir or (str(state_dir / "activation-cache") if state_dir is not None else self._temporary_cache)
-        self.boundary = BoundaryCodec(self.train, self.config.activation_cache_mb << 20, cache_dir, self.device.device)
-        self.exchange = SyncExchange(self.transport, self.run_id, self.dht_id)
+        self.boundary = BoundaryCodec(self.train, self.config.activation_cache_mb << 20, cache_dir, self.device.device,
+                                      disk_bytes=self.config.activation_disk_mb << 20)
+        self.exchange = SyncExchange(self.transport, self.run_id, self.dht_id, lambda: self.current_round)
         self.runtime = StageRuntime(model_config, self.train, join.layer_start, join.layer_end, self.device.device)
         self.sync = StageSync(self.runtime, self.exchange, self.train, self.stage, self._clip)
         self.pipeline = Pipeline(self.runtime, self.transport, self.directory, Router(rng=random.Random(self.dht_id)), self.boundary,
@@ -559,7 +560,7 @@ class PeerNode:
             log.debug("stage directory lookup failed: %s", exc)
         outcome = await self.sync.step_round(round, group, tokens, attempt, open_attempt, loss_scale)
         report = pb.StepReport(peer_id=self.peer_id, round=round, synced=outcome.synced, diverged=outcome.diverged,
-                               error=outcome.error, checksum=outcome.checksum, overflow=outcome.overflow)
+                               error=outcome.error, checksum=outcome.checksum, overflow=outcome.overflow, suspects=list(outcome.suspects))
         report.stats.CopyFrom(self.stats())
         await self.client.report_step(report)
         if not self.config.quiet:

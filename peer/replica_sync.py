@@ -27,6 +27,26 @@ following the weights. Every step, local or not, clips by one factor shared by a
 ``clip`` callback asks the coordinator, which sums every stage's squared norm): see
 ``peer.optimizer``.
 
+With ``--robust-aggregation centered_clip`` (the default) a group of 3 or more replicas that
+trained tokens combines their contributions with CenteredClip (``peer.robust``) instead of the
+plain sum, so one bad replica (scaled, sign-flipped or random updates) moves the result by a
+bounded amount. Exact: each replica sends part i of its own per-token gradient (its gradient
+divided by its own loss tokens) with its token count; owner i clips part i from everyone and
+sends the result back, which is the token-weighted mean when nobody is beyond the radius.
+Cocktail and sparseloco: every replica clips the decoded payloads itself. Replicas whose
+contribution lay beyond ``SUSPECT_EXCESS`` clip radii are the round's ``suspects`` (their DHT
+ids go to the coordinator in the step report). A bad OWNER could send everyone a forged part:
+each replica checks every part it gathers against its own contribution (``_check_gathered``:
+within 2 x its own part's norm plus its whole contribution's norm, and a positive inner product
+with its own part) and, if it is not, steps with that part zeroed and names the owner. Not
+covered: a forged part that passes both checks on every honest replica (the owner saw every
+input, so it can craft one: within the distance bound, not against any honest part) moves its
+part by up to that bound, unnoticed; an owner sending
+different parts to different replicas makes them disagree, which the checksum majority then
+settles by reloads; and a stage where one bad replica is among only 2 that trained tokens in a
+round is summed plainly (2 cannot outvote 1). Groups of 1 or 2, and ``off``, sum exactly as
+before, bit for bit.
+
 Checksums, checkpoints and hand-offs carry the agreed weights: the anchor under cocktail.
 ``StageSync`` holds the policy and the anchor and does all tensor arithmetic on the stage's
 compute thread; ``SyncExchange`` only moves frames between replicas. If a group cannot finish
@@ -53,6 +73,7 @@ from proto.codec import WireKind
 from proto.run_config import TrainConfig
 from proto.schedule import resyncs, skips_sync, sync_seed
 
+from . import robust
 from .compression import cocktail, sparseloco
 from .compression.cocktail import SyncCompressionConfig
 from .compression.sparseloco import SparseLoCoConfig
@@ -69,6 +90,10 @@ Compute = Callable[..., Awaitable[Any]]    # runs a function on the stage's comp
 SEND_RETRY_FIRST, SEND_RETRY_MAX = 0.5, 4.0  # seconds between attempts to deliver a sync frame
 PAYLOAD_NAMES = {"mask", "offsets", "meta", "values.codes", "values.scales", "values.meta", "weight"}
 Clip = Callable[[int, int, float], Awaitable[float | None]]  # (round, attempt, squared norm) -> clip factor (None: skip the step)
+MAILBOX_ROUNDS = 4        # frames are kept only for rounds within this many of the one this peer is in
+MAILBOX_PER_SENDER = 8    # frames one sender may have waiting here, unasked for (a sync sends each member 2 per attempt)
+ROBUST_MIN_GROUP = 3   # CenteredClip needs a majority of good replicas: with 2, neither can be told from a bad one
+SUSPECT_EXCESS = 2.0   # a contribution farther than this many clip radii from the aggregate names its sender a suspect
 
 
 class SyncError(RuntimeError):
@@ -78,12 +103,14 @@ class SyncError(RuntimeError):
 class SyncExchange:
     """Moves sync frames among a stage's replicas. Frames that arrive before their receiver asks for them
     wait in a mailbox keyed by (round, attempt, stage, kind, part, sender); the sender is the authenticated
-    libp2p id, not a field the sender could forge."""
+    libp2p id, not a field the sender could forge. The mailbox is bounded: only rounds near ``current_round()``
+    (0: not known yet, any round), and at most ``MAILBOX_PER_SENDER`` unasked-for frames per sender."""
 
-    def __init__(self, transport: FrameTransport, run_id: str, my_id: str) -> None:
+    def __init__(self, transport: FrameTransport, run_id: str, my_id: str, current_round: Callable[[], int] = lambda: 0) -> None:
         self.transport = transport
         self.run_id = run_id
         self.my_id = my_id
+        self.current_round = current_round
         self._mailbox: dict[Key, asyncio.Future] = defaultdict(lambda: asyncio.get_running_loop().create_future())
 
     async def start(self) -> None:
@@ -97,11 +124,17 @@ class SyncExchange:
             raise codec.FrameError(f"expected a SYNC_REDUCE or SYNC_GATHER frame, received {pb.FrameKind.Name(header.kind)}")
         part = tensors.get("part")
         if part is not None:
-            if set(tensors) != {"part"} or part.dtype != torch.float32 or part.dim() != 1:
-                raise codec.FrameError("a plain sync frame carries one 1-D float32 tensor named 'part'")
+            if not {"part"} <= set(tensors) <= {"part", "weight"} or part.dtype != torch.float32 or part.dim() != 1:
+                raise codec.FrameError("a plain sync frame carries one 1-D float32 tensor named 'part' (and, robust, its 'weight')")
         elif not set(tensors) <= PAYLOAD_NAMES or "weight" not in tensors:
             raise codec.FrameError(f"a compressed sync frame carries {sorted(PAYLOAD_NAMES)}, received {sorted(tensors)}")
-        key = (header.round, header.attempt, header.stage, header.kind, header.part, sender.to_base58())
+        now, who = self.current_round(), sender.to_base58()
+        if now and abs(header.round - now) > MAILBOX_ROUNDS:
+            raise codec.FrameError(f"sync frame for round {header.round}; this peer is in round {now} and keeps frames only "
+                                   f"within {MAILBOX_ROUNDS} rounds of it")
+        key = (header.round, header.attempt, header.stage, header.kind, header.part, who)
+        if key not in self._mailbox and sum(1 for k, f in self._mailbox.items() if k[5] == who and f.done()) >= MAILBOX_PER_SENDER:
+            raise codec.FrameError(f"{who} already has {MAILBOX_PER_SENDER} sync frames waiting here that nobody asked for: refused")
         future = self._mailbox[key]
         if not future.done():
             future.set_result(tensors)
@@ -166,6 +199,37 @@ class SyncExchange:
         finally:
             self._forget_before(round)
 
+    async def all_reduce_robust(self, contribution: torch.Tensor, weight: float, group: list[str], round: int, stage: int,
+                                timeout: float, attempt: int, compute: Compute, tau: float, iterations: int) -> RobustReduction:
+        """The robust twin of ``all_reduce_sum``: ``contribution`` is this replica's per-token gradient (1-D fp32, CPU),
+        ``weight`` its loss tokens. Owner i combines part i of every member's contribution by CenteredClip (``_robust_part``)
+        and sends it back; every part gathered from another owner is checked against this replica's own contribution
+        (``_check_gathered``). Returns the per-token aggregate and the members this replica found suspect."""
+        if self.my_id not in group:
+            raise SyncError(f"this peer ({self.my_id}) is not in the sync group {group}")
+        parts = list(torch.tensor_split(contribution, len(group)))
+        me = group.index(self.my_id)
+        others = [m for m in group if m != self.my_id]
+        claim = torch.tensor([float(weight)], dtype=torch.float64)
+        try:
+            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, attempt, stage, group.index(m),
+                                              {"part": parts[group.index(m)].contiguous(), "weight": claim}, timeout) for m in others))
+            received = {self.my_id: {"part": parts[me], "weight": claim}}
+            for m in others:
+                received[m] = await self._take((round, attempt, stage, pb.SYNC_REDUCE, me, m), timeout)
+            reduced, suspects = await compute(_robust_part, [received[m] for m in group], parts[me].numel(), group, tau, iterations)
+            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, attempt, stage, me, {"part": reduced}, timeout) for m in others))
+            gathered = [reduced if m == self.my_id else (await self._take((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout))["part"]
+                        for i, m in enumerate(group)]
+            flat, forged = await compute(_check_gathered, gathered, parts, group, self.my_id, weight > 0)
+            return RobustReduction(flat, tuple(sorted((set(suspects) | set(forged)) - {self.my_id})))
+        except SyncError:
+            raise
+        except Exception as exc:
+            raise SyncError(f"sync with {others} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._forget_before(round)
+
     async def all_gather(self, payload: Tensors, group: list[str], round: int, stage: int, timeout: float, attempt: int,
                          raw_bytes: int) -> list[Tensors]:
         """Send ``payload`` to every other member and return every member's payload, in member order."""
@@ -199,6 +263,76 @@ def _sum_in_order(parts: list[torch.Tensor], numel: int, group: list[str]) -> to
     return reduced
 
 
+@dataclass(frozen=True)
+class RobustReduction:
+    """A robust exact sync's result on one replica: the per-token aggregate, and whom this replica found suspect."""
+
+    mean: torch.Tensor
+    suspects: tuple[str, ...]
+
+
+def _claimed_weight(member: str, frame: Tensors) -> float:
+    w = frame.get("weight")
+    if w is None or w.dtype != torch.float64 or w.shape != (1,) or not w.item() >= 0 or not math.isfinite(w.item()):
+        raise SyncError(f"sync frame from {member} needs a finite float64 'weight' >= 0, got {None if w is None else w.tolist()}")
+    return w.item()
+
+
+def _robust_mean(parts: list[torch.Tensor], weights: list[float], group: list[str], tau: float,
+                 iterations: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """CenteredClip of the members' ``parts`` (``peer.robust.robust_mean``) and the members beyond ``SUSPECT_EXCESS`` radii;
+    with fewer than ``ROBUST_MIN_GROUP`` members of positive weight, the plain weighted mean in member order (no suspects)."""
+    if sum(1 for w in weights if w > 0) < ROBUST_MIN_GROUP:
+        total = sum(weights)
+        mean = torch.zeros(parts[0].numel(), dtype=torch.float32)
+        for part, w in zip(parts, weights):
+            mean += part * (w / total if total > 0 else 1 / len(parts))
+        return mean, ()
+    result = robust.robust_mean(parts, weights, tau, iterations)
+    return result.aggregate, tuple(m for m, e in zip(group, result.excess) if e > SUSPECT_EXCESS)
+
+
+def _robust_part(frames: list[Tensors], numel: int, group: list[str], tau: float, iterations: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The owner's robust aggregate of one part, from every member's (part, weight) in member order."""
+    parts, weights = [], []
+    for member, frame in zip(group, frames):
+        part = frame["part"]
+        if part.numel() != numel or not torch.isfinite(part).all():
+            raise SyncError(f"part from {member} has {part.numel()} values (expected {numel}) or holds NaN/Inf")
+        parts.append(part.float())
+        weights.append(_claimed_weight(member, frame))
+    return _robust_mean(parts, weights, group, tau, iterations)
+
+
+def _check_gathered(gathered: list[torch.Tensor], own: list[torch.Tensor], group: list[str], me: str,
+                    has_own: bool) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The gathered parts as one vector, after checking each part another owner sent against this replica's own
+    contribution: an honest aggregate lies within 2 ||own part|| + ||own whole|| of it, and points along it (it holds this
+    replica's own part with a positive pull, which on a part of any realistic size outweighs the products of independent
+    noise). A part that fails either is taken as forged: it is zeroed (this round does not move it) and its owner named.
+    A replica that trained no tokens has nothing to check against."""
+    sizes = [p.numel() for p in own]
+    for member, part, size in zip(group, gathered, sizes):
+        if part.numel() != size or not torch.isfinite(part).all():
+            raise SyncError(f"summed part from {member} has {part.numel()} values (expected {size}) or holds NaN/Inf")
+    forged = []
+    if has_own:
+        whole = math.sqrt(sum(robust.squared_norm(p) for p in own))
+        for i, (member, part) in enumerate(zip(group, gathered)):
+            if member == me:
+                continue
+            distance = math.sqrt(robust.squared_norm(part.double() - own[i].double()))
+            bound = 2 * math.sqrt(robust.squared_norm(own[i])) + whole
+            along = float((part.double() * own[i].double()).sum())
+            if distance > bound or along < 0:
+                log.warning("part %d from its owner %s is %.3g from this replica's own contribution (at most %.3g for an honest "
+                            "aggregate) and points %s it: it is not applied this round, and %s is reported as a suspect",
+                            i, member, distance, bound, "away from" if along < 0 else "along", member)
+                gathered[i] = torch.zeros(sizes[i], dtype=torch.float32)
+                forged.append(member)
+    return torch.cat(gathered), tuple(forged)
+
+
 def _concatenate(parts: list[torch.Tensor], sizes: list[int], group: list[str]) -> torch.Tensor:
     for member, part, size in zip(group, parts, sizes):
         if part.numel() != size or not torch.isfinite(part).all():
@@ -216,6 +350,7 @@ class StepOutcome:
     checksum: str
     error: str = ""
     overflow: bool = False  # the gradient was not finite (fp16): the step was skipped
+    suspects: tuple[str, ...] = ()  # DHT ids of replicas whose contribution robust aggregation clipped beyond SUSPECT_EXCESS radii
 
 
 class StageSync:
@@ -236,6 +371,7 @@ class StageSync:
         self.overflowed = False                  # this round's gradient was not finite: no step
         self.error: torch.Tensor | None = None   # sparseloco: the error-feedback accumulator of pseudo-gradients (flat fp32, CPU)
         self.sent_round: tuple[int, dict[str, torch.Tensor]] = (0, {})  # sparseloco: the round whose payload left the accumulator
+        self.suspects: tuple[str, ...] = ()      # this round's: replicas robust aggregation found beyond SUSPECT_EXCESS radii
 
     # ------------------------------------------------------------ the agreed weights (compute thread)
 
@@ -280,7 +416,7 @@ class StageSync:
                          loss_scale: float = 1.0) -> StepOutcome:
         """Close ``round`` here, sync with ``group`` and step (gradients divided by ``loss_scale`` too, fp16's);
         says what happened and the checksum after it."""
-        self.loss_scale, self.overflowed = loss_scale, False
+        self.loss_scale, self.overflowed, self.suspects = loss_scale, False, ()
         runtime, train = self.runtime, self.train
         runtime.closed_round = round
         deadline = time.monotonic() + train.sync_timeout
@@ -302,7 +438,7 @@ class StageSync:
                 synced, error, how = False, str(exc), "failed"
                 log.warning("round %d: sync (attempt %d) failed: %s", round, attempt + 1, exc)
             checksum = await runtime.run(self.checksum)
-        return StepOutcome(synced, diverged, how, checksum, error, self.overflowed)
+        return StepOutcome(synced, diverged, how, checksum, error, self.overflowed, self.suspects)
 
     async def _step(self, round: int, attempt: int, summed: torch.Tensor, divisor: float) -> None:
         """The recipe's order (``peer.optimizer``): gradients in, one clip factor for every stage (the coordinator's,
@@ -320,6 +456,8 @@ class StageSync:
         """Sum gradients over the group, divide by the round's tokens, one step."""
         runtime = self.runtime
         flat = await runtime.run(lambda: runtime.flat_gradients().cpu())
+        if self._robust(group):
+            return await self._exact_robust(round, group, tokens, attempt, flat)
         summed = flat if len(group) == 1 else await self.exchange.all_reduce_sum(
             flat, group, round, self.stage, self.train.sync_timeout, attempt, runtime.run)
         if tokens > 0:
@@ -329,6 +467,28 @@ class StageSync:
         if self.anchor is not None:  # the compressed syncs' warm-up: the exact weights are what the replicas agree on
             await runtime.run(self._reset_anchor)
         return f"group of {len(group)}, {tokens} tokens"
+
+    def _robust(self, group: list[str]) -> bool:
+        return self.train.robust_aggregation == "centered_clip" and len(group) >= ROBUST_MIN_GROUP
+
+    async def _exact_robust(self, round: int, group: list[str], tokens: int, attempt: int, flat: torch.Tensor) -> str:
+        """The exact sync under robust aggregation: the per-token gradients of the group, CenteredClipped part by part,
+        then one step on that (already per token, so divided only by the loss scale)."""
+        runtime, train = self.runtime, self.train
+        local = runtime.round_tokens
+        contribution = await runtime.run(lambda: flat.div_(local) if local > 0 else flat.zero_())
+        reduction = await self.exchange.all_reduce_robust(contribution, float(local), group, round, self.stage, train.sync_timeout,
+                                                          attempt, runtime.run, train.robust_tau, train.robust_iterations)
+        self.suspects = reduction.suspects
+        if self.suspects:
+            log.warning("round %d: robust aggregation clipped %s far beyond the radius; reported as suspect", round, ", ".join(self.suspects))
+        if tokens > 0:
+            await self._step(round, attempt, reduction.mean, self.loss_scale)
+        else:
+            await runtime.run(runtime.discard_gradients)
+        if self.anchor is not None:
+            await runtime.run(self._reset_anchor)
+        return f"robust group of {len(group)}, {tokens} tokens"
 
     async def _local_step(self, round: int, attempt: int) -> None:
         """Step on this replica's own gradient (once per round: a retried attempt must not step twice)."""
@@ -418,10 +578,10 @@ class StageSync:
         self.anchor = self.anchor + mean
         self.runtime.load_flat_params(self.anchor + residual)
 
-    @staticmethod
-    def _weighted_mean(payloads: list[dict[str, torch.Tensor]], group: list[str],
+    def _weighted_mean(self, payloads: list[dict[str, torch.Tensor]], group: list[str],
                        decode: Callable[[dict[str, torch.Tensor]], torch.Tensor], numel: int) -> torch.Tensor:
-        """The mean of the members' decoded payloads (in member order), each weighted by the tokens behind it."""
+        """The mean of the members' decoded payloads (in member order), each weighted by the tokens behind it; under robust
+        aggregation (3 or more members), their CenteredClip, the members far beyond its radius kept as ``suspects``."""
         parts, weights = [], []
         for member, frame in zip(group, payloads):
             frame = dict(frame)
@@ -433,6 +593,13 @@ class StageSync:
             except ValueError as exc:
                 raise SyncError(f"undecodable sync payload from {member}: {exc}") from None
             weights.append(w.item())
+        if self._robust(group):
+            mean, suspects = _robust_mean([p.float() for p in parts], weights, group, self.train.robust_tau,
+                                          self.train.robust_iterations)
+            self.suspects = tuple(m for m in suspects if m != self.exchange.my_id)
+            if self.suspects:
+                log.warning("robust aggregation clipped %s far beyond the radius; reported as suspect", ", ".join(self.suspects))
+            return mean
         norm = sum(weights)
         mean = torch.zeros(numel, dtype=torch.float32)
         for part, w in zip(parts, weights):

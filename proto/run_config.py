@@ -105,7 +105,7 @@ class TrainConfig:
         "model": ("compute_dtype", "activation_checkpointing", "lora_rank", "lora_alpha", "lora_targets", "lora_base_bits"),
         "data": ("seq_len", "micro_batch_size", "global_batch_size"),
         "optimizer": ("optimizer", "lr", "lr_schedule", "lr_warmup_rounds", "lr_decay_rounds", "lr_min_ratio", "clip_grad_norm",
-                      "weight_decay", "beta1", "beta2", "eps"),
+                      "weight_decay", "beta1", "beta2", "eps", "robust_aggregation", "robust_tau", "robust_iterations"),
         "compression": ("activation_compression", "activation_bits", "activation_first_bits", "gradient_bits", "boundary_block",
                         "sync_compression", "sync_random_ratio", "sync_topk_ratio", "sync_bits", "p_skip", "resync_every",
                         "sync_warmup_rounds", "sync_every", "sync_density", "sync_chunk", "sync_error_decay", "outer_lr"),
@@ -130,6 +130,15 @@ class TrainConfig:
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.999, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
+    robust_aggregation: Literal["centered_clip", "off"] = opt(
+        "centered_clip", "How a stage of 3 or more replicas combines their gradients (or, compressed, their deltas): "
+        "centered_clip (CenteredClip around the coordinate-wise median, so one bad replica moves the result a bounded "
+        "amount and is named to the coordinator; with honest replicas it is their token-weighted mean unless one is "
+        "beyond the clip radius) or off (the plain sum, bit for bit). Stages of 1 or 2 replicas always sum plainly.")
+    robust_tau: float = opt(
+        3.0, "centered_clip: the clip radius, as a multiple of the median distance of the replicas' contributions from "
+        "their coordinate-wise median (larger: closer to the plain mean with honest replicas, more room for a bad one).")
+    robust_iterations: int = opt(10, "centered_clip: the most clipping iterations per aggregate (it stops once one changes nothing).")
     seed: int = opt(0, "Seed of weight init and data sampling; same seed, same run.")
     round_timeout: float = opt(120.0, "Longest an open round may last; late samples are dropped and counted.", unit="s")
     deadline_factor: float = opt(3.0, "An open round closes after this many times the median length of recent rounds (adaptive deadline).")
@@ -196,6 +205,12 @@ class TrainConfig:
             raise ConfigError(f"--lr-min-ratio must be in [0, 1], got {self.lr_min_ratio}")
         if not self.clip_grad_norm >= 0 or not math.isfinite(self.clip_grad_norm):
             raise ConfigError(f"--clip-grad-norm must be a finite number >= 0 (0: no clipping), got {self.clip_grad_norm}")
+        if self.robust_aggregation not in ("centered_clip", "off"):
+            raise ConfigError(f"--robust-aggregation must be centered_clip or off, got {self.robust_aggregation!r}")
+        if not (self.robust_tau > 0 and math.isfinite(self.robust_tau)):
+            raise ConfigError(f"--robust-tau must be a finite number > 0 (the clip radius in median distances), got {self.robust_tau}")
+        if self.robust_iterations < 1:
+            raise ConfigError(f"--robust-iterations must be >= 1, got {self.robust_iterations}")
         if self.sync_every < 1:
             raise ConfigError(f"--sync-every must be >= 1, got {self.sync_every}")
         if not 0 < self.sync_density <= 1:
@@ -483,7 +498,7 @@ class PeerConfig(ConsoleConfig):
     sections: ClassVar[dict[str, tuple[str, ...]]] = {
         "run": ("coordinator", "name", "join_token", "role", "stage", "state_dir", "connect_timeout", "serve_after_run"),
         "device": ("gpu", "threads"),
-        "compression": ("activation_cache_mb", "cache_dir"),
+        "compression": ("activation_cache_mb", "activation_disk_mb", "cache_dir"),
         "network": ("initial_peers", "host", "announce_host", "p2p_port", "reachability", "inflight"),
         "observability": ("metrics_port", "quiet", "log_format"),
         "security": ("tls", "tls_ca", "coordinator_key"),
@@ -514,6 +529,8 @@ class PeerConfig(ConsoleConfig):
     metrics_port: int = opt(0, "Serve Prometheus /metrics on this port (0: off).")
     threads: int = opt(0, "CPU threads for torch (0: torch's default).")
     activation_cache_mb: int = opt(1024, "AQ-SGD: memory for cached activations of all neighbours together before they spill to disk.", unit="MiB")
+    activation_disk_mb: int = opt(8192, "AQ-SGD: disk for spilled activations of all neighbours together; beyond it the oldest are "
+                                  "dropped (their samples then travel whole once more).", unit="MiB")
     cache_dir: str = opt("", "AQ-SGD: directory for spilled activations (default: DIR/activation-cache under --state-dir, else a temporary directory).")
     state_dir: str = opt("", "Directory this peer keeps between runs: its P2P identity (a stable peer id) and its caches (default: none).")
     serve_after_run: bool = opt(False, "When the run ends, keep serving forward-only (inference) requests until Ctrl-C.")
@@ -524,6 +541,9 @@ class PeerConfig(ConsoleConfig):
         check_literal("--role", self.role, PeerConfig, "role")
         if self.inflight < 0:
             raise ConfigError(f"--inflight must be 0 (size it from measurements) or a positive count of microbatches; got {self.inflight}")
+        for flag, megabytes in (("--activation-cache-mb", self.activation_cache_mb), ("--activation-disk-mb", self.activation_disk_mb)):
+            if megabytes < 0:
+                raise ConfigError(f"{flag} must be >= 0 MiB, got {megabytes}")
         split_host_port("--coordinator", self.coordinator)
         for flag, port in (("--p2p-port", self.p2p_port), ("--metrics-port", self.metrics_port)):
             check_port(flag, port)
