@@ -62,6 +62,7 @@ class Worker:
     device: str
     last_seen: float
     evaluated: int = 0
+    credential_digest: str = ""  # of the credential its first job reply carried: its later requests must carry it
 
     def as_json(self, leases: dict[int, Lease]) -> dict[str, Any]:
         holding = [r for r, lease in leases.items() if lease.worker == self.worker_id]

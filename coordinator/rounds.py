@@ -103,6 +103,7 @@ class OpenRound:
     tokens_before: int = 0                                       # loss tokens trained before this round: picks the data phase
     infos: dict[int, MicrobatchInfo] = field(default_factory=dict)  # index -> where its samples came from (in flight)
     loss_tokens: dict[int, int] = field(default_factory=dict)  # index -> loss tokens it holds (in flight): what a report may claim
+    agreed: dict[int, str] = field(default_factory=dict)  # stage -> the checksum its synced replicas agreed on (the majority)
     suspicions: dict[str, set[str]] = field(default_factory=dict)  # DHT id -> peer ids of the replicas that named it a suspect
     attempt: int = 0                                             # which opening of the round (it opens again after training nothing)
     failed: int = 0                                              # microbatches reported failed (a subset of dropped)
@@ -354,6 +355,7 @@ class RoundEngine:
         for pid, report in sorted(cur.step_reports.items()):
             if report.synced and not report.diverged:
                 checksums.setdefault(str(cur.members[pid]), []).append(report.checksum)
+        cur.agreed = {int(stage): Counter(sums).most_common(1)[0][0] for stage, sums in checksums.items()}
         for pid, report in cur.step_reports.items():
             record = self.membership.get(pid)
             if record is None:
@@ -427,11 +429,11 @@ class RoundEngine:
         return True
 
     def _uploader(self, stage: int, cur: OpenRound) -> str:
-        for pid, s in sorted(cur.members.items()):
-            record = self.membership.get(pid)
-            if s == stage and record is not None and record.next_round == cur.number + 1:
-                return pid
-        return ""
+        """A current replica of ``stage``, one holding the agreed checksum if any does (its upload is checked against it)."""
+        current = [pid for pid, s in sorted(cur.members.items())
+                   if s == stage and (record := self.membership.get(pid)) is not None and record.next_round == cur.number + 1]
+        agreed = [pid for pid in current if pid in cur.step_reports and cur.step_reports[pid].checksum == cur.agreed.get(stage)]
+        return (agreed or current or [""])[0]
 
     async def _maybe_finish_publish(self, now: float) -> None:
         cur = self.current
@@ -644,7 +646,8 @@ class RoundEngine:
         problem = self.upload_wanted(peer, round, stage, part, 0)
         if not problem:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, check_shard, path, part, self.stage_shapes[stage])
+                await asyncio.get_running_loop().run_in_executor(None, check_shard, path, part, self.stage_shapes[stage],
+                                                                 cur.agreed.get(stage) if part == WEIGHTS else None, self.train.lora_rank > 0)
             except UploadError as exc:
                 problem = str(exc)
             # The check takes a while on a large shard: the round may have ended (or a newer one begun) meanwhile.

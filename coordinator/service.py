@@ -136,10 +136,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                "off): join without --role eval to train instead")
         assert self.evaluator is not None
         now = time.time()
+        if request.worker_id in self.evaluator.workers:
+            await self._evaluator_credential(request.worker_id, context)
         worker = self.evaluator.register(request.worker_id, request.name, request.device, now)
         reply = pb.EvalJob()
         reply.CopyFrom(self.eval_job)
         reply.worker_id = worker.worker_id
+        if not worker.credential_digest:  # a new worker: its own credential, so knowing its (public) id grants nothing
+            credential = new_secret()
+            worker.credential_digest = digest(credential)
+            reply.credential = credential
         job = self.evaluator.take(worker.worker_id, now)
         if job is None:
             reply.retry_after = EVAL_POLL_SECONDS
@@ -152,12 +158,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._count(request, reply)
         return reply
 
+    async def _evaluator_credential(self, worker_id: str, context: grpc.aio.ServicerContext) -> None:
+        """Refuse the call unless it carries the credential ``worker_id`` was given."""
+        assert self.evaluator is not None
+        if not matches(credential_of(context.invocation_metadata()), self.evaluator.workers[worker_id].credential_digest):
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "credential",
+                               f"this call names evaluating worker {worker_id} but does not carry its credential (the one its first "
+                               "job reply returned, in metadata x-hometrain-credential); ask for a job without a worker id to get your own")
+
     async def ReportEvaluation(self, request: pb.EvalReport, context: grpc.aio.ServicerContext) -> pb.EvalAck:
         await self._check_token(request.join_token, context)
         if self.evaluator is None or request.worker_id not in self.evaluator.workers:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_worker",
                                f"evaluating worker {request.worker_id!r} is unknown here (the coordinator restarted?); ask for a job again")
         assert self.evaluator is not None
+        await self._evaluator_credential(request.worker_id, context)
         self.evaluator.workers[request.worker_id].last_seen = time.time()
         if request.renew:
             if self.evaluator.renew(request.worker_id, request.round, time.time()):

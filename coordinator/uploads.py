@@ -11,17 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import torch
 from safetensors import safe_open
 
 from proto import hometrain_pb2 as pb
+from proto.manifest import parameter_checksum, stage_name
 
 WEIGHTS, OPTIMIZER = "weights", "optimizer"
 PARTS = (WEIGHTS, OPTIMIZER)
 OPTIMIZER_PREFIX = "optim."
 HEADER_ALLOWANCE = 1 << 20           # a safetensors header, beyond the tensors' bytes
+MAX_HEADER_BYTES = 100 << 20         # the largest header safetensors itself reads
 OPTIMIZER_FACTOR = 3                 # optimizer state is at most this many times the weights (AdamW: 2 moments)
 
 
@@ -61,8 +63,39 @@ async def spool(first: pb.CheckpointChunk, rest: AsyncIterator[pb.CheckpointChun
     return digest.hexdigest()
 
 
-def check_shard(path: Path, part: str, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise UploadError unless ``path`` is a safetensors file of exactly the stage's tensors (or optimizer state)."""
+def header_names(path: Path) -> list[str]:
+    """The tensor names a safetensors file's header lists, refusing a name listed twice (a JSON reader would keep one of
+    them silently, and which one differs between readers) or a header larger than safetensors allows."""
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise UploadError(f"the upload is no safetensors file: {len(prefix)} bytes, not even the 8-byte header length")
+        size = int.from_bytes(prefix, "little")
+        if size > MAX_HEADER_BYTES:
+            raise UploadError(f"the upload's safetensors header claims {size} bytes (at most {MAX_HEADER_BYTES})")
+        header = f.read(size)
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise UploadError(f"the upload names tensor(s) {twice[:3]} more than once; each tensor of a stage must appear once")
+        return dict(pairs)
+
+    try:
+        parsed = json.loads(header, object_pairs_hook=unique)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UploadError(f"the upload's safetensors header is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise UploadError("the upload's safetensors header is not a JSON object")
+    return [k for k in parsed if k != "__metadata__"]
+
+
+def check_shard(path: Path, part: str, shapes: dict[str, tuple[int, ...]], agreed: str | None = None, lora: bool = False) -> None:
+    """Raise UploadError unless ``path`` is a safetensors file of exactly the stage's tensors (or optimizer state), each
+    named once; with ``agreed`` (the checksum the stage's replicas reported after this round's step), unless its weights
+    are those (by their names in the stage: ``stage_name`` of a LoRA checkpoint's)."""
+    header_names(path)
     try:
         with safe_open(str(path), "pt") as shard:
             names = list(shard.keys())
@@ -83,6 +116,11 @@ def check_shard(path: Path, part: str, shapes: dict[str, tuple[int, ...]]) -> No
                     raise UploadError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, expected floating point {list(shapes[name])}")
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise UploadError(f"tensor {name} holds NaN/Inf; checkpoint refused")
+            if agreed is not None:
+                got = parameter_checksum((stage_name(n) if lora else n, shard.get_tensor(n)) for n in names)
+                if got != agreed:
+                    raise UploadError(f"the shard's weights (checksum {got[:12]}) are not those the stage's replicas agreed on "
+                                      f"this round ({agreed[:12]}); checkpoint refused")
     except UploadError:
         raise
     except Exception as exc:  # not a safetensors file, or a broken one

@@ -142,6 +142,8 @@ class EvalWorker:
                     log.info("evaluating checkpoints for the run at %s as %s (on %s)", self.config.coordinator, job.worker_id,
                              self.device.description)
                 worker_id = job.worker_id
+                if job.credential:  # a new worker's: every later request carries it
+                    client.credential = job.credential
                 if not job.has_job:
                     try:
                         await asyncio.wait_for(self.stopping.wait(), job.retry_after or 10.0)
@@ -154,7 +156,7 @@ class EvalWorker:
                     if exc.code() != grpc.StatusCode.NOT_FOUND:
                         raise
                     log.warning("the coordinator no longer knows this worker (it restarted): asking for a job again")
-                    worker_id = ""
+                    worker_id, client.credential = "", ""
         except Stopped:
             pass
         except grpc.aio.AioRpcError as exc:

@@ -21,23 +21,8 @@ import math
 import torch
 from torch import nn
 
+from proto.manifest import PEFT_ADAPTER as ADAPTER
 from proto.run_config import TrainConfig
-
-ADAPTER = "default"          # peft's adapter name inside a model
-CHECKPOINT_PREFIX = "base_model.model."  # how peft names adapter tensors in adapter_model.safetensors
-
-
-def checkpoint_name(name: str) -> str:
-    """An adapter tensor's name in a published checkpoint (peft's): ``base_model.model.<module>.lora_A.weight``."""
-    return CHECKPOINT_PREFIX + name.replace(f".{ADAPTER}.", ".")
-
-
-def stage_name(name: str) -> str:
-    """Inverse of ``checkpoint_name``."""
-    base = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else name
-    for part in ("lora_A", "lora_B"):
-        base = base.replace(f".{part}.weight", f".{part}.{ADAPTER}.weight")
-    return base
 
 
 def quantize_base(model: nn.Module, bits: int) -> None:

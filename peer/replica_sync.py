@@ -70,6 +70,7 @@ from hivemind.p2p import P2PHandlerError, PeerID
 from proto import NO_GRADIENT, codec
 from proto import hometrain_pb2 as pb
 from proto.codec import WireKind
+from proto.manifest import parameter_checksum
 from proto.run_config import TrainConfig
 from proto.schedule import resyncs, skips_sync, sync_seed
 
@@ -77,7 +78,6 @@ from . import robust
 from .compression import cocktail, sparseloco
 from .compression.cocktail import SyncCompressionConfig
 from .compression.sparseloco import SparseLoCoConfig
-from .stage_model import parameter_checksum
 from .stage_runtime import StageRuntime
 from .transport import FrameTransport, Tensors
 

@@ -14,7 +14,6 @@ is in no state dict, checksum or checkpoint.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +109,3 @@ def seeded_init(parameters, seed: int, config: GPTJConfig) -> None:
             p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, config.initializer_range, generator=generator))
 
 
-def parameter_checksum(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """sha256 over every parameter's bytes in name order: equal iff replicas are bit-identical."""
-    digest = hashlib.sha256()
-    named = weights.named_parameters() if isinstance(weights, nn.Module) else weights.items()
-    for name, param in sorted(named, key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(param.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -28,10 +28,10 @@ from tqdm import tqdm
 from proto import codec
 from proto import hometrain_pb2 as pb
 from proto.codec import WireKind
-from proto.manifest import ADAPTER_FILE, INDEX, MANIFEST, ManifestError, optimizer_shard_name, sha256_bytes, verify_file, verify_manifest
+from proto.manifest import (ADAPTER_FILE, INDEX, MANIFEST, ManifestError, checkpoint_name, optimizer_shard_name, sha256_bytes, stage_name,
+                            verify_file, verify_manifest)
 
 from .control_client import ControlClient, Stopped
-from .lora import checkpoint_name, stage_name
 from .optimizer import STATE_PREFIX, optimizer_state_name, state_key
 from .replica_sync import StageSync
 from .stage_runtime import StageRuntime

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import torch
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -27,6 +29,32 @@ def shard_name(stage: int, num_stages: int) -> str:
 ADAPTER_FILE = "adapter_model.safetensors"   # LoRA runs: every stage's adapters, named as peft names them
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_PREFIX = "base_model.model."
+PEFT_ADAPTER = "default"  # peft's adapter name inside a model: a stage's adapter tensors carry it, a checkpoint's do not
+
+
+def checkpoint_name(name: str) -> str:
+    """An adapter tensor's name in a published checkpoint (peft's): ``base_model.model.<module>.lora_A.weight``."""
+    return ADAPTER_PREFIX + name.replace(f".{PEFT_ADAPTER}.", ".")
+
+
+def stage_name(name: str) -> str:
+    """Inverse of ``checkpoint_name``: the adapter tensor's name in a stage."""
+    base = name[len(ADAPTER_PREFIX):] if name.startswith(ADAPTER_PREFIX) else name
+    for part in ("lora_A", "lora_B"):
+        base = base.replace(f".{part}.weight", f".{part}.{PEFT_ADAPTER}.weight")
+    return base
+
+
+def parameter_checksum(named: Any) -> str:
+    """sha256 over every tensor's bytes in name order: equal iff replicas are bit-identical. The coordinator computes
+    it of an uploaded shard too (by its tensors' names in the stage), to check it is the weights the replicas agreed on."""
+    digest = hashlib.sha256()
+    # a module (its named_parameters()), a mapping of name -> tensor, or (name, tensor) pairs
+    items = named.named_parameters() if hasattr(named, "named_parameters") else named.items() if isinstance(named, Mapping) else named
+    for name, tensor in sorted(items, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def optimizer_shard_name(stage: int, num_stages: int) -> str:

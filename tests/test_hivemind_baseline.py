@@ -46,7 +46,7 @@ def baseline():
 def test_model_and_data_are_hometrains(baseline):
     from coordinator.data.build import build_mixer
     from coordinator.model_presets import preset_config
-    from peer.stage_model import parameter_checksum
+    from proto.manifest import parameter_checksum
     from proto.run_config import CoordinatorConfig
 
     cfg = baseline.BaselineConfig(num_peers=2, peer_index=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from coordinator.model_presets import preset_config
-from peer.lora import checkpoint_name, stage_name
+from proto.manifest import checkpoint_name, stage_name
 from peer.stage_runtime import StageRuntime
 from proto.run_config import TrainConfig
 

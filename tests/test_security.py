@@ -207,3 +207,78 @@ def test_a_checkpoint_of_another_run_or_round_or_too_large_is_refused(tmp_path):
             _get(url, limit=1000)
     finally:
         server.shutdown()
+
+
+def test_a_shard_is_checked_before_it_is_kept(tmp_path):
+    """What a PUBLISH upload must be before the coordinator signs it: each of the stage's tensors once, with its shape,
+    floating point and finite, and (when the stage's replicas agreed on a checksum this round) exactly those weights."""
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from coordinator.uploads import WEIGHTS, UploadError, check_shard
+    from proto.manifest import parameter_checksum
+
+    shapes = {"a": (2, 3), "b": (4,)}
+    good = {"a": torch.randn(2, 3), "b": torch.randn(4)}
+    agreed = parameter_checksum(good)
+
+    def shard(tensors, name="shard.safetensors"):
+        path = tmp_path / name
+        save_file(tensors, str(path))
+        return path
+
+    check_shard(shard(good), WEIGHTS, shapes, agreed)  # the agreed weights pass
+    for tensors, why in (({**good, "b": torch.randn(5)}, "expected floating point"), ({**good, "b": torch.arange(4)}, "expected floating point"),
+                         ({**good, "b": torch.tensor([1.0, float("nan"), 0.0, 0.0])}, "NaN"), ({"a": good["a"]}, "missing"),
+                         ({**good, "b": good["b"] + 1e-3}, "not those the stage's replicas agreed on")):
+        with pytest.raises(UploadError, match=why):
+            check_shard(shard(tensors), WEIGHTS, shapes, agreed)
+    # A header naming one tensor twice: readers would keep one of the two silently, and not all the same one.
+    entry = {"dtype": "F32", "shape": [4], "data_offsets": [24, 40]}
+    header = ('{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"b":' + json.dumps(entry) + ',"b":' + json.dumps(entry) + "}").encode()
+    twice = tmp_path / "twice.safetensors"
+    twice.write_bytes(struct.pack("<Q", len(header)) + header + bytes(40))
+    with pytest.raises(UploadError, match="more than once"):
+        check_shard(twice, WEIGHTS, shapes)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(UploadError, match="header claims"):
+        check_shard(huge, WEIGHTS, shapes)
+
+
+def test_an_unrequested_upload_is_refused_and_the_coordinator_serves_on(run):
+    reply = join(run.stub, name="uploader")
+    metadata = ((CREDENTIAL_METADATA, reply.credential),)
+
+    def chunks():
+        yield pb.CheckpointChunk(peer_id=reply.peer_id, round=1, stage=reply.stage, part="weights", total_bytes=1 << 20, sha256="0" * 64,
+                                 data=b"\0" * 1024)
+
+    answer = run.stub.UploadCheckpoint(chunks(), timeout=10, metadata=metadata)
+    assert not answer.accepted and "was requested" in answer.message
+    assert heartbeat(run.stub, reply.peer_id, reply.credential).known  # still serving
+
+
+def test_an_evaluating_worker_id_alone_grants_nothing(tmp_path):
+    token = tmp_path / "join-token"
+    token.write_text(SECRET + "\n")
+    s = Swarm(tmp_path / "run", "--stages", "1", "--rounds", "1", "--eval-on", "peer", "--join-token-file", str(token))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            ask = lambda worker_id="", credential="": stub.NextEvaluation(  # noqa: E731
+                pb.EvalJobRequest(protocol_version=PROTOCOL_VERSION, join_token=SECRET, worker_id=worker_id), timeout=10,
+                metadata=((CREDENTIAL_METADATA, credential),) if credential else None)
+            job = ask()
+            assert job.worker_id in s.get_text("/api/status")
+            assert job.credential and job.credential not in s.get_text("/") + s.get_text("/api/status") + s.log_tail(400)
+            refused(lambda: ask(job.worker_id), grpc.StatusCode.UNAUTHENTICATED)  # its id, which the status page shows: not enough
+            refused(lambda: ask(job.worker_id, "forged"), grpc.StatusCode.UNAUTHENTICATED)
+            report = pb.EvalReport(join_token=SECRET, worker_id=job.worker_id, round=0, error="forged failure")
+            refused(lambda: stub.ReportEvaluation(report, timeout=10), grpc.StatusCode.UNAUTHENTICATED)
+            assert ask(job.worker_id, job.credential).worker_id == job.worker_id  # the worker itself goes on
+    finally:
+        s.stop()

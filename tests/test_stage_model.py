@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
-from peer.stage_model import StageModel, attention_bias, parameter_checksum, summed_token_loss
+from peer.stage_model import StageModel, attention_bias, summed_token_loss
+from proto.manifest import parameter_checksum
 
 
 def tiny_config(**kw) -> GPTJConfig:

@@ -507,7 +507,8 @@ def train(cfg: BaselineConfig, progress: Progress, settings: dict[str, Any]) -> 
     torch.set_num_threads(cfg.threads)
     import hivemind
 
-    from peer.stage_model import parameter_checksum, summed_token_loss
+    from peer.stage_model import summed_token_loss
+    from proto.manifest import parameter_checksum
     from proto.lifecycle import die_with_parent
 
     die_with_parent()  # the DHT's and averagers' processes die with this one
