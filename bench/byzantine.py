@@ -4,7 +4,8 @@
 aggregation: CenteredClip), the same seed, data and rounds in every run. In each attacked run one
 replica of stage 1 (``bench/byzantine_peer.py``) sends its stage's replicas forged updates:
 ``scale`` (x100), ``signflip`` (negated) or ``random`` (noise of 10x the norm), both its own
-contribution to every part and the aggregate of the part it owns. Rounds open once each stage
+contribution to every part and the aggregate of the part it owns; or, ``forward``, it skews its
+training forwards (x1.5 logits) and answers audits honestly, which forward audits catch. Rounds open once each stage
 has 3 replicas (``--min-replicas 3``), so a run goes on when the coordinator takes a flagged peer
 out. Final loss is the mean of the last 5 rounds; the gap is relative to the clean run (target:
 within 5%). "flagged" is the coordinator's verdict on the bad peer (/api/status peers[].flagged).
@@ -13,7 +14,7 @@ within 5%). "flagged" is the coordinator's verdict on the bad peer (/api/status 
 8 peers share this machine's cores, so the default is short: 30 rounds of 8 microbatches
 (--global-batch-size 32) per run, a few minutes each on 2 cores.
 
-    python bench/byzantine.py [--attack scale|signflip|random|all] [--rounds 30] [--unprotected]
+    python bench/byzantine.py [--attack scale|signflip|random|forward|all] [--rounds 30] [--unprotected]
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from pathlib import Path
 
 from coordinator.local_swarm import LocalSwarm
 
+from byzantine_peer import ATTACKS
 from compression import final_loss, run_swarm
 
 HERE = Path(__file__).resolve().parent
-ATTACKS = ("scale", "signflip", "random")
 REPLICAS, BAD_STAGE = 4, 1
 FLAGS = ["--global-batch-size", "32", "--min-replicas", "3"]
 
@@ -62,14 +63,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attack", choices=[*ATTACKS, "all"], default="all")
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--unprotected", action="store_true", help="also run each attack with --robust-aggregation off")
+    parser.add_argument("--unprotected", action="store_true",
+                        help="also run each attack with --robust-aggregation off (and, forward, --audit-rate 0)")
     args = parser.parse_args()
     attacks = list(ATTACKS) if args.attack == "all" else [args.attack]
     runs: list[tuple[str, str | None, list[str]]] = [("clean", None, [])]
     for attack in attacks:
         runs.append((attack, attack, []))
         if args.unprotected:
-            runs.append((f"{attack}, robust off", attack, ["--robust-aggregation", "off"]))
+            runs.append((f"{attack}, unprotected", attack, ["--robust-aggregation", "off"] + (["--audit-rate", "0"] if attack == "forward" else [])))
     rows = []
     with tempfile.TemporaryDirectory(prefix="hometrain-byzantine-") as tmp:
         for label, attack, extra in runs:

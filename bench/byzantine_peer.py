@@ -2,8 +2,11 @@
 
 ATTACK is scale (every update it sends to its stage's replicas x100), signflip (negated) or
 random (Gaussian noise of 10x the update's norm). It forges what it sends in the exact sync:
-its contribution to every part, and the aggregate of the part it owns. Everything else is the
-real peer: the attack is patched in here, so the product has no switch for it.
+its contribution to every part, and the aggregate of the part it owns. Or ATTACK is forward:
+the stage's training forwards come out x1.5 (activations sent on, or the last stage's logits),
+while its forward-only answers (INFER, audits) stay honest, as a careful attacker's would.
+Everything else is the real peer: the attack is patched in here, so the product has no switch
+for it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch  # noqa: E402
 
 from peer import cli, replica_sync  # noqa: E402
 
-ATTACKS = ("scale", "signflip", "random")
+ATTACKS = ("scale", "signflip", "random", "forward")
 
 
 def forged(x: torch.Tensor, attack: str) -> torch.Tensor:
@@ -30,7 +33,19 @@ def forged(x: torch.Tensor, attack: str) -> torch.Tensor:
 
 
 def install(attack: str) -> None:
-    """Patch the exact sync so that all this peer sends to its replicas is forged."""
+    """Patch the exact sync so that all this peer sends to its replicas is forged (or, ``forward``, its training forwards)."""
+    if attack == "forward":
+        from peer.stage_runtime import StageRuntime
+
+        honest_forward = StageRuntime.forward
+
+        def skewed_forward(self, *args, **kwargs):
+            ctx = honest_forward(self, *args, **kwargs)
+            ctx.outputs = ctx.outputs * 1.5
+            return ctx
+
+        StageRuntime.forward = skewed_forward
+        return
     exchange = replica_sync.SyncExchange
     robust_reduce, plain_reduce = exchange.all_reduce_robust, exchange.all_reduce_sum
     robust_part, plain_part = replica_sync._robust_part, replica_sync._sum_in_order

@@ -51,7 +51,8 @@ class PeerRecord:
     uncompressed_received: dict[str, int] = field(default_factory=dict)
     credential_digest: str = ""   # sha256 of the credential its Join returned (never shown)
     token_id: str = ""            # the join token it joined with ("": an open run); revoking it removes the peer
-    flagged: str = ""             # why its replicas distrust it (robust aggregation); a flagged peer gets no work
+    flagged: str = ""             # why its replicas distrust it (robust aggregation, audits); a flagged peer gets no work
+    audits: dict[str, int] = field(default_factory=dict)  # forward audits it was on, by position and verdict (coordinator.audits)
 
     @property
     def alive(self) -> bool:
@@ -63,6 +64,8 @@ class PeerRecord:
             "p2p_id": self.dht_peer_id,
             "reachability": self.reachability or None,
             "flagged": self.flagged or None,
+            "token": self.token_id or None,  # the id of the join token it joined with (coordinator token list/revoke), not the token
+            "audits": dict(self.audits),
             "name": self.name,
             "stage": self.stage,
             "device": self.device,

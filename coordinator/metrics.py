@@ -30,6 +30,10 @@ class CoordinatorMetrics:
         self.tokens_per_second = Gauge("hometrain_tokens_per_second", "Tokens per second of the last round.", registry=r)
         self.samples_dropped = Counter("hometrain_samples_dropped", "Samples handed out but not trained (failed hop, late, peer gone).", registry=r)
         self.peers = Gauge("hometrain_peers", "Peers by stage and state.", ["stage", "state"], registry=r)
+        self.audits = Gauge("hometrain_audits", "Forward audits judged since the coordinator started, by whether their two losses agreed.",
+                            ["verdict"], registry=r)
+        self.flagged_peers = Gauge("hometrain_flagged_peers", "Live peers flagged (robust aggregation or audits): out of routing and syncs.",
+                                   registry=r)
         self.wire_bytes = Gauge("hometrain_wire_bytes", "Bytes on the wire that peers reported, by kind and direction.", ["kind", "direction"], registry=r)
         self.wire_uncompressed_bytes = Gauge(
             "hometrain_wire_uncompressed_bytes", "What the same traffic would cost uncompressed (fp32), by kind and direction.", ["kind", "direction"], registry=r

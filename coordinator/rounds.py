@@ -71,6 +71,7 @@ from .data.mixer import DataMixer
 from .store import RoundRecord, Store
 from .loss_scale import STORE_KEY as LOSS_SCALE_KEY
 from .loss_scale import DynamicLossScale
+from .audits import MAX_AUDITS_READ, judge, tally_key, to_flag
 from .uploads import PARTS, WEIGHTS, UploadError, check_shard, expected_bytes
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class RoundEngine:
         self.version = 0  # bumped by every change peers must see (_notify): wakes their long polls
         self.latest_checkpoint: tuple[str, int] = ("", 0)  # (url, round), set by the app
         self.max_sync_attempts = 3
+        self.audit_verdicts = {True: 0, False: 0}  # forward audits judged, by whether their losses agreed
         self.accounting = DataAccounting(store, data) if data is not None else None
         if self.accounting is not None:
             self.on_round_recorded.append(lambda record: self.accounting.save())
@@ -556,7 +558,30 @@ class RoundEngine:
         cur.step_reports[peer.peer_id] = report
         if report.suspects:
             self._weigh_suspects(cur, peer, report.suspects)
+        if report.audits and cur.members[peer.peer_id] == 0:
+            self._weigh_audits(cur, peer, list(report.audits)[:MAX_AUDITS_READ])
         await self.tick()
+
+    def _weigh_audits(self, cur: OpenRound, reporter: PeerRecord, audits: list[pb.Audit]) -> None:
+        """A stage-0 peer's forward audits of this round: tally each concerned peer's, and flag the peers
+        ``coordinator.audits.to_flag`` names."""
+        by_dht = {p.dht_peer_id: p for p in self.membership.live() if p.dht_peer_id}
+        for audit in audits:
+            verdict = judge(audit, self.train, reporter.dht_peer_id)
+            if verdict is None:
+                continue
+            self.audit_verdicts[verdict.agreed] += 1
+            for dht_id, position in verdict.concerned:
+                if (record := by_dht.get(dht_id)) is not None:
+                    key = tally_key(position, verdict.agreed)
+                    record.audits[key] = record.audits.get(key, 0) + 1
+        flags = to_flag({d: p.audits for d, p in by_dht.items()}, lambda d: by_dht[d].stage if d in by_dht else None)
+        for dht_id, position in flags.items():
+            suspect = by_dht[dht_id]
+            if not suspect.flagged:
+                suspect.flagged = (f"round {cur.number}: on {suspect.audits[tally_key(position, False)]} forward audits whose two losses "
+                                   f"disagreed ({position} route) and on none that agreed, while other replicas of its stage were")
+                log.warning("peer %s (stage %d) flagged and taken out of routing and syncs: %s", suspect.peer_id, suspect.stage, suspect.flagged)
 
     def _weigh_suspects(self, cur: OpenRound, reporter: PeerRecord, suspects: list[str]) -> None:
         """A replica named others of its group whose updates its robust aggregation clipped hard. A peer named by a

@@ -70,6 +70,9 @@ class StatusReport:
                 metrics.wire_bytes.labels(kind, direction).set(value["bytes"])
                 metrics.wire_uncompressed_bytes.labels(kind, direction).set(value["uncompressed_bytes"])
         metrics.stalled.set(1 if app.engine.stall is not None else 0)
+        for agreed, n in app.engine.audit_verdicts.items():
+            metrics.audits.labels("agreed" if agreed else "disagreed").set(n)
+        metrics.flagged_peers.set(sum(1 for p in app.membership.live() if p.flagged))
         data = app.engine.data_progress()
         metrics.data_phase.set(data["phase"])
         for source, objectives in data["tokens_per_source_objective"].items():
@@ -116,6 +119,7 @@ class StatusReport:
             "evaluation": {"on": app.config.eval_on, **(app.evaluator.status() if app.evaluator else {"pending": [], "evaluating": [], "workers": []})},
             "wire": self.wire_totals(),
             "progress": app.engine.progress(),
+            "audits": {"agreed": app.engine.audit_verdicts[True], "disagreed": app.engine.audit_verdicts[False]},
             "dht_maddrs": list(app.join_template.initial_peers),
             "train": json.loads(app.config.train_config().to_json()),
             "loss_scale": app.engine.loss_scale.value if app.engine.loss_scale is not None else None,

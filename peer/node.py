@@ -37,6 +37,7 @@ from .coordinator_key import UntrustedCoordinator, trust_coordinator_key
 from .device import DeviceInfo
 from .directory import StageDirectory, StageRecord
 from .failures import FailureLog, StageFailed, describe
+from .audit import Auditor
 from .inflight import InflightSizer
 from .members import Members
 from .metrics import PeerMetrics, PeerSnapshot, status_line
@@ -96,6 +97,7 @@ class PeerNode:
         self.exchange: SyncExchange | None = None
         self.boundary: BoundaryCodec | None = None
         self.pipeline: Pipeline | None = None
+        self.auditor: Auditor | None = None
         self.weights: StageWeights | None = None
         self.metrics: PeerMetrics | None = None
         self._temporary_cache: str | None = None
@@ -179,6 +181,7 @@ class PeerNode:
         self.sync = StageSync(self.runtime, self.exchange, self.train, self.stage, self._clip)
         self.pipeline = Pipeline(self.runtime, self.transport, self.directory, Router(rng=random.Random(self.dht_id)), self.boundary,
                                  self.run_id, self.stage, self.train.round_timeout, self.failures)
+        self.auditor = Auditor(self.pipeline, self.train, self.dht_id, random.Random(f"audit:{self.dht_id}"))
         self.weights = StageWeights(self.transport, self.run_id, join.checkpoint_public_key, self.stopping, self.config.connect_timeout,
                                     show_progress=not self.config.quiet, num_stages=join.num_stages, seed=self.train.seed,
                                     base_url=reachable_url(join.base_checkpoint_url, self.coordinator_host))
@@ -515,9 +518,11 @@ class PeerNode:
             header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=mb.round, microbatch=mb.index, stage=0,
                                     sample_ids=mb.sample_ids, open_attempt=mb.open_attempt, loss_scale=mb.loss_scale)
             started = time.monotonic()
-            loss_sum, tokens, _ = await self.pipeline.run_stage(header, batch["input_ids"], batch)
+            loss_sum, tokens, _, route = await self.pipeline.run_stage(header, batch["input_ids"], batch)
             self.inflight.observe_trip(time.monotonic() - started)
             report.ok, report.loss_sum, report.tokens = True, loss_sum, tokens
+            if self.auditor.wanted():
+                self._spawn(self.auditor.rerun(header, batch, loss_sum, tokens, route))
         except Exception as exc:
             failure = exc.failure if isinstance(exc, StageFailed) else pb.StageFailure(stage=self.stage, peer=self.dht_id, error=describe(exc))
             report.ok, report.error = False, str(exc) if isinstance(exc, StageFailed) else failure.error
@@ -560,7 +565,8 @@ class PeerNode:
             log.debug("stage directory lookup failed: %s", exc)
         outcome = await self.sync.step_round(round, group, tokens, attempt, open_attempt, loss_scale)
         report = pb.StepReport(peer_id=self.peer_id, round=round, synced=outcome.synced, diverged=outcome.diverged,
-                               error=outcome.error, checksum=outcome.checksum, overflow=outcome.overflow, suspects=list(outcome.suspects))
+                               error=outcome.error, checksum=outcome.checksum, overflow=outcome.overflow, suspects=list(outcome.suspects),
+                               audits=self.auditor.take(round) if self.stage == 0 else [])
         report.stats.CopyFrom(self.stats())
         await self.client.report_step(report)
         if not self.config.quiet:

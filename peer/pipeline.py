@@ -50,6 +50,30 @@ def boundary_frame_limit(train: TrainConfig, config: GPTJConfig) -> int:
     return 4 * infer_batch_limit(train) * max(train.seq_len, config.n_positions) * config.n_embd + FRAME_SLACK
 
 
+MAX_ROUTE = 64  # DHT ids a route (or an audit's list of peers to avoid) may name: far more stages than a model has
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise codec.FrameError(f"the frame's JSON does not parse: {exc}") from None
+    if not isinstance(value, dict):
+        raise codec.FrameError(f"the frame's JSON must be an object, received {type(value).__name__}")
+    return value
+
+
+def route_of(reply: pb.FrameHeader) -> list[str]:
+    """The DHT ids of the peers a reply says it came through, in stage order ([] if it names none, or not plausibly)."""
+    try:
+        route = json.loads(reply.json).get("route", []) if reply.json else []
+    except (json.JSONDecodeError, AttributeError):
+        return []
+    if not isinstance(route, list) or len(route) > MAX_ROUTE or not all(isinstance(p, str) and len(p) <= 128 for p in route):
+        return []
+    return route
+
+
 class NoRouteError(RuntimeError):
     """No peer of the next stage could take the microbatch."""
 
@@ -75,12 +99,14 @@ class Pipeline:
     async def start(self) -> None:
         # Registered whatever the stage: a peer may be moved to another stage later.
         await self.transport.serve(FORWARD_HANDLER, self._handle_forward, receive_kind=WireKind.ACTIVATIONS, send_kind=WireKind.GRADIENTS)
-        await self.transport.serve(INFER_HANDLER, self._handle_infer, receive_kind=WireKind.ACTIVATIONS, send_kind=WireKind.ACTIVATIONS)
+        await self.transport.serve(INFER_HANDLER, self._handle_infer, receive_kind=WireKind.INFERENCE, send_kind=WireKind.INFERENCE)
 
     async def send_forward(
-        self, header: pb.FrameHeader, payload: Outgoing | Mapping[str, torch.Tensor], handler: str = FORWARD_HANDLER, receive_kind: WireKind = WireKind.GRADIENTS
+        self, header: pb.FrameHeader, payload: Outgoing | Mapping[str, torch.Tensor], handler: str = FORWARD_HANDLER,
+        receive_kind: WireKind = WireKind.GRADIENTS, avoid: frozenset[str] = frozenset(),
     ) -> tuple[pb.FrameHeader, Tensors]:
-        """Send a frame to a peer of stage ``header.stage``; reroute to another replica on failure.
+        """Send a frame to a peer of stage ``header.stage``; reroute to another replica on failure. Peers in ``avoid``
+        are taken only when the stage has no other (an audit's second route keeps off the first one's peers).
 
         An ``Outgoing`` payload is encoded for each destination (compressed activations); plain
         tensors go as they are. A receiver that lacks a sample's AQ-SGD entry says so and gets
@@ -96,7 +122,8 @@ class Pipeline:
         deadline = time.monotonic() + self.hop_timeout
         while len(tried) < self.max_attempts and time.monotonic() < deadline:
             records = await self.directory.replicas(header.stage)
-            target = self.router.choose({p: r.throughput for p, r in records.items() if p not in tried},
+            candidates = {p: r.throughput for p, r in records.items() if p not in tried}
+            target = self.router.choose({p: t for p, t in candidates.items() if p not in avoid} or candidates,
                                         {p for p, r in records.items() if r.relayed})
             if target is None:
                 if tried:
@@ -109,7 +136,8 @@ class Pipeline:
                 for _ in range(2):  # a second time only if the receiver lacked cache entries
                     tensors = await self.runtime.run(codec_.encode_activations, target, payload) if isinstance(payload, Outgoing) else payload
                     reply_header, reply = await self.transport.call(
-                        PeerID.from_base58(target), handler, header, tensors, WireKind.ACTIVATIONS, receive_kind,
+                        PeerID.from_base58(target), handler, header, tensors,
+                        WireKind.INFERENCE if handler == INFER_HANDLER else WireKind.ACTIVATIONS, receive_kind,
                         timeout=max(1.0, deadline - time.monotonic()), measure_link=False,
                     )
                     missing = json.loads(reply_header.json).get("missing") if reply_header.json else None
@@ -164,11 +192,51 @@ class Pipeline:
         if self.stage > 0 and (tuple(inputs.shape[2:]) != (config.n_embd,) or not inputs.is_floating_point()):
             raise codec.FrameError(f"hidden must be float [batch, seq, {config.n_embd}], received {list(inputs.shape)} {inputs.dtype}")
         codec.require_finite(tensors)
+        targets = self._audit_targets(tensors, tuple(inputs.shape[:2]))
+        request = _json_object(header.json)
+        avoid = frozenset(str(p) for p in request.get("avoid", [])[:MAX_ROUTE] if isinstance(p, str))
+        if header.round:  # an audit: this round's weights, before anyone steps (else the comparison would mean nothing)
+            self.runtime.require_round(header.round, header.open_attempt)
+        me = [self.failures.peer_id]
+        if targets and self.runtime.model.is_last:
+            loss_sum, tokens = await self.runtime.run(self.runtime.audit_loss, inputs, prefix, targets["target_ids"], targets["loss_mask"])
+            return pb.FrameHeader(kind=pb.LOGITS, run_id=self.run_id, stage=self.stage, round=header.round, loss_sum=loss_sum,
+                                  tokens=tokens, json=json.dumps({"route": me})), {}
         outputs = await self.runtime.run(self.runtime.infer, inputs, prefix)
         if self.runtime.model.is_last:
-            return pb.FrameHeader(kind=pb.LOGITS, run_id=self.run_id, stage=self.stage), {"logits": outputs}
-        onward = pb.FrameHeader(kind=pb.INFER, run_id=self.run_id, stage=self.stage + 1)
-        return await self.send_forward(onward, {"hidden": outputs, "prefix_lengths": prefix}, handler=INFER_HANDLER, receive_kind=WireKind.ACTIVATIONS)
+            return pb.FrameHeader(kind=pb.LOGITS, run_id=self.run_id, stage=self.stage, json=json.dumps({"route": me})), {"logits": outputs}
+        onward = pb.FrameHeader(kind=pb.INFER, run_id=self.run_id, stage=self.stage + 1, round=header.round, open_attempt=header.open_attempt,
+                                json=json.dumps({"avoid": sorted(avoid)}))
+        reply_header, reply = await self.send_forward(onward, {"hidden": outputs, "prefix_lengths": prefix, **targets}, handler=INFER_HANDLER,
+                                                      receive_kind=WireKind.INFERENCE, avoid=avoid)
+        reply_header.json = json.dumps({"route": me + route_of(reply_header)})
+        return reply_header, reply
+
+    async def rerun(self, header: pb.FrameHeader, tensors: Tensors, avoid: frozenset[str]) -> pb.FrameHeader:
+        """Stage 0: an audit's forward-only run (INFER with targets) along peers not in ``avoid`` where a stage has others;
+        starts at another stage-0 replica if there is one, else here. Returns the last stage's answer (loss, route)."""
+        header.json = json.dumps({"avoid": sorted(avoid)})
+        others = [p for p in await self.directory.replicas(0) if p not in avoid]
+        if others:
+            reply, _ = await self.send_forward(header, tensors, handler=INFER_HANDLER, receive_kind=WireKind.INFERENCE, avoid=avoid)
+        else:
+            reply, _ = await self._handle_infer(header, tensors, PeerID.from_base58(self.failures.peer_id))
+        if reply.kind != pb.LOGITS:
+            raise codec.FrameError(f"an audit's run answered {pb.FrameKind.Name(reply.kind)}, expected LOGITS with the loss")
+        return reply
+
+    def _audit_targets(self, tensors: Tensors, batch_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """An audit's INFER frame carries the microbatch's targets and loss mask (the last stage answers with the loss)."""
+        if "target_ids" not in tensors and "loss_mask" not in tensors:
+            return {}
+        targets, mask = tensors.get("target_ids"), tensors.get("loss_mask")
+        if targets is None or mask is None:
+            raise codec.FrameError("an audit's INFER frame carries both target_ids and loss_mask")
+        codec.require_shape("target_ids", targets, batch_shape, torch.int64)
+        codec.require_shape("loss_mask", mask, batch_shape, torch.float32)
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.runtime.model.config.vocab_size):
+            raise codec.FrameError(f"target_ids must be token ids in [0, {self.runtime.model.config.vocab_size})")
+        return {"target_ids": targets, "loss_mask": mask}
 
     async def _handle_forward(self, header: pb.FrameHeader, tensors: Tensors, sender: PeerID) -> tuple[pb.FrameHeader, Tensors]:
         self._check_header(header)
@@ -177,14 +245,15 @@ class Pipeline:
         except MissingEntries as exc:
             return pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, json=json.dumps({"missing": exc.sample_ids})), {}
         try:
-            loss_sum, tokens, grad = await self.run_stage(header, hidden, tensors)
+            loss_sum, tokens, grad, route = await self.run_stage(header, hidden, tensors)
         except (StageFailed, NoRouteError) as exc:  # said to the sender as a failure of this route, not of this hop
             failure = exc.failure if isinstance(exc, StageFailed) else pb.StageFailure(
                 stage=self.stage, peer=self.failures.peer_id, error=describe(exc))
             return pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
                                   stage=self.stage - 1, failure=failure), {}
         reply = pb.FrameHeader(kind=pb.BACKWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
-                               stage=self.stage - 1, loss_sum=loss_sum, tokens=tokens, raw_bytes=fp32_equivalent({"grad": grad}))
+                               stage=self.stage - 1, loss_sum=loss_sum, tokens=tokens, raw_bytes=fp32_equivalent({"grad": grad}),
+                               json=json.dumps({"route": [self.failures.peer_id] + route}))
         return reply, await self.runtime.run(self.boundary.encode_gradient, grad)
 
     async def _compute(self, what: str, header: pb.FrameHeader, fn, *args):
@@ -210,16 +279,19 @@ class Pipeline:
             codec.require_finite({"grad": grad})
         return grad
 
-    async def run_stage(self, header: pb.FrameHeader, inputs: torch.Tensor, batch: Tensors) -> tuple[float, int, torch.Tensor | None]:
-        """Forward through this stage, on through the rest of the pipeline, and backward; returns (loss_sum, tokens, input grad)."""
+    async def run_stage(self, header: pb.FrameHeader, inputs: torch.Tensor,
+                        batch: Tensors) -> tuple[float, int, torch.Tensor | None, list[str]]:
+        """Forward through this stage, on through the rest of the pipeline, and backward; returns (loss_sum, tokens,
+        input grad, the DHT ids of the later stages' peers the microbatch went through, as they said)."""
         runtime = self.runtime
         runtime.in_flight += 1
         try:
             ctx = await self._compute("forward", header, runtime.forward, header.round, inputs, batch["prefix_lengths"], batch["loss_mask"],
                                       header.microbatch, header.open_attempt)
             if runtime.model.is_last:
-                return await self._compute("loss and backward", header, runtime.loss_backward, ctx, batch["target_ids"], batch["loss_mask"],
-                                           header.loss_scale or 1.0)
+                loss_sum, tokens, grad = await self._compute("loss and backward", header, runtime.loss_backward, ctx, batch["target_ids"],
+                                                             batch["loss_mask"], header.loss_scale or 1.0)
+                return loss_sum, tokens, grad, []
             next_header = pb.FrameHeader(kind=pb.FORWARD, run_id=self.run_id, round=header.round, microbatch=header.microbatch,
                                          stage=self.stage + 1, sample_ids=header.sample_ids, open_attempt=header.open_attempt,
                                          loss_scale=header.loss_scale)
@@ -228,6 +300,6 @@ class Pipeline:
             reply_header, reply = await self.send_forward(next_header, outgoing)
             grad = await runtime.run(self._decode_gradient, reply, tuple(ctx.outputs.shape), header.loss_scale > 1)
             input_grad = await self._compute("backward", header, runtime.backward, ctx, grad)
-            return reply_header.loss_sum, reply_header.tokens, input_grad
+            return reply_header.loss_sum, reply_header.tokens, input_grad, route_of(reply_header)
         finally:
             runtime.in_flight -= 1

@@ -142,6 +142,19 @@ class StageRuntime:
         with self._autocast():
             return self.model(inputs, prefix_lengths.to(self.device)).float()
 
+    @torch.no_grad()
+    def audit_loss(self, inputs: torch.Tensor, prefix_lengths: torch.Tensor, targets: torch.Tensor,
+                   loss_mask: torch.Tensor) -> tuple[float, int]:
+        """Last stage: (summed token loss, tokens) of a forward without autograd, computed as training computes it (an
+        audit's second run of a trained microbatch, whose loss it is compared with)."""
+        inputs = inputs.to(self.device)
+        if inputs.is_floating_point():
+            inputs = inputs.float()
+        with self._autocast():
+            outputs = self.model(inputs, prefix_lengths.to(self.device))
+        loss = summed_token_loss(outputs, targets.to(self.device), loss_mask.to(self.device))
+        return float(loss.item()), int(loss_mask.sum().item())
+
     def _require_context(self, ctx: ForwardContext) -> None:
         self.require_round(ctx.round, ctx.attempt)
         if ctx.attempt != self.open_attempt:

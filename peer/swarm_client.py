@@ -43,7 +43,7 @@ async def _infer(dht: hivemind.DHT, run_id: str, input_ids: torch.Tensor, prefix
         await asyncio.sleep(0.5)
     header = pb.FrameHeader(kind=pb.INFER, run_id=run_id, stage=0)
     tensors = {"input_ids": input_ids.to(torch.int64), "prefix_lengths": prefix_lengths.to(torch.int64)}
-    reply_header, reply = await transport.call(PeerID.from_base58(random.choice(entry)), INFER_HANDLER, header, tensors, WireKind.ACTIVATIONS, WireKind.ACTIVATIONS, timeout)
+    reply_header, reply = await transport.call(PeerID.from_base58(random.choice(entry)), INFER_HANDLER, header, tensors, WireKind.INFERENCE, WireKind.INFERENCE, timeout)
     if reply_header.kind != pb.LOGITS or "logits" not in reply:
         raise RuntimeError(f"the swarm answered {pb.FrameKind.Name(reply_header.kind)} without logits")
     return reply["logits"]

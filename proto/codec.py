@@ -41,7 +41,8 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 31
 class WireKind(StrEnum):
     """What traffic is, for counting bytes on both ends (the label of every wire-byte metric)."""
 
-    ACTIVATIONS = "activations"  # FORWARD frames (and INFER)
+    ACTIVATIONS = "activations"  # FORWARD frames
+    INFERENCE = "inference"      # INFER frames: forward-only evaluation of the live swarm, and forward audits
     GRADIENTS = "gradients"      # BACKWARD frames: activation gradients
     SYNC = "sync"                # replica sync parts and payloads
     STATE = "state"              # a stage's state handed to a joiner, checkpoint uploads

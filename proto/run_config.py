@@ -105,7 +105,8 @@ class TrainConfig:
         "model": ("compute_dtype", "activation_checkpointing", "lora_rank", "lora_alpha", "lora_targets", "lora_base_bits"),
         "data": ("seq_len", "micro_batch_size", "global_batch_size"),
         "optimizer": ("optimizer", "lr", "lr_schedule", "lr_warmup_rounds", "lr_decay_rounds", "lr_min_ratio", "clip_grad_norm",
-                      "weight_decay", "beta1", "beta2", "eps", "robust_aggregation", "robust_tau", "robust_iterations"),
+                      "weight_decay", "beta1", "beta2", "eps", "robust_aggregation", "robust_tau", "robust_iterations",
+                      "audit_rate", "audit_tolerance"),
         "compression": ("activation_compression", "activation_bits", "activation_first_bits", "gradient_bits", "boundary_block",
                         "sync_compression", "sync_random_ratio", "sync_topk_ratio", "sync_bits", "p_skip", "resync_every",
                         "sync_warmup_rounds", "sync_every", "sync_density", "sync_chunk", "sync_error_decay", "outer_lr"),
@@ -139,6 +140,12 @@ class TrainConfig:
         3.0, "centered_clip: the clip radius, as a multiple of the median distance of the replicas' contributions from "
         "their coordinate-wise median (larger: closer to the plain mean with honest replicas, more room for a bad one).")
     robust_iterations: int = opt(10, "centered_clip: the most clipping iterations per aggregate (it stops once one changes nothing).")
+    audit_rate: float = opt(
+        0.05, "Fraction of microbatches a stage-0 peer runs forward a second time, through other replicas of each stage, "
+        "to compare the two losses (the coordinator flags a peer found only on routes that disagree); 0: no audits.")
+    audit_tolerance: float = opt(
+        0.0, "Relative difference of the two losses of an audit that still counts as agreement (0: from the precision "
+        "in use: 1e-4 at float32 with plain activations, 2e-2 at bfloat16/float16, 5e-2 with compressed activations).")
     seed: int = opt(0, "Seed of weight init and data sampling; same seed, same run.")
     round_timeout: float = opt(120.0, "Longest an open round may last; late samples are dropped and counted.", unit="s")
     deadline_factor: float = opt(3.0, "An open round closes after this many times the median length of recent rounds (adaptive deadline).")
@@ -209,6 +216,10 @@ class TrainConfig:
             raise ConfigError(f"--robust-aggregation must be centered_clip or off, got {self.robust_aggregation!r}")
         if not (self.robust_tau > 0 and math.isfinite(self.robust_tau)):
             raise ConfigError(f"--robust-tau must be a finite number > 0 (the clip radius in median distances), got {self.robust_tau}")
+        if not 0 <= self.audit_rate <= 1:
+            raise ConfigError(f"--audit-rate must be in [0, 1] (a fraction of microbatches), got {self.audit_rate}")
+        if not (self.audit_tolerance >= 0 and math.isfinite(self.audit_tolerance)):
+            raise ConfigError(f"--audit-tolerance must be a finite number >= 0 (0: from the precision in use), got {self.audit_tolerance}")
         if self.robust_iterations < 1:
             raise ConfigError(f"--robust-iterations must be >= 1, got {self.robust_iterations}")
         if self.sync_every < 1:
@@ -256,6 +267,21 @@ class TrainConfig:
         """Whether ``round`` steps locally and syncs compressed (cocktail or sparseloco, past the warm-up) rather than summing
         gradients exactly."""
         return self.sync_compression != "none" and round > self.sync_warmup_rounds
+
+    @property
+    def audit_relative_tolerance(self) -> float:
+        """--audit-tolerance, or (0) what the precision in use allows between two honest forwards of one microbatch."""
+        if self.audit_tolerance > 0:
+            return self.audit_tolerance
+        if self.activation_compression != "none":
+            return 5e-2  # the trained route's activations were quantized, the audit's were not
+        return 1e-4 if self.compute_dtype == "float32" else 2e-2
+
+    def losses_agree(self, first_loss: float, first_tokens: int, second_loss: float, second_tokens: int) -> bool:
+        """Whether two forwards of one microbatch (an audit) agree: the same tokens, summed losses within the tolerance."""
+        if first_tokens != second_tokens or not (math.isfinite(first_loss) and math.isfinite(second_loss)):
+            return False
+        return abs(first_loss - second_loss) <= self.audit_relative_tolerance * max(abs(first_loss), abs(second_loss), 1e-6)
 
     @property
     def microbatches_per_round(self) -> int:

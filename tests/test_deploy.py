@@ -45,7 +45,9 @@ def parse_command(argv: list[str]) -> object:
     for name in list(vars(args)):
         if name.endswith("_file") or name in NOT_CHECKED_HERE:
             delattr(args, name)  # secrets and local paths: their flags parsed, their files are elsewhere
-    cls = {"serve": CoordinatorConfig, "demo": DemoConfig, "join": PeerConfig, "eval": EvalOptions}[args.command]
+    cls = {"serve": CoordinatorConfig, "demo": DemoConfig, "join": PeerConfig, "eval": EvalOptions}.get(args.command)
+    if cls is None:  # a command without a config of its own (coordinator token ...): parsing it is the check
+        return args
     return load(cls, args, None, environ={})
 
 
