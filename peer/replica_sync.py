@@ -179,25 +179,13 @@ class SyncExchange:
         if len(group) == 1:
             return flat
         parts = list(torch.tensor_split(flat, len(group)))
-        me = group.index(self.my_id)
-        others = [m for m in group if m != self.my_id]
-        try:
-            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, attempt, stage, group.index(m), {"part": parts[group.index(m)].contiguous()},
-                                              timeout) for m in others))
-            received = {self.my_id: parts[me]}
-            for m in others:
-                received[m] = (await self._take((round, attempt, stage, pb.SYNC_REDUCE, me, m), timeout))["part"]
-            reduced = await compute(_sum_in_order, [received[m] for m in group], parts[me].numel(), group)
-            await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, attempt, stage, me, {"part": reduced}, timeout) for m in others))
-            gathered = [reduced if m == self.my_id else (await self._take((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout))["part"]
-                        for i, m in enumerate(group)]
-            return await compute(_concatenate, gathered, [p.numel() for p in parts], group)
-        except SyncError:
-            raise
-        except Exception as exc:  # a member unreachable: the caller decides what to do with the round
-            raise SyncError(f"sync with {others} failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            self._forget_before(round)
+        numel = parts[group.index(self.my_id)].numel()
+
+        async def reduce(frames: list[Tensors]) -> tuple[torch.Tensor, None]:
+            return await compute(_sum_in_order, [f["part"] for f in frames], numel, group), None
+
+        gathered, _ = await self._reduce_then_gather([{"part": p.contiguous()} for p in parts], group, round, stage, timeout, attempt, reduce)
+        return await compute(_concatenate, gathered, [p.numel() for p in parts], group)
 
     async def all_reduce_robust(self, contribution: torch.Tensor, weight: float, group: list[str], round: int, stage: int,
                                 timeout: float, attempt: int, compute: Compute, tau: float, iterations: int) -> RobustReduction:
@@ -208,24 +196,37 @@ class SyncExchange:
         if self.my_id not in group:
             raise SyncError(f"this peer ({self.my_id}) is not in the sync group {group}")
         parts = list(torch.tensor_split(contribution, len(group)))
+        numel = parts[group.index(self.my_id)].numel()
+        claim = torch.tensor([float(weight)], dtype=torch.float64)
+
+        async def reduce(frames: list[Tensors]) -> tuple[torch.Tensor, tuple[str, ...]]:
+            return await compute(_robust_part, frames, numel, group, tau, iterations)
+
+        gathered, suspects = await self._reduce_then_gather([{"part": p.contiguous(), "weight": claim} for p in parts], group, round,
+                                                            stage, timeout, attempt, reduce)
+        flat, forged = await compute(_check_gathered, gathered, parts, group, self.my_id, weight > 0)
+        return RobustReduction(flat, tuple(sorted((set(suspects) | set(forged)) - {self.my_id})))
+
+    async def _reduce_then_gather(self, outgoing: list[Tensors], group: list[str], round: int, stage: int, timeout: float, attempt: int,
+                                  reduce: Callable[[list[Tensors]], Awaitable[tuple[torch.Tensor, Any]]]) -> tuple[list[torch.Tensor], Any]:
+        """Member i gets frame i of every member's ``outgoing`` (its own included, in member order), reduces them to part i
+        (``reduce``, which also returns what else it found), and sends that back to all: returns every reduced part, in
+        member order, and what this member's ``reduce`` found."""
         me = group.index(self.my_id)
         others = [m for m in group if m != self.my_id]
-        claim = torch.tensor([float(weight)], dtype=torch.float64)
         try:
-            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, attempt, stage, group.index(m),
-                                              {"part": parts[group.index(m)].contiguous(), "weight": claim}, timeout) for m in others))
-            received = {self.my_id: {"part": parts[me], "weight": claim}}
-            for m in others:
-                received[m] = await self._take((round, attempt, stage, pb.SYNC_REDUCE, me, m), timeout)
-            reduced, suspects = await compute(_robust_part, [received[m] for m in group], parts[me].numel(), group, tau, iterations)
+            await asyncio.gather(*(self._send(m, pb.SYNC_REDUCE, round, attempt, stage, group.index(m), outgoing[group.index(m)], timeout)
+                                   for m in others))
+            received = [outgoing[me] if m == self.my_id else await self._take((round, attempt, stage, pb.SYNC_REDUCE, me, m), timeout)
+                        for m in group]
+            reduced, found = await reduce(received)
             await asyncio.gather(*(self._send(m, pb.SYNC_GATHER, round, attempt, stage, me, {"part": reduced}, timeout) for m in others))
             gathered = [reduced if m == self.my_id else (await self._take((round, attempt, stage, pb.SYNC_GATHER, i, m), timeout))["part"]
                         for i, m in enumerate(group)]
-            flat, forged = await compute(_check_gathered, gathered, parts, group, self.my_id, weight > 0)
-            return RobustReduction(flat, tuple(sorted((set(suspects) | set(forged)) - {self.my_id})))
+            return gathered, found
         except SyncError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a member unreachable: the caller decides what to do with the round
             raise SyncError(f"sync with {others} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._forget_before(round)
