@@ -43,6 +43,7 @@ class PeerRecord:
     adopt_round: int = 0         # nonzero: the peer is told to continue as of this round
     microbatches_done: int = 0
     microbatches_failed: int = 0  # its own stage's work raised on these
+    audits_dropped: int = 0       # stage 0: forward audits it could not run
     last_heartbeat: float = 0.0   # when its last Heartbeat RPC arrived (0: none yet)
     heartbeat_gap_max: float = 0.0  # the longest time between two of its heartbeats: a peer whose loop stalls shows it
     bytes_sent: dict[str, int] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class PeerRecord:
             "flagged": self.flagged or None,
             "token": self.token_id or None,  # the id of the join token it joined with (coordinator token list/revoke), not the token
             "audits": dict(self.audits),
+            "audits_dropped": self.audits_dropped,
             "name": self.name,
             "stage": self.stage,
             "device": self.device,
@@ -176,6 +178,7 @@ class Membership:
         record.bandwidth = stats.link_bytes_per_second or record.bandwidth
         record.microbatches_done = stats.microbatches_done
         record.microbatches_failed = stats.microbatches_failed
+        record.audits_dropped = stats.audits_dropped
         record.bytes_sent = dict(stats.bytes_sent)
         record.bytes_received = dict(stats.bytes_received)
         record.uncompressed_sent = dict(stats.uncompressed_bytes_sent)

@@ -6,12 +6,14 @@ honest to every replica downstream. So for a fraction ``--audit-rate`` of the mi
 trains, a stage-0 peer sends the same inputs, with their targets, as an INFER frame along a
 second route that keeps off the first route's peers wherever a stage has another replica. The
 frame is pinned to the round: a peer that has stepped since refuses it, as its weights are no
-longer those the first loss came from. The last stage answers with the summed loss. Each stage
+longer those the first loss came from. So the stage-0 peer reports the microbatch done only once
+its audit has run: the round cannot close, and its peers step, under it. That puts one forward
+pass per audited microbatch on the round's path (about a third of the audited share's compute). The last stage answers with the summed loss. Each stage
 names itself in the replies (``pipeline.route_of``), so both routes are known. Audits go to the
 coordinator with the round's step report, which judges them itself
 (``TrainConfig.losses_agree``: the tolerance follows the precision in use) and flags a peer found
 only on routes that disagreed (``coordinator.audits``). An audit that cannot run (the round
-closed, no route) is dropped and counted.
+closed, no route) is dropped and counted (``/api/status`` ``audits.dropped``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Auditor:
         tensors = {name: batch[name] for name in ("input_ids", "prefix_lengths", "target_ids", "loss_mask")}
         try:
             reply = await self.pipeline.rerun(request, tensors, avoid=frozenset(first))
-        except Exception as exc:  # the round closed meanwhile, or no route: nothing to judge
+        except Exception as exc:  # no second route, or a peer refused it: nothing to judge
             self.dropped += 1
             log.debug("audit of microbatch %d of round %d dropped: %s", header.microbatch, header.round, exc)
             return

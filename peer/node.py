@@ -360,6 +360,7 @@ class PeerNode:
             uncompressed_bytes_sent=dict(c.uncompressed_sent), uncompressed_bytes_received=dict(c.uncompressed_received),
             next_round=self.runtime.next_round, throughput=s.throughput, loads=self.runtime.loads,
             link_bytes_per_second=self.transport.link.bytes_per_second, microbatches_failed=s.microbatches_failed,
+            audits_dropped=self.auditor.dropped if self.auditor else 0,
         )
 
     async def _send_heartbeat(self) -> pb.HeartbeatReply:
@@ -521,8 +522,8 @@ class PeerNode:
             loss_sum, tokens, _, route = await self.pipeline.run_stage(header, batch["input_ids"], batch)
             self.inflight.observe_trip(time.monotonic() - started)
             report.ok, report.loss_sum, report.tokens = True, loss_sum, tokens
-            if self.auditor.wanted():
-                self._spawn(self.auditor.rerun(header, batch, loss_sum, tokens, route))
+            if self.auditor.wanted():  # before the report: the round cannot close (and its peers step) while the audit runs
+                await self.auditor.rerun(header, batch, loss_sum, tokens, route)
         except Exception as exc:
             failure = exc.failure if isinstance(exc, StageFailed) else pb.StageFailure(stage=self.stage, peer=self.dht_id, error=describe(exc))
             report.ok, report.error = False, str(exc) if isinstance(exc, StageFailed) else failure.error
