@@ -28,7 +28,7 @@ import grpc
 from proto import PROTOCOL_VERSION
 from proto import hometrain_pb2 as pb
 from proto.addresses import reachable_url
-from proto.manifest import MANIFEST, ManifestError, is_optimizer_shard, verify_manifest
+from proto.manifest import MANIFEST, ManifestError, is_optimizer_shard, parse_manifest, verify_manifest
 from proto.run_config import TASK_NAME, EvalOptions, PeerConfig
 
 from .control_client import ControlClient, Stopped
@@ -72,8 +72,8 @@ def fetch_checkpoint(url: str, directory: Path, public_key: str, round: int) -> 
     """The checkpoint at ``url`` (ending in /) into ``directory``: manifest verified, every model file checked."""
     directory.mkdir(parents=True, exist_ok=True)
     download(url + MANIFEST, directory / MANIFEST)
-    manifest = json.loads((directory / MANIFEST).read_text())
     try:
+        manifest = parse_manifest((directory / MANIFEST).read_bytes())
         verify_manifest(manifest, public_key)
     except ManifestError as exc:
         raise EvalError(f"the checkpoint at {url} is not signed by this run's coordinator: {exc}") from None

@@ -29,7 +29,7 @@ from proto import codec
 from proto import hometrain_pb2 as pb
 from proto.codec import WireKind
 from proto.manifest import (ADAPTER_FILE, INDEX, MANIFEST, ManifestError, checkpoint_name, optimizer_shard_name, sha256_bytes, stage_name,
-                            verify_file, verify_manifest)
+                            parse_manifest, verify_file, verify_manifest)
 
 from .control_client import ControlClient, Stopped
 from .optimizer import STATE_PREFIX, optimizer_state_name, state_key
@@ -94,7 +94,7 @@ def fetch_checkpoint_tensors(
     has it); verify everything. Returns the tensors, the optimizer's scalars (None without its shard) and the
     checkpoint's round. Raises ManifestError on a bad signature, a hash mismatch or a missing tensor.
     """
-    manifest = json.loads(_get(base_url + MANIFEST))
+    manifest = parse_manifest(_get(base_url + MANIFEST))
     verify_manifest(manifest, public_key_hex)
     check_identity(manifest, *expect)
     index_bytes = _get(base_url + INDEX)
@@ -124,7 +124,7 @@ def fetch_adapter_tensors(
     optimizer_shard: str = "", expect: tuple[str, int | None] = ("", None), limit: int = 1 << 40,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, int]:
     """LoRA runs: the stage's adapters (``names``, as the stage names them) from an adapter checkpoint, verified."""
-    manifest = json.loads(_get(base_url + MANIFEST))
+    manifest = parse_manifest(_get(base_url + MANIFEST))
     verify_manifest(manifest, public_key_hex)
     check_identity(manifest, *expect)
     data = _get(base_url + ADAPTER_FILE, progress=(lambda got, total: progress(ADAPTER_FILE, got, total)) if progress else None, limit=limit)

@@ -93,6 +93,27 @@ def sign_manifest(body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any
     return {**unsigned, "signature": key.sign(_canonical(unsigned)).hex()}
 
 
+MAX_MANIFEST_FILES = 4096  # far more shards than a model has
+
+
+def parse_manifest(data: bytes | str) -> dict[str, Any]:
+    """A manifest as a server sent it, shaped as one: a JSON object whose "files" maps plain file names to sha256 hex.
+    ManifestError otherwise (before its signature is checked, so that no later step trips on a malformed one)."""
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(f"the manifest is not JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"the manifest is not a JSON object but {type(manifest).__name__}")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or len(files) > MAX_MANIFEST_FILES:
+        raise ManifestError(f"the manifest's files must be an object of at most {MAX_MANIFEST_FILES} names, got {type(files).__name__}")
+    for name, digest in files.items():
+        if not name or "/" in name or "\\" in name or name.startswith(".") or not isinstance(digest, str) or len(digest) != 64:
+            raise ManifestError(f"the manifest lists {name[:80]!r} -> {str(digest)[:80]!r}: not a plain file name with a sha256")
+    return manifest
+
+
 def verify_manifest(manifest: dict[str, Any], public_key_hex: str) -> None:
     """Raise ManifestError unless ``manifest`` carries a valid signature by ``public_key_hex``."""
     signature = manifest.get("signature")
@@ -122,7 +143,7 @@ def verify_directory(directory: Path, public_key_hex: str | None = None, model_o
     path = directory / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{directory} has no {MANIFEST}: not a complete checkpoint")
-    manifest = json.loads(path.read_text())
+    manifest = parse_manifest(path.read_bytes())
     if public_key_hex:
         verify_manifest(manifest, public_key_hex)
     for name, expected in manifest.get("files", {}).items():

@@ -113,6 +113,5 @@ def decompress(payload: dict[str, torch.Tensor], numel: int, config: SparseLoCoC
     where = where + torch.arange(chunks, device=device).unsqueeze(1) * chunk
     dense = torch.zeros(chunks * chunk, dtype=torch.float32, device=device)
     dense[where.reshape(-1)] = dequantize(q.to(device))
-    if bool(dense[numel:].any()):
-        raise ValueError("sparseloco payload sets values past the end of the vector")
+    # A last chunk with fewer real values than it keeps sends padding too (quantized, it comes back nonzero): dropped.
     return dense[:numel]
