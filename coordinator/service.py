@@ -27,6 +27,7 @@ from .uploads import WEIGHTS, UploadError, spool
 
 log = logging.getLogger(__name__)
 EVAL_POLL_SECONDS = 10.0  # an evaluating volunteer with nothing to do asks again after this
+REFUSAL_LOG_EVERY = 10.0  # seconds between two log lines of one kind of refusal (a flood must not fill the log)
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -48,6 +49,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.metrics = metrics
         self.join_template = join_reply
         self.tokens = tokens
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, refusals then)
+        self._refusals: dict[str, int] = {}
         self.signing_key = signing_key
         membership.token_revoked = tokens.revoked
         self.probes = ProbeLimiter()
@@ -77,7 +80,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
         self.metrics.rpc_errors.labels(kind).inc()
-        log.warning("refused %s: %s", kind, message)
+        count = self._refusals[kind] = self._refusals.get(kind, 0) + 1
+        logged_at, logged_count = self._refusals_logged.get(kind, (0.0, 0))
+        now = time.monotonic()
+        if logged_count == 0 or now - logged_at >= REFUSAL_LOG_EVERY:  # the first at once, then a summary every 10 s
+            more = f" ({count - logged_count - 1} more refused since the last line)" if count - logged_count > 1 else ""
+            log.warning("refused %s%s: %s", kind, more, message)
+            self._refusals_logged[kind] = (now, count)
         await context.abort(code, message)
 
     async def _peer(self, peer_id: str, context: grpc.aio.ServicerContext) -> PeerRecord:
@@ -202,10 +211,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return pb.HeartbeatReply(known=False)
         await self._authenticate(record, context)
         self.membership.heard(record, time.monotonic())
+        before = (record.state, record.next_round, record.loads, record.dht_peer_id)
         self.membership.update_stats(record, request.stats, request.dht_peer_id, request.maddrs, request.reachability)
         reply = pb.HeartbeatReply(known=True, members_epoch=self._members_epoch())
         self._count(request, reply)
-        await self.engine.tick()
+        if (record.state, record.next_round, record.loads, record.dht_peer_id) != before:
+            await self.engine.tick()  # it came online or moved on: act now (otherwise the engine's own tick, 4 a second, will)
         return reply
 
     async def CheckReachability(self, request: pb.ReachabilityRequest, context: grpc.aio.ServicerContext) -> pb.ReachabilityReply:
