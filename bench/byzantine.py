@@ -14,7 +14,7 @@ within 5%). "flagged" is the coordinator's verdict on the bad peer (/api/status 
 8 peers share this machine's cores, so the default is short: 30 rounds of 8 microbatches
 (--global-batch-size 32) per run, a few minutes each on 2 cores.
 
-    python bench/byzantine.py [--attack scale|signflip|random|forward|all] [--rounds 30] [--unprotected]
+    python bench/byzantine.py [--attack scale|signflip|random|forward|all] [--rounds 30] [--audit-rate 0.25] [--unprotected]
 """
 
 from __future__ import annotations
@@ -63,13 +63,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attack", choices=[*ATTACKS, "all"], default="all")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--audit-rate", type=float, default=0.25,
+                        help="--audit-rate of the protected runs (the run's default, 0.05, flags a forward attacker only after "
+                             "about 6 / (8 microbatches x rate x 1/4 of them through it) = 60 rounds, longer than this bench)")
     parser.add_argument("--unprotected", action="store_true",
                         help="also run each attack with --robust-aggregation off (and, forward, --audit-rate 0)")
     args = parser.parse_args()
     attacks = list(ATTACKS) if args.attack == "all" else [args.attack]
-    runs: list[tuple[str, str | None, list[str]]] = [("clean", None, [])]
+    runs: list[tuple[str, str | None, list[str]]] = [("clean", None, ["--audit-rate", str(args.audit_rate)])]
     for attack in attacks:
-        runs.append((attack, attack, []))
+        runs.append((attack, attack, ["--audit-rate", str(args.audit_rate)]))
         if args.unprotected:
             runs.append((f"{attack}, unprotected", attack, ["--robust-aggregation", "off"] + (["--audit-rate", "0"] if attack == "forward" else [])))
     rows = []
@@ -80,7 +83,8 @@ def main() -> None:
             rows.append((label, final_loss(records), "-" if attack is None else flagged(status), len(records)))
             print(f"ran {label}: {len(records)} rounds", flush=True)
     base = rows[0][1]
-    print(f"\n2 stages x {REPLICAS} replicas, tiny GPT-J, exact sync, {args.rounds} rounds; one bad replica in stage {BAD_STAGE}")
+    print(f"\n2 stages x {REPLICAS} replicas, tiny GPT-J, exact sync, {args.rounds} rounds, --audit-rate {args.audit_rate:g} "
+          f"where protected; one bad replica in stage {BAD_STAGE}")
     print(f"{'run':24s} {'final loss':>10s} {'gap':>8s}  bad peer flagged")
     for label, loss, flag, _ in rows:
         gap = 100 * (loss - base) / base

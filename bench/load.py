@@ -18,7 +18,8 @@ real peers' longest heartbeat gap (as /api/status reports it).
 
     PYTHONPATH=. python bench/load.py [--fake-peers 1000] [--window 60] [--bad-rate 100]
 
-On 2 cores the bench's own coroutines and the 2 peers share the CPUs with the coordinator.
+On 2 cores the bench's own coroutines and the 2 peers share the CPUs with the coordinator; the CPU line says who
+used what. ``--nice 10`` runs the simulated peers (which stand for other machines) behind the swarm.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60.0, help="seconds of each tokens/s window (A, B, A')")
     parser.add_argument("--bad-rate", type=float, default=100.0, help="invalid calls per second during B")
     parser.add_argument("--heartbeat-interval", type=float, default=2.0, help="the fake peers' (the run's --heartbeat-interval)")
+    parser.add_argument("--nice", type=int, default=0, help="run the simulated peers at this niceness (they stand for other "
+                        "machines: with 10, the swarm and coordinator get the cores first, and the latencies include this process's wait)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hometrain-load-") as tmp:
         token = new_secret()
@@ -183,6 +186,8 @@ def main() -> None:
             print(f"A  (no load): {tps_a:.0f} tokens/s over {args.window:.0f}s ({rounds_a} rounds)", flush=True)
 
             load, box = Load(), {}
+            if args.nice:
+                os.nice(args.nice)  # this process only: the swarm's processes are already running
 
             async def phase_b() -> None:
                 ready, stop = asyncio.Event(), asyncio.Event()
@@ -215,7 +220,7 @@ def main() -> None:
     base = (tps_a + tps_a2) / 2
     lat = load.latencies
     print(f"\n{args.fake_peers} simulated peers (heartbeat every {args.heartbeat_interval:g}s) + {args.bad_rate:g} invalid calls/s "
-          f"against one coordinator; a real swarm of 2 stages x 1 replica trains")
+          f"against one coordinator; a real swarm of 2 stages x 1 replica trains; simulated peers at nice {args.nice}")
     print(f"heartbeats during B:       {len(lat)} ({len(lat) / args.window:.0f}/s), errors {load.heartbeat_errors}")
     print(f"heartbeat latency:         p50 {1000 * percentile(lat, 0.5):.1f} ms, p99 {1000 * percentile(lat, 0.99):.1f} ms, "
           f"max {1000 * max(lat, default=float('nan')):.1f} ms (target p99 < 50 ms)")
