@@ -6,8 +6,9 @@ CPU) trains throughout. Its tokens/s is measured in three windows of equal lengt
 (B), and without it again (A'), so that drift over the run does not pass for the load's effect. During B this
 process runs, as asyncio coroutines speaking the real gRPC protocol (``proto/hometrain.proto``) over a few channels:
 
-- ``--fake-peers`` peers that Join with the run's token and then Heartbeat every ``--heartbeat-interval`` seconds
-  with their own credential, as a peer that is still loading its weights does (they stay JOINING: no DHT id);
+- ``--fake-peers`` peers that Join with the run's token and then Heartbeat with their own credential, every
+  ``--heartbeat-interval`` seconds or as often as the coordinator's replies ask (it paces a large swarm to
+  ``--heartbeat-rate`` beats a second; ``--heartbeat-rate 0`` turns that off), as a peer that is still loading its weights does (they stay JOINING: no DHT id);
 - ``--bad-rate`` calls per second without valid credentials, in turn: a Join with a wrong token, a Heartbeat naming a
   fake peer's id with a wrong credential, a Heartbeat naming a real peer's id with no credential.
 
@@ -62,14 +63,16 @@ async def fake_peer(stub: pb_grpc.CoordinatorStub, token: str, index: int, inter
                                            free_memory_bytes=64 << 30, throughput=1.0, requested_stage=-1), timeout=60)
     load.joined += 1
     load.fake_ids.append(reply.peer_id)
+    interval = reply.heartbeat_interval or interval
     metadata = ((CREDENTIAL_METADATA, reply.credential),)
     request = pb.HeartbeatRequest(peer_id=reply.peer_id, stats=pb.PeerStats())
     await asyncio.sleep(interval * (index % 97) / 97)  # spread the beats over the interval, as independent peers are
     while not stop.is_set():
         started = time.perf_counter()
         try:
-            await stub.Heartbeat(request, timeout=30, metadata=metadata)
+            reply = await stub.Heartbeat(request, timeout=30, metadata=metadata)
             load.latencies.append(time.perf_counter() - started)
+            interval = reply.heartbeat_interval or interval  # paced by the coordinator, as a real peer is
         except grpc.aio.AioRpcError:
             load.heartbeat_errors += 1
         try:
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60.0, help="seconds of each tokens/s window (A, B, A')")
     parser.add_argument("--bad-rate", type=float, default=100.0, help="invalid calls per second during B")
     parser.add_argument("--heartbeat-interval", type=float, default=2.0, help="the fake peers' (the run's --heartbeat-interval)")
+    parser.add_argument("--heartbeat-rate", type=float, default=None,
+                        help="the coordinator's --heartbeat-rate (default: the run's; 0: unpaced, every peer beats every interval)")
     parser.add_argument("--nice", type=int, default=0, help="run the simulated peers at this niceness (they stand for other "
                         "machines: with 10, the swarm and coordinator get the cores first, and the latencies include this process's wait)")
     args = parser.parse_args()
@@ -173,6 +178,7 @@ def main() -> None:
         token_file.chmod(0o600)
         swarm = LocalSwarm(Path(tmp) / "run", "--eval-on", "off", "--model", "tiny", "--stages", "2", "--min-replicas", "1",
                            "--rounds", "0", "--join-token-file", str(token_file), "--heartbeat-interval", str(args.heartbeat_interval),
+                           *(["--heartbeat-rate", str(args.heartbeat_rate)] if args.heartbeat_rate is not None else []),
                            log_dir=Path(tmp) / "logs")
         try:
             for stage in range(2):
@@ -198,7 +204,7 @@ def main() -> None:
                     task.result()
                 box["join_seconds"] = time.monotonic() - started
                 print(f"{load.joined} fake peers joined in {box['join_seconds']:.1f}s", flush=True)
-                await asyncio.sleep(args.heartbeat_interval)  # one full beat of every fake before measuring
+                await asyncio.sleep(swarm.status()["heartbeat"]["interval"])  # one full (paced) beat of every fake before measuring
                 load.latencies.clear()
                 cpu = cpu_seconds(swarm.coordinator.pid), cpu_seconds(os.getpid())
                 box["b"] = await asyncio.to_thread(tokens_per_second, swarm, args.window)
@@ -219,8 +225,11 @@ def main() -> None:
             swarm.stop()
     base = (tps_a + tps_a2) / 2
     lat = load.latencies
-    print(f"\n{args.fake_peers} simulated peers (heartbeat every {args.heartbeat_interval:g}s) + {args.bad_rate:g} invalid calls/s "
+    paced = box["status"]["heartbeat"]
+    print(f"\n{args.fake_peers} simulated peers + {args.bad_rate:g} invalid calls/s "
           f"against one coordinator; a real swarm of 2 stages x 1 replica trains; simulated peers at nice {args.nice}")
+    print(f"heartbeat interval in B:   {paced['interval']:.1f}s (run's {args.heartbeat_interval:g}s, paced to at most "
+          f"{paced['rate']:g} beats/s; timeout {paced['timeout']:.0f}s)")
     print(f"heartbeats during B:       {len(lat)} ({len(lat) / args.window:.0f}/s), errors {load.heartbeat_errors}")
     print(f"heartbeat latency:         p50 {1000 * percentile(lat, 0.5):.1f} ms, p99 {1000 * percentile(lat, 0.99):.1f} ms, "
           f"max {1000 * max(lat, default=float('nan')):.1f} ms (target p99 < 50 ms)")
@@ -228,7 +237,7 @@ def main() -> None:
     print(f"CPU (cores busy):          coordinator {cpu_a:.2f} in A, {box['cpu'][0]:.2f} in B; the simulated peers {box['cpu'][1]:.2f} in B")
     print(f"coordinator RSS:           {rss_before:.0f} MiB before, {box['rss']:.0f} MiB with {load.joined} more peers")
     print(f"invalid calls:             {load.refused} refused, {load.accepted} accepted (target 0)")
-    print(f"real peers' heartbeat gap: max {max(p['heartbeat_gap_max'] for p in real):.2f}s (interval {args.heartbeat_interval:g}s)")
+    print(f"real peers' heartbeat gap: max {max(p['heartbeat_gap_max'] for p in real):.2f}s (interval {paced['interval']:.1f}s in B)")
     print(f"fake peers' joins:         {load.joined} in {box['join_seconds']:.1f}s")
     if load.accepted:
         raise SystemExit("some invalid calls were accepted")

@@ -236,7 +236,8 @@ class CoordinatorApp:
         settings = plan_settings(cfg.train_config(), aqsgd_cache_bytes=PEER_CACHE_BYTES)
         memory = [plan_stage(StageShape.of(self.model_config, a, b), settings).peak for a, b in self.layer_ranges]
         self.membership = Membership(len(self.layer_ranges), cfg.heartbeat_timeout,
-                                     stage_needs(counts, self.model_config.n_embd, cfg.train_config(), memory))
+                                     stage_needs(counts, self.model_config.n_embd, cfg.train_config(), memory),
+                                     heartbeat_interval=cfg.heartbeat_interval, heartbeat_rate=cfg.heartbeat_rate)
         if cfg.lora_rank:  # what each stage uploads: its adapters only
             shapes = [stage_adapter_shapes(self.model_config, a, b, cfg.lora_rank, cfg.lora_target_modules) for a, b in self.layer_ranges]
         else:

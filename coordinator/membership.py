@@ -46,6 +46,7 @@ class PeerRecord:
     audits_dropped: int = 0       # stage 0: forward audits it could not run
     last_heartbeat: float = 0.0   # when its last Heartbeat RPC arrived (0: none yet)
     heartbeat_gap_max: float = 0.0  # the longest time between two of its heartbeats: a peer whose loop stalls shows it
+    heartbeat_timeout: float = 0.0  # silent this long, it is gone (0: the run's --heartbeat-timeout; paced peers get longer)
     bytes_sent: dict[str, int] = field(default_factory=dict)
     bytes_received: dict[str, int] = field(default_factory=dict)
     uncompressed_sent: dict[str, int] = field(default_factory=dict)
@@ -89,9 +90,13 @@ class PeerRecord:
 class Membership:
     """The peer table. Mutated only on the coordinator's event loop."""
 
-    def __init__(self, num_stages: int, heartbeat_timeout: float, needs: list[StageNeeds] | None = None) -> None:
+    def __init__(self, num_stages: int, heartbeat_timeout: float, needs: list[StageNeeds] | None = None,
+                 heartbeat_interval: float = 2.0, heartbeat_rate: float = 0.0) -> None:
         self.num_stages = num_stages
         self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_rate = heartbeat_rate  # heartbeats/s the whole swarm may send (0: unpaced)
+        self.live_count = 0  # recounted at every expire() (each engine tick): a heartbeat must not walk the table
         self.needs = needs  # per stage: memory and link bytes per sample of one replica (None: not considered)
         self.peers: dict[str, PeerRecord] = {}
         self.short_since: dict[int, float] = {}  # stage -> when it fell below the replicas it needs
@@ -111,6 +116,7 @@ class Membership:
         record = PeerRecord(uuid.uuid4().hex[:12], name, device, "", stage, requested_stage=requested_stage, throughput=throughput,
                             free_memory=free_memory, credential_digest=credential_digest, token_id=token_id)
         self.peers[record.peer_id] = record
+        self.live_count += 1
         self.last_join = time.time()  # peers are arriving: give those that may be on their way the grace again
         return record
 
@@ -147,10 +153,25 @@ class Membership:
 
     def expire(self, now: float) -> list[PeerRecord]:
         """Mark peers silent for longer than the heartbeat timeout as gone; return them."""
-        gone = [p for p in self.live() if now - p.last_seen > self.heartbeat_timeout]
+        live = self.live()
+        gone = [p for p in live if now - p.last_seen > (p.heartbeat_timeout or self.heartbeat_timeout)]
         for p in gone:
             p.state = pb.GONE
+        self.live_count = len(live) - len(gone)
         return gone
+
+    def paced_interval(self) -> float:
+        """The run's heartbeat interval, stretched so the whole swarm sends at most --heartbeat-rate beats a second."""
+        if self.heartbeat_rate > 0:
+            return max(self.heartbeat_interval, self.live_count / self.heartbeat_rate)
+        return self.heartbeat_interval
+
+    def pace(self, record: PeerRecord) -> float:
+        """Seconds until ``record``'s next heartbeat; its timeout stretches by the same factor, so pacing never makes
+        a peer look gone."""
+        interval = self.paced_interval()
+        record.heartbeat_timeout = self.heartbeat_timeout * interval / self.heartbeat_interval
+        return interval
 
     def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str, maddrs: Sequence[str] = (),
                      reachability: str = "") -> None:

@@ -179,7 +179,8 @@ class RoundEngine:
     async def _tick(self) -> None:
         now = time.time()
         for gone in self.membership.expire(now):
-            log.warning("peer %s (stage %d) missed its heartbeats for %.0fs: marked gone", gone.peer_id, gone.stage, self.config.heartbeat_timeout)
+            log.warning("peer %s (stage %d) missed its heartbeats for %.0fs: marked gone", gone.peer_id, gone.stage,
+                        gone.heartbeat_timeout or self.config.heartbeat_timeout)
             self.drop_in_flight_of(gone.peer_id)
         if self.phase == pb.STOPPED:
             return

@@ -133,6 +133,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         reply.credential = credential
         reply.stage = record.stage
         reply.layer_start, reply.layer_end = self.layer_ranges[record.stage]
+        reply.heartbeat_interval = self.membership.pace(record)
         log.info("peer %s joined (%s, %s): stage %d", record.peer_id, request.name or "unnamed", request.device, record.stage)
         self._count(request, reply)
         return reply
@@ -213,7 +214,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.membership.heard(record, time.monotonic())
         before = (record.state, record.next_round, record.loads, record.dht_peer_id)
         self.membership.update_stats(record, request.stats, request.dht_peer_id, request.maddrs, request.reachability)
-        reply = pb.HeartbeatReply(known=True, members_epoch=self._members_epoch())
+        reply = pb.HeartbeatReply(known=True, members_epoch=self._members_epoch(), heartbeat_interval=self.membership.pace(record))
         self._count(request, reply)
         if (record.state, record.next_round, record.loads, record.dht_peer_id) != before:
             await self.engine.tick()  # it came online or moved on: act now (otherwise the engine's own tick, 4 a second, will)

@@ -114,6 +114,8 @@ class StatusReport:
             "samples_dropped": totals["dropped"],
             "tokens_per_second": app.last_tokens_per_second,
             "peers": [p.as_json() for p in app.membership.peers.values()],
+            "heartbeat": {"interval": app.membership.paced_interval(), "rate": app.config.heartbeat_rate,
+                          "timeout": app.config.heartbeat_timeout * app.membership.paced_interval() / app.config.heartbeat_interval},
             "stages": stages,
             "checkpoints": checkpoints,
             "evaluation": {"on": app.config.eval_on, **(app.evaluator.status() if app.evaluator else {"pending": [], "evaluating": [], "workers": []})},

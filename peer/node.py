@@ -372,6 +372,7 @@ class PeerNode:
         asked_as = self.peer_id
         reply = await self._send_heartbeat()
         if reply.known:
+            self._follow_pace(reply.heartbeat_interval)
             if self.members is not None:
                 await self.members.update(reply.members_epoch)
             return
@@ -388,6 +389,12 @@ class PeerNode:
                 await self._move_to(join.stage, join.layer_start, join.layer_end)
                 return
             await self._send_heartbeat()
+
+    def _follow_pace(self, interval: float) -> None:
+        """The coordinator paces a large swarm's heartbeats: beat as often as it asks (and say so when that changes)."""
+        if interval > 0 and abs(interval - self.heartbeat_interval) > 0.05 * self.heartbeat_interval:
+            log.info("the coordinator asks for a heartbeat every %.1fs (was %.1fs): it paces a large swarm", interval, self.heartbeat_interval)
+            self.heartbeat_interval = interval
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -306,7 +306,7 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
 
     sections: ClassVar[dict[str, tuple[str, ...]]] = {
         "run": TrainConfig.sections["run"] + ("state_dir", "rounds", "checkpoint_every", "stall_limit", "linger", "min_replicas",
-                                             "heartbeat_interval", "heartbeat_timeout", "join_token"),
+                                             "heartbeat_interval", "heartbeat_timeout", "heartbeat_rate", "join_token"),
         "model": ("model", "init_from", "stages", "stage_memory_gb") + TrainConfig.sections["model"],
         "data": TrainConfig.sections["data"] + ("ul2_tokens", "instruction_share", "ul2_shares", "pack_instructions", "tokenizer",
                                                "vocab_size", "sources", "heldout_share"),
@@ -340,6 +340,9 @@ class CoordinatorConfig(TrainConfig, ConsoleConfig):
     join_token: str = opt("", "Secret a peer must present to join (empty: anyone may join).", secret=True)
     heartbeat_interval: float = opt(2.0, "Time between a peer's heartbeats.", unit="s")
     heartbeat_timeout: float = opt(10.0, "Time without a heartbeat after which a peer is marked gone.", unit="s")
+    heartbeat_rate: float = opt(
+        100.0, "Most heartbeats a second the whole swarm sends: with more live peers than this x --heartbeat-interval, each "
+        "is told to beat less often, and its --heartbeat-timeout stretches alike (0: never pace).", unit="1/s")
     vocab_size: int = opt(1024, "Size of the byte-level BPE trained on the built-in corpus (tiny preset).")
     min_replicas: int = opt(1, "Online replicas every stage needs before rounds open.")
     linger: bool = opt(False, "After --rounds, keep serving the status page and checkpoints until Ctrl-C.")

@@ -216,3 +216,22 @@ def test_a_relayed_peer_gets_a_quarter_of_its_share_so_direct_paths_carry_most_f
     relay = "/ip4/10.0.0.1/tcp/31337/p2p/12D3KooWS4ikruusyM48AkxpHhvWJESSCho1UmPNexVz8ZubURM1/p2p-circuit/p2p/12D3KooWx"
     assert StageRecord(maddrs=(relay,)).relayed and not StageRecord(maddrs=(relay, "/ip4/1.2.3.4/tcp/4001")).relayed
     assert not StageRecord().relayed
+
+
+def test_a_large_swarm_is_paced_and_its_timeout_stretches_alike():
+    from coordinator.membership import Membership
+
+    m = Membership(1, heartbeat_timeout=10, heartbeat_interval=2, heartbeat_rate=10)
+    peers = [m.add(f"p{i}", "cpu", 1.0, requested_stage=-1) for i in range(50)]
+    assert m.pace(peers[0]) == 5.0 and peers[0].heartbeat_timeout == 25.0  # 50 peers at 10 beats/s: one beat each 5 s
+    now = time.time()
+    for p in peers[1:]:
+        p.last_seen = now                                                    # they beat; peers[0] has been silent 20 s
+    peers[0].last_seen = now - 20
+    assert m.expire(now) == [] and m.live_count == 50                        # 20 s is within its stretched timeout
+    assert m.expire(now + 6) == [peers[0]] and m.live_count == 49            # 26 s is not
+    small = Membership(1, heartbeat_timeout=10, heartbeat_interval=2, heartbeat_rate=100)
+    few = small.add("alone", "cpu", 1.0, requested_stage=-1)
+    assert small.pace(few) == 2.0 and few.heartbeat_timeout == 10.0          # a small swarm keeps the run's settings
+    unpaced = Membership(1, heartbeat_timeout=10, heartbeat_interval=2, heartbeat_rate=0)
+    assert unpaced.pace(unpaced.add("x", "cpu", 1.0, requested_stage=-1)) == 2.0
