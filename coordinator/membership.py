@@ -160,17 +160,17 @@ class Membership:
         self.live_count = len(live) - len(gone)
         return gone
 
-    def paced_interval(self) -> float:
-        """The run's heartbeat interval, stretched so the whole swarm sends at most --heartbeat-rate beats a second."""
+    def paced(self) -> tuple[float, float]:
+        """(interval, timeout) in force: the run's interval, stretched so the whole swarm sends at most --heartbeat-rate
+        beats a second, and the run's timeout stretched by the same factor, so pacing never makes a peer look gone."""
+        interval = self.heartbeat_interval
         if self.heartbeat_rate > 0:
-            return max(self.heartbeat_interval, self.live_count / self.heartbeat_rate)
-        return self.heartbeat_interval
+            interval = max(interval, self.live_count / self.heartbeat_rate)
+        return interval, self.heartbeat_timeout * interval / self.heartbeat_interval
 
     def pace(self, record: PeerRecord) -> float:
-        """Seconds until ``record``'s next heartbeat; its timeout stretches by the same factor, so pacing never makes
-        a peer look gone."""
-        interval = self.paced_interval()
-        record.heartbeat_timeout = self.heartbeat_timeout * interval / self.heartbeat_interval
+        """Seconds until ``record``'s next heartbeat; its timeout is the paced one told with it."""
+        interval, record.heartbeat_timeout = self.paced()
         return interval
 
     def update_stats(self, record: PeerRecord, stats: pb.PeerStats, dht_peer_id: str, maddrs: Sequence[str] = (),

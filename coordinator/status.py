@@ -95,6 +95,7 @@ class StatusReport:
             {**c, "path": str(Path(c["path"]).resolve()), "url": app.checkpoint_url(c["round"])} for c in app.store.checkpoints()
         ]
         cfg = app.model_config
+        interval, timeout = app.membership.paced()
         return {
             "run": app.run_id,
             "version": PACKAGE_VERSION,
@@ -114,8 +115,7 @@ class StatusReport:
             "samples_dropped": totals["dropped"],
             "tokens_per_second": app.last_tokens_per_second,
             "peers": [p.as_json() for p in app.membership.peers.values()],
-            "heartbeat": {"interval": app.membership.paced_interval(), "rate": app.config.heartbeat_rate,
-                          "timeout": app.config.heartbeat_timeout * app.membership.paced_interval() / app.config.heartbeat_interval},
+            "heartbeat": {"interval": interval, "rate": app.config.heartbeat_rate, "timeout": timeout},
             "stages": stages,
             "checkpoints": checkpoints,
             "evaluation": {"on": app.config.eval_on, **(app.evaluator.status() if app.evaluator else {"pending": [], "evaluating": [], "workers": []})},
