@@ -15,6 +15,8 @@ GRACE_CAP = 3           # a short stage is refilled after at most this many grac
 MAX_MADDRS = 8          # addresses kept per peer (the rest are dropped)
 MAX_MADDR_CHARS = 256
 MEMBERS_REFRESH = 0.5   # seconds a computed member set is reused
+EXPIRE_EVERY = 0.25     # seconds between walks of the table for silent peers (the engine ticks on every report)
+RETIRE_AFTER = 300.0    # seconds a departed peer's record stays on the table (and the status page) before only its totals do
 OBSERVER_SECONDS = 600.0  # how long an observer (Observe) stays a member of the data plane
 MAX_OBSERVERS = 64        # the oldest is dropped beyond this
 
@@ -98,7 +100,8 @@ class Membership:
         self.heartbeat_rate = heartbeat_rate  # heartbeats/s the whole swarm may send (0: unpaced)
         self.live_count = 0  # recounted at every expire() (each engine tick): a heartbeat must not walk the table
         self.needs = needs  # per stage: memory and link bytes per sample of one replica (None: not considered)
-        self.peers: dict[str, PeerRecord] = {}
+        self.peers: dict[str, PeerRecord] = {}     # present: joining or online (a departure moves out at the next expire())
+        self.departed: dict[str, PeerRecord] = {}  # left or gone, kept RETIRE_AFTER seconds for the status page
         self.short_since: dict[int, float] = {}  # stage -> when it fell below the replicas it needs
         self.last_join = 0.0
         self.extra_members: list[str] = []  # libp2p ids that are members without a record (the coordinator's own node)
@@ -107,6 +110,10 @@ class Membership:
         self.members_epoch = 0
         self._members: tuple[str, ...] = ()
         self._members_at = float("-inf")
+        self._expired_at = float("-inf")
+        self.retired = 0  # departed peers whose records were folded into the totals below
+        self.retired_audits_dropped = 0
+        self.retired_wire: dict[str, dict[str, dict[str, int]]] = {"sent": {}, "received": {}}
 
     def add(self, name: str, device: str, throughput: float, requested_stage: int, free_memory: int = 0,
             credential_digest: str = "", token_id: str = "") -> PeerRecord:
@@ -152,13 +159,36 @@ class Membership:
         return [p for p in self.peers.values() if p.state == pb.ONLINE and not p.flagged and (stage is None or p.stage == stage)]
 
     def expire(self, now: float) -> list[PeerRecord]:
-        """Mark peers silent for longer than the heartbeat timeout as gone; return them."""
+        """Mark peers silent for longer than the heartbeat timeout as gone; return them. Walks the table at most every
+        EXPIRE_EVERY seconds: timeouts are seconds long, and with 1,000 peers a walk on every report costs more than the reports."""
+        if now - self._expired_at < EXPIRE_EVERY:
+            return []
+        self._expired_at = now
         live = self.live()
         gone = [p for p in live if now - p.last_seen > (p.heartbeat_timeout or self.heartbeat_timeout)]
         for p in gone:
             p.state = pb.GONE
         self.live_count = len(live) - len(gone)
+        if len(self.peers) > self.live_count:
+            for record in [p for p in self.peers.values() if not p.alive]:
+                self.departed[record.peer_id] = self.peers.pop(record.peer_id)
+        if self.departed:
+            self._retire(now)
         return gone
+
+    def _retire(self, now: float) -> None:
+        """Fold the records of peers that left or went silent more than RETIRE_AFTER seconds ago into totals: in an open
+        run volunteers come and go for weeks, and the status page would otherwise list every one of them."""
+        for record in [p for p in self.departed.values() if now - p.last_seen > RETIRE_AFTER]:
+            del self.departed[record.peer_id]
+            self.retired += 1
+            self.retired_audits_dropped += record.audits_dropped
+            for direction, totals in self.retired_wire.items():
+                _add_wire(totals, record, direction)
+
+    def records(self) -> list[PeerRecord]:
+        """Every record on the table: present peers, then those departed in the last RETIRE_AFTER seconds."""
+        return [*self.peers.values(), *self.departed.values()]
 
     def paced(self) -> tuple[float, float]:
         """(interval, timeout) in force: the run's interval, stretched so the whole swarm sends at most --heartbeat-rate
@@ -228,8 +258,10 @@ class Membership:
         returns (peer, from, to) or None. The grace lets peers that are still starting join the stage they ask for
         (a move at once could leave their own stage short in turn); peers that asked for a stage are not moved."""
         now = time.time() if now is None else now
-        live = sorted(self.live(), key=lambda p: p.peer_id)
-        counts = {k: sum(p.stage == k for p in live) for k in range(self.num_stages)}
+        live = self.live()
+        counts = dict.fromkeys(range(self.num_stages), 0)
+        for p in live:
+            counts[p.stage] += 1
         for k, n in counts.items():
             if n >= max(1, min_replicas):
                 self.short_since.pop(k, None)
@@ -242,6 +274,7 @@ class Membership:
                      key=lambda k: (counts[k], k))  # the emptiest first
         if not due:
             return None
+        live.sort(key=lambda p: p.peer_id)  # a plan that does not depend on arrival order
         pinned = {p.peer_id for p in live if p.requested_stage >= 0}
         plan = plan_rebalance([(p.peer_id, _replica(p)) for p in live], self.num_stages, self.needs, min_replicas, due, pinned)
         if plan is None:
@@ -253,22 +286,27 @@ class Membership:
         return record, origin, plan[1]
 
     def wire_totals(self, direction: str = "sent") -> dict[str, dict[str, int]]:
-        """Bytes every peer ever seen reported, by kind, beside their fp32 equivalent."""
-        totals: dict[str, dict[str, int]] = {}
-        for p in self.peers.values():
-            actual, plain = (p.bytes_sent, p.uncompressed_sent) if direction == "sent" else (p.bytes_received, p.uncompressed_received)
-            for key, counts in (("bytes", actual), ("uncompressed_bytes", plain)):
-                for kind, n in counts.items():
-                    totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})[key] += n
+        """Bytes every peer ever seen reported, by kind, beside their fp32 equivalent (retired records included)."""
+        totals = {kind: dict(counts) for kind, counts in self.retired_wire[direction].items()}
+        for p in self.records():
+            _add_wire(totals, p, direction)
         return totals
 
     def counts(self) -> dict[tuple[int, str], int]:
         """Peers per (stage, state name) for metrics."""
         out: dict[tuple[int, str], int] = {}
-        for p in self.peers.values():
+        for p in self.records():
             key = (p.stage, pb.PeerState.Name(p.state).lower())
             out[key] = out.get(key, 0) + 1
         return out
+
+
+def _add_wire(totals: dict[str, dict[str, int]], record: PeerRecord, direction: str) -> None:
+    """Add ``record``'s byte counters of ``direction`` ("sent" or "received") to ``totals`` (kind -> bytes, uncompressed_bytes)."""
+    actual, plain = (record.bytes_sent, record.uncompressed_sent) if direction == "sent" else (record.bytes_received, record.uncompressed_received)
+    for key, counts in (("bytes", actual), ("uncompressed_bytes", plain)):
+        for kind, n in counts.items():
+            totals.setdefault(kind, {"bytes": 0, "uncompressed_bytes": 0})[key] += n
 
 
 def _replica(record: PeerRecord) -> Replica:

@@ -545,7 +545,7 @@ class RoundEngine:
         """Where a failed microbatch broke: the stage and peer a StageFailure names, else the reporter's word."""
         origin = None
         if report.HasField("failure"):
-            origin = next((p for p in self.membership.peers.values() if p.dht_peer_id and p.dht_peer_id == report.failure.peer), None)
+            origin = next((p for p in self.membership.records() if p.dht_peer_id and p.dht_peer_id == report.failure.peer), None)
         stage = report.failure.stage if report.HasField("failure") else None
         error = (report.failure.error if report.HasField("failure") else report.error) or "no error text"
         return Failure(round=report.round, microbatch=report.microbatch_index, error=error[:500], stage=stage,

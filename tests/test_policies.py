@@ -9,6 +9,7 @@ import time
 import pytest
 
 from coordinator.assignment import Replica, StageNeeds, capacity, choose_stage, plan_rebalance, stage_layer_ranges, stage_needs
+from proto import hometrain_pb2 as pb
 from proto.run_config import TrainConfig
 from peer.routing import choose_next_hop
 
@@ -235,3 +236,26 @@ def test_a_large_swarm_is_paced_and_its_timeout_stretches_alike():
     assert small.pace(few) == 2.0 and few.heartbeat_timeout == 10.0          # a small swarm keeps the run's settings
     unpaced = Membership(1, heartbeat_timeout=10, heartbeat_interval=2, heartbeat_rate=0)
     assert unpaced.pace(unpaced.add("x", "cpu", 1.0, requested_stage=-1)) == 2.0
+
+
+def test_departed_peers_are_folded_into_totals_so_the_table_holds_those_present():
+    from coordinator.membership import EXPIRE_EVERY, RETIRE_AFTER, Membership
+
+    m = Membership(1, heartbeat_timeout=10)
+    stays, leaves, dies = (m.add(name, "cpu", 1.0, requested_stage=-1) for name in ("stays", "leaves", "dies"))
+    now = time.time()
+    leaves.state = pb.LEFT
+    for p in (stays, leaves, dies):
+        p.bytes_sent = {"sync": 100}
+        p.uncompressed_sent = {"sync": 400}
+        p.last_seen = now
+    dies.last_seen = now - 11
+    dies.audits_dropped = 3
+    assert m.expire(now) == [dies] and m.expire(now + EXPIRE_EVERY / 2) == []  # walked at most every EXPIRE_EVERY s
+    assert list(m.peers) == [stays.peer_id] and len(m.records()) == 3           # off the table walked per report,
+    assert m.retired == 0 and m.counts()[(0, "gone")] == 1                     # still listed a while
+    stays.last_seen = now + RETIRE_AFTER + 1
+    m.expire(now + RETIRE_AFTER + 1)
+    assert m.records() == [stays] and m.retired == 2
+    assert m.wire_totals("sent") == {"sync": {"bytes": 300, "uncompressed_bytes": 1200}}  # their bytes still count
+    assert m.retired_audits_dropped == 3
