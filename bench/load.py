@@ -2,22 +2,32 @@
 arrives, while a real small swarm trains.
 
 A private run (``coordinator serve --join-token-file``) with 2 real peers (2 stages x 1 replica, the tiny GPT-J on
-CPU) trains throughout. Its tokens/s is measured in three windows of equal length: without load (A), with the load
-(B), and without it again (A'), so that drift over the run does not pass for the load's effect. During B this
-process runs, as asyncio coroutines speaking the real gRPC protocol (``proto/hometrain.proto``) over a few channels:
+CPU) trains throughout. Its tokens/s is measured in windows of equal length that alternate: without load (A) and with
+it (B), ``A B A B ... A`` for ``--cycles`` load windows, so that each load window is compared with the no-load windows
+on either side of it and the drift of this machine over minutes shows as a spread rather than passing for the load's
+effect. A window's tokens/s counts whole rounds (those that ended in it, from /api/rounds). Before each B this process
+starts, as asyncio coroutines speaking the real gRPC protocol (``proto/hometrain.proto``) over a few channels:
 
 - ``--fake-peers`` peers that Join with the run's token and then Heartbeat with their own credential, every
   ``--heartbeat-interval`` seconds or as often as the coordinator's replies ask (it paces a large swarm to
-  ``--heartbeat-rate`` beats a second; ``--heartbeat-rate 0`` turns that off), as a peer that is still loading its weights does (they stay JOINING: no DHT id);
+  ``--heartbeat-rate`` beats a second; ``--heartbeat-rate 0`` turns that off), as a peer that is still loading its
+  weights does (they stay JOINING: no DHT id);
 - ``--bad-rate`` calls per second without valid credentials, in turn: a Join with a wrong token, a Heartbeat naming a
   fake peer's id with a wrong credential, a Heartbeat naming a real peer's id with no credential.
 
-It prints the fake peers' heartbeat latency p50/p99 (measured by the caller, so this process's own scheduling is in
-it: an upper bound on the coordinator's), the swarm's tokens/s with the load over without it (target >= 0.9), the
-coordinator's resident memory before and under the load, the invalid calls refused and accepted (target 0), and the
-real peers' longest heartbeat gap (as /api/status reports it).
+After each B the fake peers Leave, so the next A has the real swarm alone. Then, unless ``--no-control``, a control
+window C: busy loops take as much CPU as the load took in that B (the simulator's, plus what the coordinator used
+beyond its no-load share) and nothing calls the coordinator, so ``A B C A B C ... A``. On this one machine the
+simulator stands for 1,000 other machines and the coordinator would have its own: a B that trains as fast as its C
+lost to the load only the CPU it borrowed here, not the coordinator's attention.
 
-    PYTHONPATH=. python bench/load.py [--fake-peers 1000] [--window 60] [--bad-rate 100]
+It prints a table of the windows, then: each B's (and C's) tokens/s over the mean of the two A windows around it
+(median, min and max; target >= 0.9 for B), B over C by cycle, the fake peers' heartbeat latency p50/p99 over all B (measured by the caller, so this process's own
+scheduling is in it: an upper bound on the coordinator's; target p99 < 50 ms), the coordinator's resident memory
+before and under the load, the invalid calls refused and accepted (target 0), and the real peers' longest heartbeat
+gap (as /api/status reports it).
+
+    PYTHONPATH=. python bench/load.py [--fake-peers 1000] [--window 30] [--cycles 3] [--bad-rate 100]
 
 On 2 cores the bench's own coroutines and the 2 peers share the CPUs with the coordinator; the CPU line says who
 used what. ``--nice 10`` runs the simulated peers (which stand for other machines) behind the swarm.
@@ -28,7 +38,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -55,14 +68,20 @@ class Load:
     refused: int = 0   # invalid calls the coordinator refused
     accepted: int = 0  # invalid calls it answered as if they were valid (target 0)
     fake_ids: list[str] = field(default_factory=list)
+    credentials: list[tuple[str, str]] = field(default_factory=list)  # (peer id, credential), to leave with
+    join_seconds: float = 0.0
+    rss: float = float("nan")  # coordinator MiB with these peers joined
+    status: dict = field(default_factory=dict)  # /api/status at the end of the window
 
 
-async def fake_peer(stub: pb_grpc.CoordinatorStub, token: str, index: int, interval: float, stop: asyncio.Event, load: Load) -> None:
+async def fake_peer(stub: pb_grpc.CoordinatorStub, token: str, name: str, index: int, interval: float, stop: asyncio.Event,
+                    load: Load) -> None:
     """Join with the run's token, then heartbeat with this peer's credential until ``stop``."""
-    reply = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, join_token=token, name=f"fake-{index}", device="cpu",
+    reply = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, join_token=token, name=name, device="cpu",
                                            free_memory_bytes=64 << 30, throughput=1.0, requested_stage=-1), timeout=60)
     load.joined += 1
     load.fake_ids.append(reply.peer_id)
+    load.credentials.append((reply.peer_id, reply.credential))
     interval = reply.heartbeat_interval or interval
     metadata = ((CREDENTIAL_METADATA, reply.credential),)
     request = pb.HeartbeatRequest(peer_id=reply.peer_id, stats=pb.PeerStats())
@@ -112,26 +131,19 @@ async def flood(stub: pb_grpc.CoordinatorStub, rate: float, real_ids: list[str],
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_load(port: int, token: str, args: argparse.Namespace, real_ids: list[str], ready: asyncio.Event,
-                   stop: asyncio.Event, load: Load) -> None:
-    options = [("grpc.max_concurrent_streams", 2000)]
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(CHANNELS)]
-    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
-    try:
-        peers = []
-        for i in range(args.fake_peers):  # joins arrive in a burst, a few at a time
-            peers.append(asyncio.ensure_future(fake_peer(stubs[i % CHANNELS], token, i, args.heartbeat_interval, stop, load)))
-            if i % 50 == 49:
-                await asyncio.sleep(0.05)
-        while load.joined < args.fake_peers and not all(p.done() for p in peers):
-            await asyncio.sleep(0.2)
-        ready.set()
-        bad = asyncio.ensure_future(flood(stubs[0], args.bad_rate, real_ids, stop, load)) if args.bad_rate > 0 else None
-        await stop.wait()
-        await asyncio.gather(*peers, *([bad] if bad else []), return_exceptions=False)
-    finally:
-        for c in channels:
-            await c.close()
+async def run_load(stubs: list[pb_grpc.CoordinatorStub], token: str, args: argparse.Namespace, real_ids: list[str],
+                   ready: asyncio.Event, stop: asyncio.Event, load: Load, cycle: int) -> None:
+    peers = []
+    for i in range(args.fake_peers):  # joins arrive in a burst, a few at a time
+        peers.append(asyncio.ensure_future(fake_peer(stubs[i % len(stubs)], token, f"fake-{cycle}-{i}", i, args.heartbeat_interval, stop, load)))
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)
+    while load.joined < args.fake_peers and not all(p.done() for p in peers):
+        await asyncio.sleep(0.2)
+    ready.set()
+    bad = asyncio.ensure_future(flood(stubs[0], args.bad_rate, real_ids, stop, load)) if args.bad_rate > 0 else None
+    await stop.wait()
+    await asyncio.gather(*peers, *([bad] if bad else []), return_exceptions=False)
 
 
 def rss_mib(pid: int) -> float:
@@ -147,12 +159,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tokens_per_second(swarm: LocalSwarm, seconds: float) -> tuple[float, int]:
-    """Loss tokens the swarm trained per second over the next ``seconds`` (from /api/status totals), and rounds done."""
-    first = swarm.status()
-    time.sleep(seconds)
-    last = swarm.status()
-    return (last["tokens"] - first["tokens"]) / seconds, last["round"] - first["round"]
+@dataclass
+class Window:
+    """One measured window: wall-clock bounds and the CPU seconds each watched process used in it."""
+
+    kind: str  # "A" (no load) or "B" (load)
+    start: float
+    end: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # cores busy, by process
+    latencies: list[float] = field(default_factory=list)
+    tokens_per_second: float = float("nan")
+    rounds: int = 0
+    burnt: float = 0.0  # C: cores the busy loops took
+
+
+def window_throughput(rounds: list[dict], window: Window) -> None:
+    """Tokens/s of the rounds that ended inside ``window``, timed from the end of the round before the first of them
+    to the end of the last: whole rounds, so a window's edges do not cut a round's tokens in two."""
+    ends = sorted((r["ended"], r["tokens"]) for r in rounds if r.get("ended"))
+    inside = [(t, n) for t, n in ends if window.start < t <= window.end]
+    before = [t for t, _ in ends if t <= window.start]
+    if len(inside) < 2 or not before:
+        return
+    window.rounds = len(inside)
+    window.tokens_per_second = sum(n for _, n in inside) / (inside[-1][0] - before[-1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -160,11 +190,91 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+async def measure(swarm: LocalSwarm, kind: str, seconds: float, pids: dict[str, int], latencies: list[float]) -> Window:
+    """Wait ``seconds`` and record the window; ``latencies`` (the live list the fake peers append to) is emptied at
+    its start and copied at its end."""
+    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    latencies.clear()
+    window = Window(kind, time.time())
+    await asyncio.sleep(seconds)
+    window.end = time.time()
+    window.latencies = list(latencies)
+    window.cpu = {name: (cpu_seconds(pid) - cpu[name]) / seconds for name, pid in pids.items()}
+    return window
+
+
+async def leave_all(stubs: list[pb_grpc.CoordinatorStub], load: Load) -> None:
+    """Every fake peer leaves, with its own credential, so the next no-load window starts with the real swarm alone."""
+    async def one(i: int, peer_id: str, credential: str) -> None:
+        await stubs[i % len(stubs)].Leave(pb.LeaveRequest(peer_id=peer_id), timeout=60, metadata=((CREDENTIAL_METADATA, credential),))
+
+    await asyncio.gather(*(one(i, pid, cred) for i, (pid, cred) in enumerate(load.credentials)))
+
+
+async def load_window(swarm: LocalSwarm, token: str, args: argparse.Namespace, real_ids: list[str], pids: dict[str, int],
+                      cycle: int) -> tuple[Window, Load]:
+    """Fake peers join, beat once at the pace asked, then one window is measured under their beats and the flood;
+    then they leave."""
+    load, ready, stop = Load(), asyncio.Event(), asyncio.Event()
+    options = [("grpc.max_concurrent_streams", 2000)]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{swarm.port}", options=options) for _ in range(CHANNELS)]
+    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
+    try:
+        task = asyncio.ensure_future(run_load(stubs, token, args, real_ids, ready, stop, load, cycle))
+        started = time.monotonic()
+        await asyncio.wait({task, asyncio.ensure_future(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        load.join_seconds = time.monotonic() - started
+        interval = (await asyncio.to_thread(swarm.status))["heartbeat"]["interval"]
+        await asyncio.sleep(interval)  # one full (paced) beat of every fake before measuring
+        window = await measure(swarm, "B", args.window, pids, load.latencies)
+        load.status = await asyncio.to_thread(swarm.status)
+        load.rss = rss_mib(swarm.coordinator.pid)
+        stop.set()
+        await task
+        await leave_all(stubs, load)
+    finally:
+        for c in channels:
+            await c.close()
+    return window, load
+
+
+BURNER = """import sys, time
+duty, end = float(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    started = time.monotonic()
+    while time.monotonic() - started < 0.01 * duty:
+        pass
+    time.sleep(0.01 * (1 - duty))
+"""
+
+
+async def burn_window(swarm: LocalSwarm, cores: float, seconds: float, pids: dict[str, int]) -> Window:
+    """The control: a window in which busy loops take ``cores`` of CPU (what the load's coordinator work and simulator
+    took in the B window before it) and nothing calls the coordinator. A B that trains as fast as its C lost to the
+    load only the CPU this one machine lent it; on separate hosts that share is not the swarm's."""
+    n = max(1, math.ceil(cores))
+    burners = [subprocess.Popen([sys.executable, "-c", BURNER, str(min(1.0, cores / n)), str(seconds + 1)]) for _ in range(n)]
+    try:
+        await asyncio.sleep(0.5)
+        window = await measure(swarm, "C", seconds, pids, [])
+        window.burnt = cores
+        return window
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fake-peers", type=int, default=1000)
-    parser.add_argument("--window", type=float, default=60.0, help="seconds of each tokens/s window (A, B, A')")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds of each tokens/s window")
+    parser.add_argument("--cycles", type=int, default=3, help="load windows, each between two no-load windows (A B A B ... A)")
     parser.add_argument("--bad-rate", type=float, default=100.0, help="invalid calls per second during B")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                        help="after each B, a window C in which busy loops take the CPU the load took, and nothing else happens")
     parser.add_argument("--heartbeat-interval", type=float, default=2.0, help="the fake peers' (the run's --heartbeat-interval)")
     parser.add_argument("--heartbeat-rate", type=float, default=None,
                         help="the coordinator's --heartbeat-rate (default: the run's; 0: unpaced, every peer beats every interval)")
@@ -185,61 +295,82 @@ def main() -> None:
                 swarm.add_peer("--stage", str(stage), "--join-token-file", str(token_file))
             swarm.wait_for(lambda: swarm.status()["round"] >= 5, 600, "5 rounds of the real swarm")
             real_ids = [p["id"] for p in swarm.status()["peers"]]
+            pids = {"coordinator": swarm.coordinator.pid, "simulator": os.getpid()}
             rss_before = rss_mib(swarm.coordinator.pid)
-            cpu_a = cpu_seconds(swarm.coordinator.pid)
-            tps_a, rounds_a = tokens_per_second(swarm, args.window)
-            cpu_a = (cpu_seconds(swarm.coordinator.pid) - cpu_a) / args.window
-            print(f"A  (no load): {tps_a:.0f} tokens/s over {args.window:.0f}s ({rounds_a} rounds)", flush=True)
-
-            load, box = Load(), {}
             if args.nice:
                 os.nice(args.nice)  # this process only: the swarm's processes are already running
 
-            async def phase_b() -> None:
-                ready, stop = asyncio.Event(), asyncio.Event()
-                task = asyncio.ensure_future(run_load(swarm.port, token, args, real_ids, ready, stop, load))
-                started = time.monotonic()
-                await asyncio.wait({task, asyncio.ensure_future(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
-                if task.done():
-                    task.result()
-                box["join_seconds"] = time.monotonic() - started
-                print(f"{load.joined} fake peers joined in {box['join_seconds']:.1f}s", flush=True)
-                await asyncio.sleep(swarm.status()["heartbeat"]["interval"])  # one full (paced) beat of every fake before measuring
-                load.latencies.clear()
-                cpu = cpu_seconds(swarm.coordinator.pid), cpu_seconds(os.getpid())
-                box["b"] = await asyncio.to_thread(tokens_per_second, swarm, args.window)
-                box["cpu"] = [(cpu_seconds(pid) - was) / args.window for pid, was in zip((swarm.coordinator.pid, os.getpid()), cpu)]
-                box["rss"] = rss_mib(swarm.coordinator.pid)
-                box["status"] = swarm.status()
-                stop.set()
-                await task
+            async def alternate() -> tuple[list[Window], list[Load]]:
+                windows, loads, idle = [], [], []
+                for cycle in range(args.cycles + 1):
+                    windows.append(await measure(swarm, "A", args.window, pids, idle))
+                    print(f"A{cycle} done", flush=True)
+                    if cycle == args.cycles:
+                        break
+                    window, load = await load_window(swarm, token, args, real_ids, pids, cycle)
+                    windows.append(window)
+                    loads.append(load)
+                    print(f"B{cycle + 1} done: {load.joined} fake peers joined in {load.join_seconds:.1f}s", flush=True)
+                    if args.control:
+                        cores = window.cpu["simulator"] + max(0.0, window.cpu["coordinator"] - windows[-2].cpu["coordinator"])
+                        windows.append(await burn_window(swarm, cores, args.window, pids))
+                        print(f"C{cycle + 1} done: {cores:.2f} cores burnt", flush=True)
+                return windows, loads
 
-            asyncio.run(phase_b())
-            tps_b, rounds_b = box["b"]
-            print(f"B  (load):    {tps_b:.0f} tokens/s over {args.window:.0f}s ({rounds_b} rounds)", flush=True)
-            swarm.wait_for(lambda: sum(p["state"] != "gone" for p in swarm.status()["peers"]) <= 2, 120, "the fake peers to expire")
-            tps_a2, rounds_a2 = tokens_per_second(swarm, args.window)
-            print(f"A' (no load): {tps_a2:.0f} tokens/s over {args.window:.0f}s ({rounds_a2} rounds)", flush=True)
+            windows, loads = asyncio.run(alternate())
+            for window in windows:
+                window_throughput(swarm.rounds(), window)
             real = [p for p in swarm.status()["peers"] if p["id"] in real_ids]
         finally:
             swarm.stop()
-    base = (tps_a + tps_a2) / 2
-    lat = load.latencies
-    paced = box["status"]["heartbeat"]
-    print(f"\n{args.fake_peers} simulated peers + {args.bad_rate:g} invalid calls/s "
-          f"against one coordinator; a real swarm of 2 stages x 1 replica trains; simulated peers at nice {args.nice}")
-    print(f"heartbeat interval in B:   {paced['interval']:.1f}s (run's {args.heartbeat_interval:g}s, paced to at most "
-          f"{paced['rate']:g} beats/s; timeout {paced['timeout']:.0f}s)")
-    print(f"heartbeats during B:       {len(lat)} ({len(lat) / args.window:.0f}/s), errors {load.heartbeat_errors}")
-    print(f"heartbeat latency:         p50 {1000 * percentile(lat, 0.5):.1f} ms, p99 {1000 * percentile(lat, 0.99):.1f} ms, "
-          f"max {1000 * max(lat, default=float('nan')):.1f} ms (target p99 < 50 ms)")
-    print(f"swarm tokens/s, B / A:     {tps_b / base:.3f} (A {tps_a:.0f}, A' {tps_a2:.0f}, B {tps_b:.0f}; target >= 0.9)")
-    print(f"CPU (cores busy):          coordinator {cpu_a:.2f} in A, {box['cpu'][0]:.2f} in B; the simulated peers {box['cpu'][1]:.2f} in B")
-    print(f"coordinator RSS:           {rss_before:.0f} MiB before, {box['rss']:.0f} MiB with {load.joined} more peers")
-    print(f"invalid calls:             {load.refused} refused, {load.accepted} accepted (target 0)")
-    print(f"real peers' heartbeat gap: max {max(p['heartbeat_gap_max'] for p in real):.2f}s (interval {paced['interval']:.1f}s in B)")
-    print(f"fake peers' joins:         {load.joined} in {box['join_seconds']:.1f}s")
-    if load.accepted:
+    report(args, windows, loads, real, rss_before)
+
+
+def report(args: argparse.Namespace, windows: list[Window], loads: list[Load], real: list[dict], rss_before: float) -> None:
+    """The table: per load window, its ratio to the mean of the no-load windows on either side, then the spread."""
+    paced = loads[0].status["heartbeat"]
+    print(f"\n{args.fake_peers} simulated peers + {args.bad_rate:g} invalid calls/s against one coordinator; a real swarm of "
+          f"2 stages x 1 replica trains; {args.cycles} load windows of {args.window:g}s, each between two without load; "
+          f"simulated peers at nice {args.nice}")
+    print(f"heartbeat interval in B: {paced['interval']:.1f}s (run's {args.heartbeat_interval:g}s, paced to at most "
+          f"{paced['rate']:g} beats/s; timeout {paced['timeout']:.0f}s)\n")
+    print("| window | tokens/s | rounds | / mean(A before, A after) | heartbeats/s | p50 ms | p99 ms | coordinator cores | simulator cores | burnt cores |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    ratios: dict[str, list[float]] = {"B": [], "C": []}
+    a_windows = [w for w in windows if w.kind == "A"]
+    cycle = 0
+    for w in windows:
+        ratio = ""
+        if w.kind == "A":
+            cycle = a_windows.index(w)
+        else:
+            ratios[w.kind].append(w.tokens_per_second / ((a_windows[cycle].tokens_per_second + a_windows[cycle + 1].tokens_per_second) / 2))
+            ratio = f"{ratios[w.kind][-1]:.3f}"
+        lat = (f"{len(w.latencies) / args.window:.0f} | {1000 * percentile(w.latencies, 0.5):.1f} | {1000 * percentile(w.latencies, 0.99):.1f}"
+               if w.kind == "B" else " | | ")
+        label = f"{w.kind}{cycle if w.kind == 'A' else cycle + 1}"
+        print(f"| {label} | {w.tokens_per_second:.0f} | {w.rounds} | {ratio} | {lat} | {w.cpu['coordinator']:.2f} | "
+              f"{w.cpu['simulator']:.2f} | {f'{w.burnt:.2f}' if w.kind == 'C' else ''} |")
+    no_load = [w.tokens_per_second for w in a_windows]
+    lat = [x for w in windows if w.kind == "B" for x in w.latencies]
+    refused, accepted = sum(l.refused for l in loads), sum(l.accepted for l in loads)
+    print()
+    for kind, what in (("B", "the load"), ("C", "the control (the load's CPU burnt, no calls)")):
+        if ratios[kind]:
+            r = sorted(ratios[kind])
+            print(f"tokens/s, {kind} / its neighbours ({what}): median {r[len(r) // 2]:.3f}, min {r[0]:.3f}, max {r[-1]:.3f}"
+                  f"{' (target >= 0.9)' if kind == 'B' else ''}")
+    if ratios["C"]:
+        print(f"B / C, by cycle (the load beside its CPU alone): {', '.join(f'{b / c:.3f}' for b, c in zip(ratios['B'], ratios['C']))}")
+    print(f"no-load windows alone spread {min(no_load):.0f}-{max(no_load):.0f} tokens/s ({max(no_load) / min(no_load) - 1:.0%})")
+    print(f"heartbeat latency, all B: p50 {1000 * percentile(lat, 0.5):.1f} ms, p99 {1000 * percentile(lat, 0.99):.1f} ms, "
+          f"max {1000 * max(lat, default=float('nan')):.1f} ms over {len(lat)} beats, "
+          f"{sum(l.heartbeat_errors for l in loads)} errors (target p99 < 50 ms)")
+    print(f"coordinator RSS: {rss_before:.0f} MiB before, {', '.join(f'{l.rss:.0f}' for l in loads)} MiB with {args.fake_peers} more peers, by cycle")
+    print(f"invalid calls: {refused} refused, {accepted} accepted (target 0)")
+    print(f"joins: {args.fake_peers} in {', '.join(f'{l.join_seconds:.1f}' for l in loads)} s, by cycle")
+    print(f"real peers' heartbeat gap: max {max(p['heartbeat_gap_max'] for p in real):.2f}s")
+    if accepted:
         raise SystemExit("some invalid calls were accepted")
 
 
