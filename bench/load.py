@@ -67,7 +67,6 @@ class Load:
     heartbeat_errors: int = 0
     refused: int = 0   # invalid calls the coordinator refused
     accepted: int = 0  # invalid calls it answered as if they were valid (target 0)
-    fake_ids: list[str] = field(default_factory=list)
     credentials: list[tuple[str, str]] = field(default_factory=list)  # (peer id, credential), to leave with
     join_seconds: float = 0.0
     rss: float = float("nan")  # coordinator MiB with these peers joined
@@ -80,7 +79,6 @@ async def fake_peer(stub: pb_grpc.CoordinatorStub, token: str, name: str, index:
     reply = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, join_token=token, name=name, device="cpu",
                                            free_memory_bytes=64 << 30, throughput=1.0, requested_stage=-1), timeout=60)
     load.joined += 1
-    load.fake_ids.append(reply.peer_id)
     load.credentials.append((reply.peer_id, reply.credential))
     interval = reply.heartbeat_interval or interval
     metadata = ((CREDENTIAL_METADATA, reply.credential),)
@@ -108,8 +106,8 @@ async def flood(stub: pb_grpc.CoordinatorStub, rate: float, real_ids: list[str],
         try:
             if kind == 0:
                 await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, join_token=new_secret(), name="intruder"), timeout=30)
-            elif kind == 1 and load.fake_ids:
-                await stub.Heartbeat(pb.HeartbeatRequest(peer_id=load.fake_ids[len(load.fake_ids) // 2]), timeout=30,
+            elif kind == 1 and load.credentials:
+                await stub.Heartbeat(pb.HeartbeatRequest(peer_id=load.credentials[len(load.credentials) // 2][0]), timeout=30,
                                      metadata=((CREDENTIAL_METADATA, new_secret()),))
             else:
                 await stub.Heartbeat(pb.HeartbeatRequest(peer_id=real_ids[kind % len(real_ids)]), timeout=30)
@@ -190,7 +188,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def measure(swarm: LocalSwarm, kind: str, seconds: float, pids: dict[str, int], latencies: list[float]) -> Window:
+async def measure(kind: str, seconds: float, pids: dict[str, int], latencies: list[float]) -> Window:
     """Wait ``seconds`` and record the window; ``latencies`` (the live list the fake peers append to) is emptied at
     its start and copied at its end."""
     cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -228,7 +226,7 @@ async def load_window(swarm: LocalSwarm, token: str, args: argparse.Namespace, r
         load.join_seconds = time.monotonic() - started
         interval = (await asyncio.to_thread(swarm.status))["heartbeat"]["interval"]
         await asyncio.sleep(interval)  # one full (paced) beat of every fake before measuring
-        window = await measure(swarm, "B", args.window, pids, load.latencies)
+        window = await measure("B", args.window, pids, load.latencies)
         load.status = await asyncio.to_thread(swarm.status)
         load.rss = rss_mib(swarm.coordinator.pid)
         stop.set()
@@ -250,7 +248,7 @@ while time.monotonic() < end:
 """
 
 
-async def burn_window(swarm: LocalSwarm, cores: float, seconds: float, pids: dict[str, int]) -> Window:
+async def burn_window(cores: float, seconds: float, pids: dict[str, int]) -> Window:
     """The control: a window in which busy loops take ``cores`` of CPU (what the load's coordinator work and simulator
     took in the B window before it) and nothing calls the coordinator. A B that trains as fast as its C lost to the
     load only the CPU this one machine lent it; on separate hosts that share is not the swarm's."""
@@ -258,7 +256,7 @@ async def burn_window(swarm: LocalSwarm, cores: float, seconds: float, pids: dic
     burners = [subprocess.Popen([sys.executable, "-c", BURNER, str(min(1.0, cores / n)), str(seconds + 1)]) for _ in range(n)]
     try:
         await asyncio.sleep(0.5)
-        window = await measure(swarm, "C", seconds, pids, [])
+        window = await measure("C", seconds, pids, [])
         window.burnt = cores
         return window
     finally:
@@ -303,7 +301,7 @@ def main() -> None:
             async def alternate() -> tuple[list[Window], list[Load]]:
                 windows, loads, idle = [], [], []
                 for cycle in range(args.cycles + 1):
-                    windows.append(await measure(swarm, "A", args.window, pids, idle))
+                    windows.append(await measure("A", args.window, pids, idle))
                     print(f"A{cycle} done", flush=True)
                     if cycle == args.cycles:
                         break
@@ -313,13 +311,14 @@ def main() -> None:
                     print(f"B{cycle + 1} done: {load.joined} fake peers joined in {load.join_seconds:.1f}s", flush=True)
                     if args.control:
                         cores = window.cpu["simulator"] + max(0.0, window.cpu["coordinator"] - windows[-2].cpu["coordinator"])
-                        windows.append(await burn_window(swarm, cores, args.window, pids))
+                        windows.append(await burn_window(cores, args.window, pids))
                         print(f"C{cycle + 1} done: {cores:.2f} cores burnt", flush=True)
                 return windows, loads
 
             windows, loads = asyncio.run(alternate())
+            rounds = swarm.rounds()
             for window in windows:
-                window_throughput(swarm.rounds(), window)
+                window_throughput(rounds, window)
             real = [p for p in swarm.status()["peers"] if p["id"] in real_ids]
         finally:
             swarm.stop()
@@ -338,11 +337,11 @@ def report(args: argparse.Namespace, windows: list[Window], loads: list[Load], r
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios: dict[str, list[float]] = {"B": [], "C": []}
     a_windows = [w for w in windows if w.kind == "A"]
-    cycle = 0
+    cycle = -1  # the A windows seen so far, less one: B and C of a cycle lie between a_windows[cycle] and [cycle + 1]
     for w in windows:
         ratio = ""
         if w.kind == "A":
-            cycle = a_windows.index(w)
+            cycle += 1
         else:
             ratios[w.kind].append(w.tokens_per_second / ((a_windows[cycle].tokens_per_second + a_windows[cycle + 1].tokens_per_second) / 2))
             ratio = f"{ratios[w.kind][-1]:.3f}"

@@ -98,7 +98,7 @@ class Membership:
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_rate = heartbeat_rate  # heartbeats/s the whole swarm may send (0: unpaced)
-        self.live_count = 0  # recounted at every expire() (each engine tick): a heartbeat must not walk the table
+        self.live_count = 0  # counted up at add(), recounted by each walk of expire(): a heartbeat must not walk the table
         self.needs = needs  # per stage: memory and link bytes per sample of one replica (None: not considered)
         self.peers: dict[str, PeerRecord] = {}     # present: joining or online (a departure moves out at the next expire())
         self.departed: dict[str, PeerRecord] = {}  # left or gone, kept RETIRE_AFTER seconds for the status page
