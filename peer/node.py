@@ -42,7 +42,7 @@ from .inflight import InflightSizer
 from .members import Members
 from .metrics import PeerMetrics, PeerSnapshot, status_line
 from .pipeline import FORWARD_HANDLER, FRAME_SLACK, INFER_HANDLER, Pipeline, boundary_frame_limit
-from .reachability import Reachability, circuit_maddrs, free_port, p2p_options, probe
+from .reachability import Reachability, StaticRelayP2P, circuit_maddrs, free_port, p2p_options, probe
 from .replica_sync import SYNC_HANDLER, Clip, StageSync, SyncError, SyncExchange
 from .routing import Router
 from .stage_runtime import StageRuntime
@@ -84,6 +84,7 @@ class PeerNode:
         self.drops = 0                                     # microbatches this stage-0 peer fed that were dropped
         self._drops_logged = (0.0, 0)                      # (when, drops) of the last warning about them
         # Started by _start() as it gets to them; _leave() stops those that exist.
+        self.p2p: StaticRelayP2P | None = None
         self.dht: hivemind.DHT | None = None
         self.dht_id = ""
         self.maddrs: list[str] = []
@@ -158,15 +159,17 @@ class PeerNode:
             state_dir.mkdir(parents=True, exist_ok=True)
         bootstrap = list(self.config.initial_peers) or reachable_maddrs(list(join.initial_peers), self.coordinator_host)
         self.reach = await self._reachability()
-        self.dht = hivemind.DHT(
-            initial_peers=bootstrap, start=True, await_ready=True,
-            identity_path=str(state_dir / "p2p_identity.key") if state_dir is not None else None,
+        # The peer starts its own p2pd (the DHT's process shares it) so that a relayed one gets static relays.
+        self.p2p = await StaticRelayP2P.create(
+            initial_peers=bootstrap, identity_path=str(state_dir / "p2p_identity.key") if state_dir is not None else None,
             **p2p_options(self.reach, self.config.host, self._announce_ip(), bootstrap),
         )
+        self.dht = hivemind.DHT(initial_peers=bootstrap, p2p=self.p2p, client_mode=self.reach.relayed, start=True, await_ready=True)
         self.dht_id = self.dht.peer_id.to_base58()
         self.maddrs = circuit_maddrs(bootstrap, self.dht_id) if self.reach.relayed else [str(m) for m in self.dht.get_visible_maddrs()]
         self.failures = FailureLog(self.dht_id)
-        self.transport = FrameTransport(await self.dht.replicate_p2p(), self.counters)
+        self.transport = FrameTransport(self.p2p, self.counters)
+        self.transport.dial_back = self.reach.relayed
         self.members = Members(lambda: self.client.members(self.peer_id), join.checkpoint_public_key, self.run_id)
         self.transport.admits = self.members.admits
         self.directory = StageDirectory(self.dht, self.run_id, self.transport.addresses)
@@ -286,6 +289,8 @@ class PeerNode:
         await self.client.close()
         if self.dht is not None:
             self.dht.shutdown()
+        if self.p2p is not None:
+            await self.p2p.shutdown()
         if self.runtime is not None:
             self.runtime.executor.shutdown(wait=False, cancel_futures=True)
         if self.boundary is not None:

@@ -5,7 +5,8 @@ back (``CheckReachability``). A peer the coordinator reaches is ``direct``: it l
 libp2p is told it is public, which also makes it a circuit relay for others. A peer behind a
 home NAT is ``relayed``: it listens nowhere (nobody could connect), reserves a slot on the
 coordinator's circuit relay (libp2p circuit relay v2, auto-relay), and reaches the others by
-dialling out. libp2p connections carry streams both ways, so a direct peer's frames to it ride
+dialling out. Its relays are static (``StaticRelayP2P``): p2pd's default relay discovery waits
+for four relay candidates, or 3 minutes, before it reserves a slot anywhere. libp2p connections carry streams both ways, so a direct peer's frames to it ride
 the connection it opened; two relayed peers talk through the relay. ``--reachability`` skips
 the probe.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from hivemind.p2p import P2P
 
 from proto import REACHABILITY_NONCE_BYTES
 from proto import hometrain_pb2 as pb
@@ -75,14 +77,28 @@ async def probe(client, peer_id: str, host: str, port: int, announce_host: str) 
     return Reachability("direct" if reply.reachable else "relayed", port, reply.detail, reply.observed_host)
 
 
+class StaticRelayP2P(P2P):
+    """A p2pd whose auto-relay reserves a slot on its trusted relays at once (``-relayDiscovery=0``).
+
+    hivemind leaves p2pd's relay discovery on, and then libp2p's auto-relay waits until it knows four
+    relay candidates, or for its 3-minute boot delay, before it reserves anything; a swarm's one
+    relay (the coordinator) is never four. Two relayed peers could not reach each other for about
+    181 s after they started. With static relays the reservation is made as the daemon starts:
+    0.6 s on loopback. hivemind's ``create`` takes no such option; it reads this mapping through
+    ``cls``, so the subclass changes only the daemons it starts."""
+
+    FORCE_REACHABILITY_MAPPING = {**P2P.FORCE_REACHABILITY_MAPPING,
+                                  "private": {**P2P.FORCE_REACHABILITY_MAPPING["private"], "relayDiscovery": 0}}
+
+
 def p2p_options(reach: Reachability, host: str, announce_host: str, relays: list[str]) -> dict[str, Any]:
-    """``hivemind.DHT`` keyword arguments (passed on to its p2pd) for this peer's reachability."""
+    """``StaticRelayP2P.create`` keyword arguments for this peer's reachability."""
     if not reach.relayed:
         announce = [f"/ip4/{announce_host}/tcp/{reach.port}"] if announce_host else None
         return dict(host_maddrs=[f"/ip4/{host}/tcp/{reach.port}"], announce_maddrs=announce, force_reachability="public")
-    # Behind NAT: no listener, DHT client mode (others cannot query it), a reservation on the coordinator's relay.
-    return dict(host_maddrs=[], no_listen=True, client_mode=True, use_auto_relay=True, force_reachability="private",
-                trusted_relays=relays)
+    # Behind NAT: no listener, a reservation on the coordinator's relay (the DHT runs in client mode: others cannot query it).
+    return dict(host_maddrs=[], no_listen=True, use_auto_relay=True, force_reachability="private", trusted_relays=relays,
+                dht_mode="client")
 
 
 def circuit_maddrs(relays: list[str], own_id: str) -> list[str]:

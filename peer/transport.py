@@ -30,6 +30,9 @@ Tensors = dict[str, torch.Tensor]
 OFF_LOOP_BYTES = 4 << 20  # frames larger than this are encoded and decoded in a worker thread
 MAX_STREAMS_PER_PEER = 64  # frames one caller may be sending at once (a stage-0 peer pipelines --max-inflight of them)
 RECEIVE_TIMEOUT = 600.0    # seconds one frame may take to arrive (a slow sender cannot hold a stream open for ever)
+# A relayed peer dials a caller that reached it over the relay: checks this often, this many times (about 5 s),
+# and looks again after a quiet spell.
+DIAL_BACK_EVERY, DIAL_BACK_TRIES, DIAL_BACK_QUIET = 0.25, 20, 10.0
 # A refused caller's small frame is read to its end before the refusal is sent: closing a stream with bytes still
 # unread can reset it, and the caller then sees a broken pipe instead of why it was refused. Larger frames are cut off.
 REFUSAL_DRAIN_BYTES, REFUSAL_DRAIN_SECONDS = 1 << 20, 2.0
@@ -147,6 +150,8 @@ class FrameTransport:
         self.admits: Admits | None = None  # set once the peer knows its run's member set (peer.members)
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs it announced (from the stage directory)
         self.link = LinkMeter()
+        self.dial_back = False  # set for a peer behind NAT: callers that came over the relay are dialled directly
+        self._dialled_back: dict[str, float] = {}  # caller -> when this peer last made sure it has a direct link
 
     async def call(
         self, peer: PeerID, handler: str, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor],
@@ -194,6 +199,9 @@ class FrameTransport:
             if self.admits is not None and not await self.admits(caller):
                 await _drain(requests, REFUSAL_DRAIN_BYTES, REFUSAL_DRAIN_SECONDS)
                 raise NotAMember(f"{caller} is not a member of this run: its data plane serves the peers the coordinator admitted")
+            if self.dial_back and time.monotonic() - self._dialled_back.get(caller, -DIAL_BACK_QUIET) >= DIAL_BACK_QUIET:
+                self._dialled_back[caller] = time.monotonic()
+                asyncio.ensure_future(self._dial_directly(context.remote_id))
             if self.open_streams.get(caller, 0) >= self.max_streams_per_peer:
                 self.frames_rejected += 1
                 raise codec.FrameError(f"{caller} already sends {self.open_streams[caller]} frames to this peer at once "
@@ -234,6 +242,33 @@ class FrameTransport:
                 yield message
 
         await self.p2p.add_protobuf_handler(name, stream_handler, pb.Frame, stream_input=True, stream_output=True)
+
+    async def _dial_directly(self, peer: PeerID) -> None:
+        """Give a caller that reached this (relayed) peer over the relay a direct connection to it, dialled from here.
+
+        hivemind's p2pd starts two relay services, one with its flags' limits and one with libp2p's defaults
+        (128 KiB each way and 2 minutes a connection); which one answers depends on start-up order. Under the
+        defaults a larger frame over the relay is cut off ("empty stream"). libp2p dials only where no
+        connection is left and then prefers the direct one, so this waits for the gap after a relayed
+        connection closes."""
+        key = peer.to_base58()
+        addresses = [connect_address(a) for a in self.addresses.get(key, []) if "/p2p-circuit" not in a]
+        if not addresses:  # the caller is relayed too (or not in this peer's directory): no direct path to dial
+            return
+        try:
+            for _ in range(DIAL_BACK_TRIES):
+                links = [str(a) for info in await self.p2p.list_peers() if info.peer_id == peer for a in info.addrs]
+                if any("/p2p-circuit" not in a for a in links):
+                    return
+                if not links:
+                    try:
+                        await self.p2p._client.connect(peer, addresses)
+                    except Exception as exc:  # noqa: BLE001 - frames still go over the relay meanwhile
+                        log.debug("could not dial %s directly: %s", key, exc)
+                        return
+                await asyncio.sleep(DIAL_BACK_EVERY)
+        except Exception as exc:  # noqa: BLE001 - best effort; frames still go over the relay meanwhile
+            log.debug("dialling %s back failed: %s", key, exc)
 
     async def _decode(self, messages, max_bytes: int | None = None) -> tuple[pb.FrameHeader, Tensors, int]:
         header, payload = await codec.receive_frame(messages, max_bytes=min(max_bytes or self.max_frame_bytes, self.max_frame_bytes))
