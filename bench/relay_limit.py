@@ -27,8 +27,8 @@ async def trial(answer_kb: int) -> bool:
     """True if the answer came through the relay whole."""
     relay = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], **RELAY)
     relays = [str(m) for m in await relay.get_visible_maddrs()]
-    natted = await StaticRelayP2P.create(initial_peers=relays, **p2p_options(Reachability("relayed", 0, ""), "127.0.0.1", "", relays))
-    public = await P2P.create(initial_peers=relays, host_maddrs=["/ip4/127.0.0.1/tcp/0"], force_reachability="public")
+    natted = await StaticRelayP2P.create(**p2p_options(Reachability("relayed", 0, ""), "127.0.0.1", "", relays))
+    public = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], force_reachability="public")
     answer = {"values": torch.zeros(answer_kb * 256)}
 
     async def give(_header, _tensors, _caller):

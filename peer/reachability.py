@@ -6,9 +6,10 @@ libp2p is told it is public, which also makes it a circuit relay for others. A p
 home NAT is ``relayed``: it listens nowhere (nobody could connect), reserves a slot on the
 coordinator's circuit relay (libp2p circuit relay v2, auto-relay), and reaches the others by
 dialling out. Its relays are static (``StaticRelayP2P``): p2pd's default relay discovery waits
-for four relay candidates, or 3 minutes, before it reserves a slot anywhere. libp2p connections carry streams both ways, so a direct peer's frames to it ride
-the connection it opened; two relayed peers talk through the relay. ``--reachability`` skips
-the probe.
+for four relay candidates, or 3 minutes, before it reserves a slot anywhere. libp2p connections
+carry streams both ways, so a direct peer's frames to it ride the connection it opened, and it
+dials back direct peers that reached it over the relay (``FrameTransport.dial_back``); two
+relayed peers talk through the relay. ``--reachability`` skips the probe.
 """
 
 from __future__ import annotations

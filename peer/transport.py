@@ -152,6 +152,7 @@ class FrameTransport:
         self.link = LinkMeter()
         self.dial_back = False  # set for a peer behind NAT: callers that came over the relay are dialled directly
         self._dialled_back: dict[str, float] = {}  # caller -> when this peer last made sure it has a direct link
+        self._dialling: set[asyncio.Task] = set()  # dial-backs under way (held here: the loop keeps only weak references)
 
     async def call(
         self, peer: PeerID, handler: str, header: pb.FrameHeader, tensors: Mapping[str, torch.Tensor],
@@ -201,7 +202,9 @@ class FrameTransport:
                 raise NotAMember(f"{caller} is not a member of this run: its data plane serves the peers the coordinator admitted")
             if self.dial_back and time.monotonic() - self._dialled_back.get(caller, -DIAL_BACK_QUIET) >= DIAL_BACK_QUIET:
                 self._dialled_back[caller] = time.monotonic()
-                asyncio.ensure_future(self._dial_directly(context.remote_id))
+                task = asyncio.ensure_future(self._dial_directly(context.remote_id))
+                self._dialling.add(task)
+                task.add_done_callback(self._dialling.discard)
             if self.open_streams.get(caller, 0) >= self.max_streams_per_peer:
                 self.frames_rejected += 1
                 raise codec.FrameError(f"{caller} already sends {self.open_streams[caller]} frames to this peer at once "

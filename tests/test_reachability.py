@@ -75,8 +75,8 @@ def test_two_relayed_peers_reach_each_other_through_the_relay_as_soon_as_they_st
         relays = [str(m) for m in await relay.get_visible_maddrs()]
         behind_nat = p2p_options(Reachability("relayed", 0, ""), "127.0.0.1", "", relays)
         started = time.monotonic()
-        a = await StaticRelayP2P.create(initial_peers=relays, **behind_nat)
-        b = await StaticRelayP2P.create(initial_peers=relays, **behind_nat)
+        a = await StaticRelayP2P.create(**behind_nat)
+        b = await StaticRelayP2P.create(**behind_nat)
 
         async def answer(_info, _reader, writer):
             writer.write(b"ok")
@@ -110,8 +110,8 @@ def test_a_relayed_peer_dials_its_callers_back_so_frames_larger_than_the_relay_c
     async def scenario() -> tuple[list[bool], list[str]]:
         relay = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], force_reachability="public")
         relays = [str(m) for m in await relay.get_visible_maddrs()]
-        natted = await StaticRelayP2P.create(initial_peers=relays, **p2p_options(Reachability("relayed", 0, ""), "127.0.0.1", "", relays))
-        public = await P2P.create(initial_peers=relays, host_maddrs=["/ip4/127.0.0.1/tcp/0"], force_reachability="public")
+        natted = await StaticRelayP2P.create(**p2p_options(Reachability("relayed", 0, ""), "127.0.0.1", "", relays))
+        public = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], force_reachability="public")
         server, client = FrameTransport(natted, WireCounters()), FrameTransport(public, WireCounters())
         server.dial_back = True
         state = {"weights": torch.randn(512 * 1024)}
