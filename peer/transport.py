@@ -255,8 +255,9 @@ class FrameTransport:
         connection is left and then prefers the direct one, so this waits for the gap after a relayed
         connection closes."""
         key = peer.to_base58()
-        addresses = [connect_address(a) for a in self.addresses.get(key, []) if "/p2p-circuit" not in a]
-        if not addresses:  # the caller is relayed too (or not in this peer's directory): no direct path to dial
+        announced = self.addresses.get(key)
+        addresses = [connect_address(a) for a in announced or [] if "/p2p-circuit" not in a]
+        if announced and not addresses:  # the caller is relayed too: there is no direct path to dial
             return
         try:
             for _ in range(DIAL_BACK_TRIES):
@@ -264,7 +265,7 @@ class FrameTransport:
                 if any("/p2p-circuit" not in a for a in links):
                     return
                 if not links:
-                    try:
+                    try:  # no addresses (a caller not in this peer's directory yet): those libp2p learnt from it
                         await self.p2p._client.connect(peer, addresses)
                     except Exception as exc:  # noqa: BLE001 - frames still go over the relay meanwhile
                         log.debug("could not dial %s directly: %s", key, exc)

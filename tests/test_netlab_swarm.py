@@ -32,10 +32,12 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR
 # framing of the control plane. Uncompressed frames here are 128 KiB (activations/gradients) and ~1 MiB (sync parts),
 # so all that is a few percent: measured 1.014-1.017 received and 1.005-1.017 sent, relayed or not; 5% is the bound
 # bench/netlab/run.py asks for. Sent may also fall BELOW 1: an answer is counted as the handler hands it to p2pd, so
-# one the relay cuts off (over 128 KiB) is counted and never sent. Measured: 1.011-1.013 sent since the NATed peer
-# dials its callers back (its state to p3 went direct); before, with p3's state requests over the relay, 0.464 for
-# the NATed peer (four 2 MiB answers cut off). 0.85 allows one ~2 MiB answer cut off before the dial-back lands.
-SENT = (0.85, 1.05)
+# one the relay cuts off (over 128 KiB, when the coordinator's p2pd serves with libp2p's default limits) is counted and
+# never sent. When p3 joins it asks the NATed peer for its 2 MiB state over the relay; the NATed peer dials p3 back
+# once that connection is cut, and p3's next ask goes direct. Measured: 0.731-0.794 for the NATed peer (one to three
+# answers cut off before the direct connection was up) and 1.009-1.013 when none was cut off; 0.464 before the
+# dial-back (every answer over the relay cut off). Every other peer: 1.009-1.013.
+SENT = (0.65, 1.05)
 RECEIVED = (0.97, 1.05)
 
 

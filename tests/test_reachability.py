@@ -121,7 +121,6 @@ def test_a_relayed_peer_dials_its_callers_back_so_frames_larger_than_the_relay_c
 
         await server.serve("state", give_state, "control", "state")
         client.addresses[natted.peer_id.to_base58()] = circuit_maddrs(relays, natted.peer_id.to_base58())
-        server.addresses[public.peer_id.to_base58()] = [str(m) for m in await public.get_visible_maddrs()]  # its directory record
         outcomes = []
         try:
             for _ in range(8):
