@@ -78,6 +78,16 @@ def dialable(maddr: str) -> str:
     return head if sep and "/" not in tail else maddr
 
 
+def relayed_address(maddr: str) -> bool:
+    """A circuit-relay multiaddr (``.../p2p-circuit/...``): a path through a relay, not to the peer itself."""
+    return "/p2p-circuit" in maddr
+
+
+async def connection_addresses(p2p: P2P, peer: PeerID) -> list[str]:
+    """The remote address of each open connection to ``peer`` (p2pd lists one per connection)."""
+    return [str(a) for info in await p2p.list_peers() if info.peer_id == peer for a in info.addrs]
+
+
 P2P_CODE, CIRCUIT_CODE = 421, 290  # multiaddr protocol codes of /p2p/<id> and /p2p-circuit
 
 
@@ -108,7 +118,7 @@ def connect_address(maddr: str):
     which p2pd cannot parse, so a relay address (which must name its relay) is encoded here with the raw
     multihash that the multiaddr spec (and p2pd) use."""
     addr = dialable(maddr)
-    if "/p2p-circuit" not in addr:
+    if not relayed_address(addr):
         return Multiaddr(addr)
     transport, _, rest = addr.partition("/p2p/")
     relay_id = rest.split("/", 1)[0]
@@ -256,13 +266,13 @@ class FrameTransport:
         connection closes."""
         key = peer.to_base58()
         announced = self.addresses.get(key)
-        addresses = [connect_address(a) for a in announced or [] if "/p2p-circuit" not in a]
+        addresses = [connect_address(a) for a in announced or [] if not relayed_address(a)]
         if announced and not addresses:  # the caller is relayed too: there is no direct path to dial
             return
         try:
             for _ in range(DIAL_BACK_TRIES):
-                links = [str(a) for info in await self.p2p.list_peers() if info.peer_id == peer for a in info.addrs]
-                if any("/p2p-circuit" not in a for a in links):
+                links = await connection_addresses(self.p2p, peer)
+                if not all(relayed_address(a) for a in links):
                     return
                 if not links:
                     try:  # no addresses (a caller not in this peer's directory yet): those libp2p learnt from it
